@@ -1,0 +1,37 @@
+#include <torch/library.h>
+
+#include "cpu/multi_tensor.h"
+#include "fused_opt/math/adagrad.h"
+#include "fused_opt/static_switch.h"
+#include "fused_opt/validate.h"
+
+namespace fused_opt::cpu {
+namespace {
+
+void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                 at::TensorList steps, double lr, double lr_decay, double weight_decay,
+                 double eps, bool maximize, const std::optional<at::Tensor>& lr_tensor) {
+  check_tensor_lists("fused_opt::adagrad_", params, grads, {{"state_sums", state_sums, true}},
+                     steps);
+  if (params.empty()) return;
+  check_lr_tensor("fused_opt::adagrad_", lr_tensor, params[0].device());
+
+  increment_steps(steps);
+  const math::AdagradHyper hyper{effective_lr(lr, lr_tensor), lr_decay, weight_decay, eps};
+  with_bool(maximize, [&](auto kMaximize) {
+    with_bool(weight_decay != 0.0, [&](auto kWeightDecay) {
+      apply_elementwise<1>(params, grads, {state_sums},
+                           [&](auto opmath_tag, size_t t, const auto& run) {
+                             using T = decltype(opmath_tag);
+                             run(math::AdagradElement<T, kMaximize, kWeightDecay>{
+                                 math::adagrad_tensor_scalars<T>(hyper, step_value(steps[t]))});
+                           });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_opt, CPU, m) { m.impl("adagrad_", &adagrad_cpu); }
+
+}  // namespace fused_opt::cpu

@@ -1,0 +1,53 @@
+#include <torch/library.h>
+
+#include "cpu/multi_tensor.h"
+#include "fused_opt/math/adam.h"
+#include "fused_opt/static_switch.h"
+#include "fused_opt/validate.h"
+
+namespace fused_opt::cpu {
+namespace {
+
+using math::WeightDecay;
+
+void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+              double lr, double beta1, double beta2, double weight_decay, double eps,
+              bool amsgrad, bool maximize, bool decoupled_weight_decay,
+              const std::optional<at::Tensor>& lr_tensor) {
+  check_tensor_lists("fused_opt::adam_", params, grads,
+                     {{"exp_avgs", exp_avgs, true},
+                      {"exp_avg_sqs", exp_avg_sqs, true},
+                      {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+                     steps);
+  TORCH_CHECK(amsgrad == !max_exp_avg_sqs.empty() || params.empty(),
+              "fused_opt::adam_: max_exp_avg_sqs must be given exactly when amsgrad is set");
+  if (params.empty()) return;
+  check_lr_tensor("fused_opt::adam_", lr_tensor, params[0].device());
+
+  increment_steps(steps);
+  const math::AdamHyper hyper{effective_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay};
+  const WeightDecay mode = weight_decay == 0.0        ? WeightDecay::kNone
+                           : decoupled_weight_decay ? WeightDecay::kDecoupled
+                                                    : WeightDecay::kL2;
+  with_bool(amsgrad, [&](auto kAmsgrad) {
+    with_bool(maximize, [&](auto kMaximize) {
+      with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
+          mode, [&](auto kMode) {
+            apply_elementwise<3>(
+                params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
+                [&](auto opmath_tag, size_t t, const auto& run) {
+                  using T = decltype(opmath_tag);
+                  run(math::AdamElement<T, kAmsgrad, kMaximize, kMode>{
+                      math::adam_tensor_scalars<T>(hyper, step_value(steps[t]))});
+                });
+          });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_opt, CPU, m) { m.impl("adam_", &adam_cpu); }
+
+}  // namespace fused_opt::cpu

@@ -1,0 +1,51 @@
+#include <torch/library.h>
+
+#include "cpu/multi_tensor.h"
+#include "fused_opt/math/rmsprop.h"
+#include "fused_opt/static_switch.h"
+#include "fused_opt/validate.h"
+
+namespace fused_opt::cpu {
+namespace {
+
+void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                 at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
+                 double lr, double alpha, double eps, double weight_decay, double momentum,
+                 bool centered, bool maximize, const std::optional<at::Tensor>& lr_tensor) {
+  const bool has_momentum = momentum > 0.0;
+  check_tensor_lists("fused_opt::rmsprop_", params, grads,
+                     {{"square_avgs", square_avgs, true},
+                      {"grad_avgs", grad_avgs, centered},
+                      {"momentum_buffers", momentum_buffers, has_momentum}},
+                     steps);
+  TORCH_CHECK(params.empty() || (centered == !grad_avgs.empty() &&
+                                 has_momentum == !momentum_buffers.empty()),
+              "fused_opt::rmsprop_: grad_avgs must be given exactly when centered, "
+              "momentum_buffers exactly when momentum > 0");
+  if (params.empty()) return;
+  check_lr_tensor("fused_opt::rmsprop_", lr_tensor, params[0].device());
+
+  increment_steps(steps);
+  const math::RmspropHyper hyper{effective_lr(lr, lr_tensor), alpha, eps, weight_decay, momentum};
+  with_bool(maximize, [&](auto kMaximize) {
+    with_bool(weight_decay != 0.0, [&](auto kWeightDecay) {
+      with_bool(centered, [&](auto kCentered) {
+        with_bool(has_momentum, [&](auto kMomentum) {
+          apply_elementwise<3>(
+              params, grads, {square_avgs, grad_avgs, momentum_buffers},
+              [&](auto opmath_tag, size_t, const auto& run) {
+                using T = decltype(opmath_tag);
+                run(math::RmspropElement<T, kMaximize, kWeightDecay, kCentered, kMomentum>{
+                    math::rmsprop_tensor_scalars<T>(hyper)});
+              });
+        });
+      });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_opt, CPU, m) { m.impl("rmsprop_", &rmsprop_cpu); }
+
+}  // namespace fused_opt::cpu

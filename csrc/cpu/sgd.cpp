@@ -1,0 +1,59 @@
+#include <torch/library.h>
+
+#include "cpu/multi_tensor.h"
+#include "fused_opt/math/sgd.h"
+#include "fused_opt/static_switch.h"
+#include "fused_opt/validate.h"
+
+namespace fused_opt::cpu {
+namespace {
+
+using math::Momentum;
+
+void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+             const c10::List<bool>& is_first_step, double lr, double momentum, double dampening,
+             double weight_decay, bool nesterov, bool maximize,
+             const std::optional<at::Tensor>& lr_tensor) {
+  const bool has_momentum = momentum != 0.0;
+  check_tensor_lists("fused_opt::sgd_", params, grads,
+                     {{"momentum_buffers", momentum_buffers, has_momentum}}, std::nullopt);
+  TORCH_CHECK(has_momentum == !momentum_buffers.empty() || params.empty(),
+              "fused_opt::sgd_: momentum_buffers must be given exactly when momentum != 0");
+  TORCH_CHECK(is_first_step.size() == (has_momentum ? params.size() : 0) || params.empty(),
+              "fused_opt::sgd_: is_first_step needs one entry per param when momentum != 0, "
+              "none otherwise");
+  TORCH_CHECK(!nesterov || has_momentum, "fused_opt::sgd_: nesterov requires momentum");
+  if (params.empty()) return;
+  check_lr_tensor("fused_opt::sgd_", lr_tensor, params[0].device());
+
+  const math::SgdHyper hyper{effective_lr(lr, lr_tensor), momentum, dampening, weight_decay};
+  const Momentum mode = !has_momentum ? Momentum::kNone
+                        : nesterov    ? Momentum::kNesterov
+                                      : Momentum::kHeavyBall;
+  with_bool(maximize, [&](auto kMaximize) {
+    with_bool(weight_decay != 0.0, [&](auto kWeightDecay) {
+      with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(
+          mode, [&](auto kMode) {
+            apply_elementwise<1>(
+                params, grads, {momentum_buffers}, [&](auto opmath_tag, size_t t, const auto& run) {
+                  using T = decltype(opmath_tag);
+                  const auto scalars = math::sgd_tensor_scalars<T>(hyper);
+                  if constexpr (kMode == Momentum::kNone) {
+                    run(math::SgdElement<T, kMaximize, kWeightDecay, kMode, false>{scalars});
+                  } else {
+                    with_bool(is_first_step.get(t), [&](auto kFirstStep) {
+                      run(math::SgdElement<T, kMaximize, kWeightDecay, kMode, kFirstStep>{
+                          scalars});
+                    });
+                  }
+                });
+          });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_opt, CPU, m) { m.impl("sgd_", &sgd_cpu); }
+
+}  // namespace fused_opt::cpu

@@ -1,0 +1,67 @@
+// Adam / AdamW per-element update (Kingma & Ba 2015; Loshchilov & Hutter 2019 for the
+// decoupled weight decay), following torch.optim.Adam's documented algorithm.
+#pragma once
+
+#include <cmath>
+
+#include "fused_opt/math/macros.h"
+
+namespace fused_opt::math {
+
+enum class WeightDecay { kNone, kL2, kDecoupled };
+
+struct AdamHyper {
+  double lr, beta1, beta2, eps, weight_decay;
+};
+
+// Everything that depends only on the hyperparameters and the tensor's own step, computed
+// once per tensor so the element loop does no pow().
+template <typename T>
+struct AdamTensorScalars {
+  T beta1, beta2, eps, l2, param_decay, step_size, bias_correction2_sqrt;
+};
+
+template <typename T>
+FUSED_OPT_HD AdamTensorScalars<T> adam_tensor_scalars(const AdamHyper& h, double step) {
+  const double bias_correction1 = 1.0 - std::pow(h.beta1, step);
+  const double bias_correction2 = 1.0 - std::pow(h.beta2, step);
+  AdamTensorScalars<T> s;
+  s.beta1 = static_cast<T>(h.beta1);
+  s.beta2 = static_cast<T>(h.beta2);
+  s.eps = static_cast<T>(h.eps);
+  s.l2 = static_cast<T>(h.weight_decay);
+  s.param_decay = static_cast<T>(1.0 - h.lr * h.weight_decay);
+  s.step_size = static_cast<T>(h.lr / bias_correction1);
+  s.bias_correction2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
+  return s;
+}
+
+template <typename T, bool kAmsgrad, bool kMaximize, WeightDecay kWeightDecay>
+struct AdamElement {
+  using opmath = T;
+  static constexpr int kNumStates = kAmsgrad ? 3 : 2;  // exp_avg, exp_avg_sq[, max_exp_avg_sq]
+
+  AdamTensorScalars<T> s;
+
+  FUSED_OPT_HD void operator()(T& param, T grad, T* states) const {
+    T& exp_avg = states[0];
+    T& exp_avg_sq = states[1];
+    if constexpr (kMaximize) grad = -grad;
+    if constexpr (kWeightDecay == WeightDecay::kL2) grad += s.l2 * param;
+    if constexpr (kWeightDecay == WeightDecay::kDecoupled) param *= s.param_decay;
+
+    exp_avg += (grad - exp_avg) * (T(1) - s.beta1);
+    exp_avg_sq = s.beta2 * exp_avg_sq + (T(1) - s.beta2) * grad * grad;
+
+    T second_moment = exp_avg_sq;
+    if constexpr (kAmsgrad) {
+      T& max_exp_avg_sq = states[2];
+      max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
+      second_moment = max_exp_avg_sq;
+    }
+    const T denom = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
+    param -= s.step_size * exp_avg / denom;
+  }
+};
+
+}  // namespace fused_opt::math

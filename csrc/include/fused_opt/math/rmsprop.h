@@ -1,0 +1,58 @@
+// RMSprop (Hinton, lecture 6e; centered form from Graves 2013), following torch.optim.RMSprop's
+// documented algorithm.
+#pragma once
+
+#include <cmath>
+
+#include "fused_opt/math/macros.h"
+
+namespace fused_opt::math {
+
+struct RmspropHyper {
+  double lr, alpha, eps, weight_decay, momentum;
+};
+
+template <typename T>
+struct RmspropTensorScalars {
+  T lr, alpha, eps, weight_decay, momentum;
+};
+
+template <typename T>
+FUSED_OPT_HD RmspropTensorScalars<T> rmsprop_tensor_scalars(const RmspropHyper& h) {
+  return {static_cast<T>(h.lr), static_cast<T>(h.alpha), static_cast<T>(h.eps),
+          static_cast<T>(h.weight_decay), static_cast<T>(h.momentum)};
+}
+
+template <typename T, bool kMaximize, bool kWeightDecay, bool kCentered, bool kMomentum>
+struct RmspropElement {
+  using opmath = T;
+  // square_avg[, grad_avg][, momentum_buffer]
+  static constexpr int kNumStates = 1 + (kCentered ? 1 : 0) + (kMomentum ? 1 : 0);
+
+  RmspropTensorScalars<T> s;
+
+  FUSED_OPT_HD void operator()(T& param, T grad, T* states) const {
+    if constexpr (kMaximize) grad = -grad;
+    if constexpr (kWeightDecay) grad += s.weight_decay * param;
+
+    T& square_avg = states[0];
+    square_avg = s.alpha * square_avg + (T(1) - s.alpha) * grad * grad;
+    T variance = square_avg;
+    if constexpr (kCentered) {
+      T& grad_avg = states[1];
+      grad_avg += (grad - grad_avg) * (T(1) - s.alpha);
+      variance -= grad_avg * grad_avg;
+    }
+    const T avg = std::sqrt(variance) + s.eps;
+
+    if constexpr (kMomentum) {
+      T& buffer = states[kCentered ? 2 : 1];
+      buffer = s.momentum * buffer + grad / avg;
+      param -= s.lr * buffer;
+    } else {
+      param -= s.lr * grad / avg;
+    }
+  }
+};
+
+}  // namespace fused_opt::math

@@ -1,0 +1,55 @@
+// SGD with optional momentum, dampening, Nesterov momentum and L2 weight decay, following
+// torch.optim.SGD's documented algorithm (Sutskever et al. 2013 for the Nesterov form).
+#pragma once
+
+#include "fused_opt/math/macros.h"
+
+namespace fused_opt::math {
+
+enum class Momentum { kNone, kHeavyBall, kNesterov };
+
+struct SgdHyper {
+  double lr, momentum, dampening, weight_decay;
+};
+
+template <typename T>
+struct SgdTensorScalars {
+  T lr, momentum, one_minus_dampening, weight_decay;
+};
+
+template <typename T>
+FUSED_OPT_HD SgdTensorScalars<T> sgd_tensor_scalars(const SgdHyper& h) {
+  return {static_cast<T>(h.lr), static_cast<T>(h.momentum), static_cast<T>(1.0 - h.dampening),
+          static_cast<T>(h.weight_decay)};
+}
+
+// kFirstStep: the momentum buffer has never been written, and takes the gradient as is
+// (no dampening), as torch.optim.SGD does.
+template <typename T, bool kMaximize, bool kWeightDecay, Momentum kMomentum, bool kFirstStep>
+struct SgdElement {
+  using opmath = T;
+  static constexpr int kNumStates = kMomentum == Momentum::kNone ? 0 : 1;  // momentum_buffer
+
+  SgdTensorScalars<T> s;
+
+  FUSED_OPT_HD void operator()(T& param, T grad, T* states) const {
+    if constexpr (kMaximize) grad = -grad;
+    if constexpr (kWeightDecay) grad += s.weight_decay * param;
+    if constexpr (kMomentum != Momentum::kNone) {
+      T& buffer = states[0];
+      if constexpr (kFirstStep) {
+        buffer = grad;
+      } else {
+        buffer = s.momentum * buffer + s.one_minus_dampening * grad;
+      }
+      if constexpr (kMomentum == Momentum::kNesterov) {
+        grad += s.momentum * buffer;
+      } else {
+        grad = buffer;
+      }
+    }
+    param -= s.lr * grad;
+  }
+};
+
+}  // namespace fused_opt::math

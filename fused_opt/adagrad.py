@@ -1,0 +1,91 @@
+"""Adagrad with lr decay and weight decay; sparse grads as torch.optim.Adagrad."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper
+
+
+class Adagrad(FusedOptimizer, torch.optim.Adagrad):
+    """Drop-in for :class:`torch.optim.Adagrad`: same signature, defaults, errors and state.
+
+    As in torch, the state (``step`` and ``sum``) is created in the constructor. Sparse
+    gradients are handled by torch's own single-tensor path. ``foreach`` and ``fused`` are
+    accepted and stored; ``differentiable=True`` raises NotImplementedError.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        self._reject_differentiable(differentiable)
+        torch.optim.Adagrad.__init__(
+            self,
+            params,
+            lr,
+            lr_decay,
+            weight_decay,
+            initial_accumulator_value,
+            eps,
+            foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+        )
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("sum",)
+
+    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        # Params added with add_param_group after construction get their state here.
+        initial = group["initial_accumulator_value"]
+        fill = complex(initial, initial) if p.is_complex() else initial
+        return {
+            "step": torch.zeros((), dtype=torch.float32, device=p.device),
+            "sum": torch.full_like(p, fill, memory_format=torch.preserve_format),
+        }
+
+    def _launch(
+        self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None
+    ) -> None:
+        torch.ops.fused_opt.adagrad_(
+            bucket.params,
+            bucket.grads,
+            bucket.states["sum"],
+            bucket.steps,
+            lr=lr,
+            lr_decay=hyper(group["lr_decay"]),
+            weight_decay=hyper(group["weight_decay"]),
+            eps=hyper(group["eps"]),
+            maximize=group["maximize"],
+            lr_tensor=lr_tensor,
+        )
+
+    def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        torch.optim.adagrad.adagrad(
+            params,
+            [p.grad for p in params],
+            [self.state[p]["sum"] for p in params],
+            [self.state[p]["step"] for p in params],
+            has_sparse_grad=True,
+            foreach=False,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            lr_decay=group["lr_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )

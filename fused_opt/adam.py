@@ -1,0 +1,120 @@
+"""Adam and AdamW with every option of torch.optim.Adam, one op call per group and device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper
+
+
+class Adam(FusedOptimizer, torch.optim.Adam):
+    """Drop-in for :class:`torch.optim.Adam`: same signature, defaults, errors and state.
+
+    ``foreach``, ``fused`` and ``capturable`` are accepted and stored in the param groups so
+    state dicts round-trip, but every step runs fused_opt's kernel; ``differentiable=True``
+    raises NotImplementedError.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        self._reject_differentiable(differentiable)
+        torch.optim.Adam.__init__(
+            self,
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+        for key in self._state_keys(group):
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _launch(
+        self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        torch.ops.fused_opt.adam_(
+            bucket.params,
+            bucket.grads,
+            bucket.states["exp_avg"],
+            bucket.states["exp_avg_sq"],
+            bucket.states.get("max_exp_avg_sq", []),
+            bucket.steps,
+            lr=lr,
+            beta1=hyper(beta1),
+            beta2=hyper(beta2),
+            weight_decay=hyper(group["weight_decay"]),
+            eps=hyper(group["eps"]),
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            lr_tensor=lr_tensor,
+        )
+
+
+class AdamW(Adam, torch.optim.AdamW):
+    """Drop-in for :class:`torch.optim.AdamW` (Adam with decoupled weight decay)."""
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        self._reject_differentiable(differentiable)
+        torch.optim.AdamW.__init__(
+            self,
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )

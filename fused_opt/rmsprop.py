@@ -1,0 +1,84 @@
+"""RMSprop, plain or centered, with momentum and weight decay: torch has no fused RMSprop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper
+
+
+class RMSprop(FusedOptimizer, torch.optim.RMSprop):
+    """Drop-in for :class:`torch.optim.RMSprop`: same signature, defaults, errors and state.
+
+    ``foreach`` and ``capturable`` are accepted and stored; ``differentiable=True`` raises
+    NotImplementedError.
+    """
+
+    _sparse_grad_error = "RMSprop does not support sparse gradients"
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        self._reject_differentiable(differentiable)
+        torch.optim.RMSprop.__init__(
+            self,
+            params,
+            lr,
+            alpha,
+            eps,
+            weight_decay,
+            momentum,
+            centered,
+            capturable,
+            foreach,
+            maximize,
+            differentiable,
+        )
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        keys = ("square_avg",)
+        if group["centered"]:
+            keys += ("grad_avg",)
+        if group["momentum"] > 0:
+            keys += ("momentum_buffer",)
+        return keys
+
+    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+        for key in self._state_keys(group):
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _launch(
+        self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None
+    ) -> None:
+        torch.ops.fused_opt.rmsprop_(
+            bucket.params,
+            bucket.grads,
+            bucket.states["square_avg"],
+            bucket.states.get("grad_avg", []),
+            bucket.states.get("momentum_buffer", []),
+            bucket.steps,
+            lr=lr,
+            alpha=hyper(group["alpha"]),
+            eps=hyper(group["eps"]),
+            weight_decay=hyper(group["weight_decay"]),
+            momentum=hyper(group["momentum"]),
+            centered=group["centered"],
+            maximize=group["maximize"],
+            lr_tensor=lr_tensor,
+        )
