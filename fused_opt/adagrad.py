@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adagrad import adagrad as torch_adagrad
 
 from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper
 
@@ -17,6 +18,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     gradients are handled by torch's own single-tensor path. ``foreach`` and ``fused`` are
     accepted and stored; ``differentiable=True`` raises NotImplementedError.
     """
+
+    _sparse_weight_decay_error = "weight_decay option is not compatible with sparse gradients"
 
     def __init__(
         self,
@@ -46,13 +49,15 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
+        self._after_torch_init()
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
 
     def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        # Params added with add_param_group after construction get their state here.
-        initial = group["initial_accumulator_value"]
+        # Params added with add_param_group after construction get their state here. Like
+        # torch.optim.Adagrad, fill with the constructor's value even when the group has its own.
+        initial = self.defaults["initial_accumulator_value"]
         fill = complex(initial, initial) if p.is_complex() else initial
         return {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
@@ -76,7 +81,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         )
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        torch.optim.adagrad.adagrad(
+        torch_adagrad(
             params,
             [p.grad for p in params],
             [self.state[p]["sum"] for p in params],

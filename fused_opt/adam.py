@@ -18,6 +18,10 @@ class Adam(FusedOptimizer, torch.optim.Adam):
     raises NotImplementedError.
     """
 
+    _sparse_grad_error = (
+        "Adam does not support sparse gradients, please consider SparseAdam instead"
+    )
+
     def __init__(
         self,
         params,
@@ -50,6 +54,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
+        self._after_torch_init()
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         if group["amsgrad"]:
@@ -118,3 +123,4 @@ class AdamW(Adam, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
+        self._after_torch_init()

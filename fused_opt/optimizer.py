@@ -39,11 +39,14 @@ class FusedOptimizer(Optimizer):
       * ``_new_state(p, group)``: the state of a param on its first step;
       * ``_launch(group, bucket, lr, lr_tensor)``: the one op call for a bucket;
       * ``_sparse_grad_error``: torch.optim's message for sparse grads, or None when the
-        optimizer accepts them, in which case ``_step_sparse(group, params)`` handles them.
+        optimizer accepts them, in which case ``_step_sparse(group, params)`` handles them;
+      * ``_sparse_weight_decay_error``: torch.optim's message for a sparse grad in a group with
+        weight decay, which torch's sparse path cannot apply.
     """
 
     _has_step = True
     _sparse_grad_error: str | None = None
+    _sparse_weight_decay_error: str | None = None
 
     @staticmethod
     def _reject_differentiable(differentiable: bool) -> None:
@@ -52,6 +55,11 @@ class FusedOptimizer(Optimizer):
                 "fused_opt optimizers do not support differentiable=True; "
                 "use torch.optim for differentiating through the optimizer step"
             )
+
+    def _after_torch_init(self) -> None:
+        # torch's constructors declare AMP support when fused=True because their fused kernels
+        # read grad_scale/found_inf; these kernels do not, so GradScaler must unscale first.
+        self._step_supports_amp_scaling = False
 
     # ----------------------------------------------------------------------------------------
     # Subclass interface
@@ -104,6 +112,10 @@ class FusedOptimizer(Optimizer):
             if grad.is_sparse:
                 if self._sparse_grad_error is not None:
                     raise RuntimeError(self._sparse_grad_error)
+                # torch's sparse path raises this only midway through the step; here it comes
+                # before any tensor is touched.
+                if group["weight_decay"] != 0:
+                    raise RuntimeError(self._sparse_weight_decay_error)
                 sparse_params.append(p)
                 continue
             self._check_dense_grad(group_index, param_index, group, p, grad)

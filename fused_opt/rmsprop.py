@@ -48,6 +48,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             maximize,
             differentiable,
         )
+        self._after_torch_init()
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys = ("square_avg",)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.sgd import sgd as torch_sgd
 
 from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper
 
@@ -20,6 +21,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     """
 
     _has_step = False
+    _sparse_weight_decay_error = (
+        "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
+    )
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
+        self._after_torch_init()
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -83,7 +88,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
         has_momentum = group["momentum"] != 0
         buffers = [self.state[p].get("momentum_buffer") for p in params] if has_momentum else []
-        torch.optim.sgd.sgd(
+        torch_sgd(
             params,
             [p.grad for p in params],
             buffers,
