@@ -154,13 +154,15 @@ class FusedOptimizer(Optimizer):
 
     def _run_group(self, group: dict[str, Any], sparse_params: list[Tensor]) -> None:
         keys = self._state_keys(group)
+        # Plain SGD keeps no state at all, and its params get no (empty) state entries, as in torch.
+        stateful = bool(keys) or self._has_step
         buckets: dict[torch.device, DeviceBucket] = {}
         for p in group["params"]:
             grad = p.grad
             if grad is None or grad.is_sparse:
                 continue
-            state = self.state[p]
-            first_step = self._ensure_state(p, state, group, keys)
+            state = self.state[p] if stateful else {}
+            first_step = self._ensure_state(p, state, group, keys) if stateful else False
             bucket = buckets.setdefault(p.device, DeviceBucket())
             # The kernels walk param, grad and states as one flat range; autograd gives grads the
             # param's layout, and the rare grad that differs is copied into it.

@@ -1,0 +1,141 @@
+"""Shared builders for the drop-in tests: twin optimizers on identical params, identical grads.
+
+Every helper here builds the torch.optim and fused_opt sides the same way, so a difference the
+tests find is a difference between the two libraries and not between their setups.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import fused_opt
+from config import tolerance
+
+NAMES = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")
+
+# Options under which each optimizer creates every state key it has (and uses every term of its
+# update), so round trips and comparisons cover the whole state.
+FULL_STATE_OPTIONS = {
+    "Adam": {"lr": 1e-2, "weight_decay": 1e-2, "amsgrad": True},
+    "AdamW": {"lr": 1e-2, "amsgrad": True},
+    "SGD": {"lr": 1e-1, "momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-2},
+    "RMSprop": {"lr": 1e-2, "momentum": 0.5, "centered": True, "weight_decay": 1e-2},
+    "Adagrad": {
+        "lr": 1e-1,
+        "lr_decay": 1e-2,
+        "weight_decay": 1e-2,
+        "initial_accumulator_value": 0.1,
+    },
+}
+
+# A matrix, a vector, an empty tensor and a tensor with a size-1 dimension.
+SHAPES = ((4, 3), (5,), (0,), (2, 1, 3))
+# Names of the SHAPES params when two_groups passes them as named params.
+GROUP_NAMES = (("enc.weight", "enc.bias"), ("dec.weight", "dec.bias"))
+
+
+def make_params(shapes=SHAPES, dtype=torch.float32, seed=0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+
+
+def clone_params(params) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def set_grads(params, step: int, seed: int = 1) -> None:
+    """Gives every param a grad that depends only on (seed, step, position), never on values."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def build(module, name: str, params, **options):
+    # A tensor lr or beta is updated in place by schedulers: each optimizer gets its own copy.
+    return getattr(module, name)(params, **copy.deepcopy(options))
+
+
+def twins(name: str, options: dict, shapes=SHAPES, dtype=torch.float32):
+    """(torch params, torch optimizer, fused params, fused optimizer) on equal initial params."""
+    torch_params = make_params(shapes, dtype)
+    fused_params = clone_params(torch_params)
+    return (
+        torch_params,
+        build(torch.optim, name, torch_params, **options),
+        fused_params,
+        build(fused_opt, name, fused_params, **options),
+    )
+
+
+def two_groups(module, name: str, params, named: bool = False):
+    """An optimizer over four params in two groups of two, the second at half the lr."""
+    groups = [params[:2], params[2:]]
+    if named:
+        groups = [list(zip(names, group)) for names, group in zip(GROUP_NAMES, groups)]
+    options = FULL_STATE_OPTIONS[name]
+    return build(
+        module,
+        name,
+        [{"params": groups[0]}, {"params": groups[1], "lr": options["lr"] / 2}],
+        **options,
+    )
+
+
+def train(opt, params, steps, start: int = 0) -> None:
+    for step in range(start, start + steps):
+        set_grads(params, step)
+        opt.step()
+
+
+def assert_params_close(actual, expected, dtype=torch.float32) -> None:
+    assert len(actual) == len(expected)
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(
+            a.detach(), e.detach(), **tolerance(dtype), msg=lambda m: f"param {index}: {m}"
+        )
+
+
+def assert_states_close(actual_opt, actual_params, expected_opt, expected_params) -> None:
+    """Same state keys per param, same values, and step counters of the same dtype and device."""
+    for index, (a, e) in enumerate(zip(actual_params, expected_params)):
+        actual, expected = actual_opt.state.get(a, {}), expected_opt.state.get(e, {})
+        assert sorted(actual) == sorted(expected), f"state keys of param {index}"
+        for key, value in expected.items():
+            if key == "step":
+                assert actual[key].dtype == value.dtype, f"step dtype of param {index}"
+                assert actual[key].device == value.device, f"step device of param {index}"
+                assert actual[key].shape == value.shape, f"step shape of param {index}"
+            assert actual[key].layout == value.layout, f"layout of {key!r} of param {index}"
+            # Sparse results may differ only in the order of their (uncoalesced) entries.
+            densify = (lambda t: t.to_dense()) if value.is_sparse else (lambda t: t)
+            torch.testing.assert_close(
+                densify(actual[key]),
+                densify(value),
+                **tolerance(a.dtype),
+                msg=lambda m: f"state {key!r} of param {index}: {m}",
+            )
+
+
+def assert_same_tree(actual, expected, where: str = "value") -> None:
+    """Equal nested dicts/lists/tuples whose tensors agree bit for bit in dtype, layout and value."""
+    assert type(actual) is type(expected), where
+    if torch.is_tensor(expected):
+        assert (actual.dtype, actual.device, actual.layout, actual.shape) == (
+            expected.dtype,
+            expected.device,
+            expected.layout,
+            expected.shape,
+        ), where
+        assert torch.equal(actual.to_dense(), expected.to_dense()), where
+    elif isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), where
+        for key in expected:
+            assert_same_tree(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_tree(a, e, f"{where}[{index}]")
+    else:
+        assert actual == expected, where
