@@ -207,15 +207,24 @@ class FusedOptimizer(Optimizer):
         self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
+            keys = self._state_keys(group)
             for p in group["params"]:
-                step = self.state.get(p, {}).get("step")
-                if step is None:
+                state = self.state.get(p)
+                if not state:
                     continue
-                if not torch.is_tensor(step):
-                    step = torch.tensor(float(step))
-                # The kernels keep the counter beside the param, in float32, as torch's fused
-                # and capturable paths do.
-                self.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+                step = state.get("step")
+                if step is not None:
+                    if not torch.is_tensor(step):
+                        step = torch.tensor(float(step))
+                    # The kernels keep the counter beside the param, in float32, as torch's fused
+                    # and capturable paths do.
+                    state["step"] = step.to(device=p.device, dtype=torch.float32)
+                for key in keys:
+                    value = state.get(key)
+                    # torch may have built a buffer in its grad's layout (SGD clones the grad);
+                    # the kernels walk it as the param's flat range, so give it that layout.
+                    if torch.is_tensor(value) and p.numel() > 1 and value.stride() != p.stride():
+                        state[key] = torch.empty_like(p).copy_(value)
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_groups = state_dict.get("param_groups")

@@ -12,7 +12,13 @@ TOLERANCES = {
     torch.float64: {"rtol": 1e-9, "atol": 1e-11},
     torch.float32: {"rtol": 2e-5, "atol": 2e-6},
     torch.float16: {"rtol": 1e-2, "atol": 2e-3},
-    torch.bfloat16: {"rtol": 5e-2, "atol": 1e-2},
+    # bf16 keeps 8 significant bits, so a param of magnitude 2 to 4 has an ulp of 2**-6, above
+    # an Adam-sized update (lr = 1e-2): every step rounds by up to half an ulp, in fused_opt and
+    # in torch alike, and torch's separate AdamW decay multiply (1 - lr * wd) rounds back to the
+    # param outright. Ten steps rounding in opposite directions leave the two up to ten ulps
+    # apart, 10 * 2**-7 ~ 8% at the bottom of a binade (observed: 6% from torch, 5% from the
+    # reference); fp16's rtol is the same bound for its 11 bits.
+    torch.bfloat16: {"rtol": 8e-2, "atol": 1e-2},
 }
 
 

@@ -232,3 +232,28 @@ def test_sgd_checkpoint_without_momentum_buffer_loads_like_torch():
     (fused_params, fused), (torch_params, reference) = results["fused"], results["torch"]
     assert_params_close(fused_params, torch_params)
     assert_states_close(fused, fused_params, reference, torch_params)
+
+
+def test_torch_sgd_buffer_in_the_grads_layout_loads_into_the_params_layout():
+    # torch.optim.SGD clones its first grad into the momentum buffer, so a hand-set contiguous
+    # grad on a transposed param gives a buffer whose strides differ from the param's.
+    torch.manual_seed(3)
+    weights = [torch.nn.Parameter(torch.randn(5, 7).t()) for _ in range(2)]
+    torch_opt = torch.optim.SGD([weights[0]], lr=0.1, momentum=0.9)
+    weights[0].grad = torch.randn(7, 5)
+    torch_opt.step()
+    assert torch_opt.state[weights[0]]["momentum_buffer"].stride() != weights[0].stride()
+
+    with torch.no_grad():
+        weights[1].copy_(weights[0])
+    fused = fused_opt.SGD([weights[1]], lr=0.1, momentum=0.9)
+    fused.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    grad = torch.randn(7, 5)
+    for w in weights:
+        w.grad = grad.clone()
+    torch_opt.step()
+    fused.step()
+    torch.testing.assert_close(weights[1], weights[0])
+    torch.testing.assert_close(
+        fused.state[weights[1]]["momentum_buffer"], torch_opt.state[weights[0]]["momentum_buffer"]
+    )
