@@ -29,6 +29,9 @@ def sources(pattern: str) -> list[str]:
 
 # -fno-math-errno lets sqrt vectorize; trapping math stays off as in torch's own build.
 cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+# torch adds its common nvcc flags (explicit half/bfloat16 conversions, relaxed constexpr) and the
+# -gencode flags of TORCH_CUDA_ARCH_LIST. tools/check_cuda_build.py reads both lists from here.
+nvcc_flags = ["-O3", "-std=c++17"]
 include_dirs = [str(CSRC), str(CSRC / "include")]
 cpu_sources = sources("*.cpp") + sources("cpu/*.cpp")
 
@@ -37,7 +40,7 @@ if build_cuda():
         "fused_opt._C",
         cpu_sources + sources("cuda/*.cu") + sources("cuda/*.cpp"),
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"],
     )
 else:

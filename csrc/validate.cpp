@@ -68,4 +68,68 @@ void check_lr_tensor(std::string_view op, const std::optional<at::Tensor>& lr_te
               " but the params are on ", device);
 }
 
+namespace {
+
+void check_lr_of_params(std::string_view op, at::TensorList params,
+                        const std::optional<at::Tensor>& lr_tensor) {
+  if (!params.empty()) check_lr_tensor(op, lr_tensor, params[0].device());
+}
+
+}  // namespace
+
+void check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                     at::TensorList steps, bool amsgrad,
+                     const std::optional<at::Tensor>& lr_tensor) {
+  constexpr std::string_view kOp = "fused_opt::adam_";
+  check_tensor_lists(kOp, params, grads,
+                     {{"exp_avgs", exp_avgs, true},
+                      {"exp_avg_sqs", exp_avg_sqs, true},
+                      {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+                     steps);
+  TORCH_CHECK(amsgrad == !max_exp_avg_sqs.empty() || params.empty(), kOp,
+              ": max_exp_avg_sqs must be given exactly when amsgrad is set");
+  check_lr_of_params(kOp, params, lr_tensor);
+}
+
+void check_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    const c10::List<bool>& is_first_step, double momentum, bool nesterov,
+                    const std::optional<at::Tensor>& lr_tensor) {
+  constexpr std::string_view kOp = "fused_opt::sgd_";
+  const bool has_momentum = momentum != 0.0;
+  check_tensor_lists(kOp, params, grads, {{"momentum_buffers", momentum_buffers, has_momentum}},
+                     std::nullopt);
+  TORCH_CHECK(has_momentum == !momentum_buffers.empty() || params.empty(), kOp,
+              ": momentum_buffers must be given exactly when momentum != 0");
+  TORCH_CHECK(is_first_step.size() == (has_momentum ? params.size() : 0) || params.empty(), kOp,
+              ": is_first_step needs one entry per param when momentum != 0, none otherwise");
+  TORCH_CHECK(!nesterov || has_momentum, kOp, ": nesterov requires momentum");
+  check_lr_of_params(kOp, params, lr_tensor);
+}
+
+void check_rmsprop_args(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                        at::TensorList grad_avgs, at::TensorList momentum_buffers,
+                        at::TensorList steps, double momentum, bool centered,
+                        const std::optional<at::Tensor>& lr_tensor) {
+  constexpr std::string_view kOp = "fused_opt::rmsprop_";
+  const bool has_momentum = momentum > 0.0;
+  check_tensor_lists(kOp, params, grads,
+                     {{"square_avgs", square_avgs, true},
+                      {"grad_avgs", grad_avgs, centered},
+                      {"momentum_buffers", momentum_buffers, has_momentum}},
+                     steps);
+  TORCH_CHECK(params.empty() || (centered == !grad_avgs.empty() &&
+                                 has_momentum == !momentum_buffers.empty()),
+              kOp, ": grad_avgs must be given exactly when centered, momentum_buffers exactly ",
+              "when momentum > 0");
+  check_lr_of_params(kOp, params, lr_tensor);
+}
+
+void check_adagrad_args(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                        at::TensorList steps, const std::optional<at::Tensor>& lr_tensor) {
+  constexpr std::string_view kOp = "fused_opt::adagrad_";
+  check_tensor_lists(kOp, params, grads, {{"state_sums", state_sums, true}}, steps);
+  check_lr_of_params(kOp, params, lr_tensor);
+}
+
 }  // namespace fused_opt

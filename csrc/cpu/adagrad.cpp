@@ -11,10 +11,8 @@ namespace {
 void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                  at::TensorList steps, double lr, double lr_decay, double weight_decay,
                  double eps, bool maximize, const std::optional<at::Tensor>& lr_tensor) {
-  check_tensor_lists("fused_opt::adagrad_", params, grads, {{"state_sums", state_sums, true}},
-                     steps);
+  check_adagrad_args(params, grads, state_sums, steps, lr_tensor);
   if (params.empty()) return;
-  check_lr_tensor("fused_opt::adagrad_", lr_tensor, params[0].device());
 
   increment_steps(steps);
   const math::AdagradHyper hyper{effective_lr(lr, lr_tensor), lr_decay, weight_decay, eps};

@@ -15,15 +15,9 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               double lr, double beta1, double beta2, double weight_decay, double eps,
               bool amsgrad, bool maximize, bool decoupled_weight_decay,
               const std::optional<at::Tensor>& lr_tensor) {
-  check_tensor_lists("fused_opt::adam_", params, grads,
-                     {{"exp_avgs", exp_avgs, true},
-                      {"exp_avg_sqs", exp_avg_sqs, true},
-                      {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
-                     steps);
-  TORCH_CHECK(amsgrad == !max_exp_avg_sqs.empty() || params.empty(),
-              "fused_opt::adam_: max_exp_avg_sqs must be given exactly when amsgrad is set");
+  check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
+                  lr_tensor);
   if (params.empty()) return;
-  check_lr_tensor("fused_opt::adam_", lr_tensor, params[0].device());
 
   increment_steps(steps);
   const math::AdamHyper hyper{effective_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay};

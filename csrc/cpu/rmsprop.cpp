@@ -12,18 +12,10 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
                  at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
                  double lr, double alpha, double eps, double weight_decay, double momentum,
                  bool centered, bool maximize, const std::optional<at::Tensor>& lr_tensor) {
-  const bool has_momentum = momentum > 0.0;
-  check_tensor_lists("fused_opt::rmsprop_", params, grads,
-                     {{"square_avgs", square_avgs, true},
-                      {"grad_avgs", grad_avgs, centered},
-                      {"momentum_buffers", momentum_buffers, has_momentum}},
-                     steps);
-  TORCH_CHECK(params.empty() || (centered == !grad_avgs.empty() &&
-                                 has_momentum == !momentum_buffers.empty()),
-              "fused_opt::rmsprop_: grad_avgs must be given exactly when centered, "
-              "momentum_buffers exactly when momentum > 0");
+  check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, momentum,
+                     centered, lr_tensor);
   if (params.empty()) return;
-  check_lr_tensor("fused_opt::rmsprop_", lr_tensor, params[0].device());
+  const bool has_momentum = momentum > 0.0;
 
   increment_steps(steps);
   const math::RmspropHyper hyper{effective_lr(lr, lr_tensor), alpha, eps, weight_decay, momentum};

@@ -14,17 +14,9 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
              const c10::List<bool>& is_first_step, double lr, double momentum, double dampening,
              double weight_decay, bool nesterov, bool maximize,
              const std::optional<at::Tensor>& lr_tensor) {
-  const bool has_momentum = momentum != 0.0;
-  check_tensor_lists("fused_opt::sgd_", params, grads,
-                     {{"momentum_buffers", momentum_buffers, has_momentum}}, std::nullopt);
-  TORCH_CHECK(has_momentum == !momentum_buffers.empty() || params.empty(),
-              "fused_opt::sgd_: momentum_buffers must be given exactly when momentum != 0");
-  TORCH_CHECK(is_first_step.size() == (has_momentum ? params.size() : 0) || params.empty(),
-              "fused_opt::sgd_: is_first_step needs one entry per param when momentum != 0, "
-              "none otherwise");
-  TORCH_CHECK(!nesterov || has_momentum, "fused_opt::sgd_: nesterov requires momentum");
+  check_sgd_args(params, grads, momentum_buffers, is_first_step, momentum, nesterov, lr_tensor);
   if (params.empty()) return;
-  check_lr_tensor("fused_opt::sgd_", lr_tensor, params[0].device());
+  const bool has_momentum = momentum != 0.0;
 
   const math::SgdHyper hyper{effective_lr(lr, lr_tensor), momentum, dampening, weight_decay};
   const Momentum mode = !has_momentum ? Momentum::kNone

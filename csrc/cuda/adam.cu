@@ -1,0 +1,49 @@
+#include "cuda/launch.h"
+#include "cuda/multi_tensor.cuh"
+#include "fused_opt/math/adam.h"
+#include "fused_opt/static_switch.h"
+
+namespace fused_opt::cuda {
+namespace {
+
+using math::WeightDecay;
+
+template <bool kAmsgrad, bool kMaximize, WeightDecay kWeightDecay>
+struct AdamOp {
+  static constexpr int kNumStates = kAmsgrad ? 3 : 2;
+  static constexpr bool kReadsStep = true;
+
+  math::AdamHyper hyper;
+  DeviceScalar lr;
+
+  template <typename T, typename Run>
+  __device__ void with_element(const TensorInfo& tensor, const Run& run) const {
+    math::AdamHyper h = hyper;
+    h.lr = value_or(lr, hyper.lr);
+    run(math::AdamElement<T, kAmsgrad, kMaximize, kWeightDecay>{
+        math::adam_tensor_scalars<T>(h, *tensor.step)});
+  }
+};
+
+}  // namespace
+
+void adam_step(const TensorArgs* tensors, size_t count, const math::AdamHyper& hyper,
+               DeviceScalar lr, bool amsgrad, bool maximize, bool decoupled_weight_decay,
+               void* stream) {
+  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  increment_steps(tensors, count, cuda_stream);
+  const WeightDecay mode = hyper.weight_decay == 0.0 ? WeightDecay::kNone
+                           : decoupled_weight_decay  ? WeightDecay::kDecoupled
+                                                     : WeightDecay::kL2;
+  with_bool(amsgrad, [&](auto kAmsgrad) {
+    with_bool(maximize, [&](auto kMaximize) {
+      with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
+          mode, [&](auto kMode) {
+            launch_multi_tensor(tensors, count, AdamOp<kAmsgrad, kMaximize, kMode>{hyper, lr},
+                                cuda_stream);
+          });
+    });
+  });
+}
+
+}  // namespace fused_opt::cuda

@@ -1,0 +1,638 @@
+"""The CUDA kernels. Every test needs a GPU and a CUDA build of fused_opt, and is skipped otherwise.
+
+* Op level, against fused_opt's CPU kernels (which test_parity.py ties to the float64 references):
+  every optimizer, every option combination, every dtype; mixed dtypes in one call; empty tensors
+  anywhere; storage offsets that break 16-byte alignment; 10^5 tiny tensors; a tensor past 2^31
+  elements (slow).
+* Class level: fused_opt on CUDA against torch.optim on CUDA and the float64 references.
+* The promises of a capturable step: one main kernel launch per step for GPT-2 small's 148 tensors
+  (fp32, and fp32 mixed with bf16), no host synchronization, no allocation, the caller's stream, the
+  params' device, CUDA graph capture whose replays equal eager steps, and a tensor lr changed
+  between replays taking effect.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+import fused_opt
+from config import tolerance
+from reference import REFERENCES
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and fused_opt.built_with_cuda()),
+    reason="needs a CUDA GPU and fused_opt built with its CUDA kernels "
+    f"(cuda available: {torch.cuda.is_available()}, CUDA kernels: {fused_opt.built_with_cuda()})",
+)
+
+BOOLS = (False, True)
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float64, id="fp64"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+# A tensor crossing two 32 Ki-element chunks with a tail that is no whole vector, odd sizes, one
+# element, and an empty tensor last.
+SHAPES = [(1,), (1031,), (3, 7, 5), (65543,), (0,)]
+# The device the parity tests run on; only a self-check of this file would point it elsewhere.
+DEVICE = "cuda"
+MAIN_KERNEL = "multi_tensor_kernel"
+STEP_KERNEL = "increment_steps_kernel"
+
+
+def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def case_id(options: dict[str, Any]) -> str:
+    return ",".join(f"{key}={value}" for key, value in options.items()) or "defaults"
+
+
+# ------------------------------------------------------------------------------------------------
+# Op level: the CUDA kernels against the CPU kernels, called directly
+
+OP_DEFAULTS = {
+    "adam": {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+    "sgd": {"lr": 1e-1},
+    "rmsprop": {"lr": 1e-2, "alpha": 0.9, "eps": 1e-8},
+    "adagrad": {"lr": 1e-1, "eps": 1e-10},
+}
+OP_GRIDS = {
+    "adam": grid(amsgrad=BOOLS, maximize=BOOLS, weight_decay=(0.0, 0.1),
+                 decoupled_weight_decay=BOOLS),
+    "sgd": [
+        o
+        for o in grid(momentum=(0.0, 0.9), dampening=(0.0, 0.3), nesterov=BOOLS,
+                      weight_decay=(0.0, 0.1), maximize=BOOLS)
+        if not o["nesterov"] or o["momentum"]
+    ],
+    "rmsprop": grid(centered=BOOLS, momentum=(0.0, 0.9), weight_decay=(0.0, 0.1), maximize=BOOLS),
+    "adagrad": grid(lr_decay=(0.0, 0.1), weight_decay=(0.0, 0.1), maximize=BOOLS),
+}
+# Every mode on at once, for the cases that cannot afford the grid.
+OP_RICH = {
+    "adam": {"amsgrad": True, "maximize": True, "weight_decay": 0.1, "decoupled_weight_decay": True},
+    "sgd": {"momentum": 0.9, "dampening": 0.3, "nesterov": False, "weight_decay": 0.1,
+            "maximize": True},
+    "rmsprop": {"centered": True, "momentum": 0.9, "weight_decay": 0.1, "maximize": True},
+    "adagrad": {"lr_decay": 0.1, "weight_decay": 0.1, "maximize": True},
+}
+OP_CASES = [
+    pytest.param(op, options, id=f"{op}-{case_id(options)}")
+    for op, options in ((op, o) for op, grid_ in OP_GRIDS.items() for o in grid_)
+]
+
+
+def state_lists(op: str, options: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The op's state lists in its argument order, each with whether these options use it."""
+    if op == "adam":
+        return [("exp_avgs", True), ("exp_avg_sqs", True), ("max_exp_avg_sqs", options["amsgrad"])]
+    if op == "sgd":
+        return [("momentum_buffers", options["momentum"] != 0)]
+    if op == "rmsprop":
+        return [("square_avgs", True), ("grad_avgs", options["centered"]),
+                ("momentum_buffers", options["momentum"] > 0)]
+    return [("state_sums", True)]
+
+
+@dataclass
+class OpTensors:
+    """Everything one op call takes, on one device; unused state lists are empty."""
+
+    params: list[Tensor]
+    states: dict[str, list[Tensor]]
+    steps: list[Tensor]
+    first_step: list[bool]
+    grads: list[Tensor] = field(default_factory=list)
+
+    def all_tensors(self) -> dict[str, list[Tensor]]:
+        return {"params": self.params, **self.states, "steps": self.steps}
+
+
+def initial_state(op: str, key: str, param: Tensor, generator: torch.Generator) -> Tensor:
+    """A state a few steps into training: random, and valid (second moments at least the square
+    of the first, so centered RMSprop's variance stays positive)."""
+    shape = param.shape
+
+    def rand(scale: float = 1.0) -> Tensor:
+        return torch.rand(shape, generator=generator, dtype=torch.float64) * scale
+
+    def randn(scale: float = 1.0) -> Tensor:
+        return torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+
+    if key in ("exp_avgs", "momentum_buffers"):
+        values = randn(0.1)
+    elif key == "grad_avgs":
+        values = rand(0.2) - 0.1  # its square stays below every square_avg
+    elif key == "max_exp_avg_sqs":
+        values = rand(0.02) + 0.01
+    else:  # exp_avg_sqs, square_avgs, state_sums
+        values = rand(0.01) + 0.02
+    return values.to(param.dtype)
+
+
+def make_op_tensors(op: str, options: dict[str, Any], specs: Sequence[tuple[tuple[int, ...], torch.dtype]],
+                    seed: int) -> OpTensors:
+    """CPU tensors for one op call: params of the given shapes and dtypes, their states."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+              for shape, dtype in specs]
+    states = {
+        key: [initial_state(op, key, p, generator) for p in params] if used else []
+        for key, used in state_lists(op, options)
+    }
+    # Step counters past 1, so bias corrections are not trivially the first step's.
+    steps = [] if op == "sgd" else [torch.full((), 3.0) for _ in params]
+    first_step = [True] * len(params) if op == "sgd" and options["momentum"] != 0 else []
+    return OpTensors(params, states, steps, first_step)
+
+
+def random_grads(params: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """Random signs, magnitudes in [0.5, 1.5]: away from zero, where 16-bit states underflow."""
+    grads = []
+    for p in params:
+        magnitude = 0.5 + torch.rand(p.shape, generator=generator, dtype=torch.float64)
+        sign = torch.randint(0, 2, p.shape, generator=generator, dtype=torch.float64) * 2 - 1
+        grads.append((sign * magnitude).to(p.dtype))
+    return grads
+
+
+GUARD = 16  # elements after a placed view, which the kernels must leave alone
+
+
+def placed(t: Tensor, device: str, offset: int = 0) -> Tensor:
+    """t's values on device; with offset > 0, as a view `offset` elements into a zeroed buffer that
+    extends GUARD elements past the view."""
+    if offset == 0:
+        return t.to(device).clone()
+    buffer = torch.zeros(offset + t.numel() + GUARD, dtype=t.dtype, device=device)
+    view = buffer[offset:offset + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def copy_to(tensors: OpTensors, device: str, offset: int = 0) -> OpTensors:
+    return OpTensors(
+        [placed(p, device, offset) for p in tensors.params],
+        {key: [placed(s, device, offset) for s in ts] for key, ts in tensors.states.items()},
+        [s.to(device).clone() for s in tensors.steps],
+        list(tensors.first_step),
+    )
+
+
+def call_op(op: str, t: OpTensors, options: dict[str, Any], lr_tensor: Tensor | None = None) -> None:
+    o = {**OP_DEFAULTS[op], **options}
+    lists = [t.states[key] for key, _ in state_lists(op, o)]
+    if op == "adam":
+        torch.ops.fused_opt.adam_(
+            t.params, t.grads, *lists, t.steps, lr=o["lr"], beta1=o["beta1"], beta2=o["beta2"],
+            weight_decay=o["weight_decay"], eps=o["eps"], amsgrad=o["amsgrad"],
+            maximize=o["maximize"], decoupled_weight_decay=o["decoupled_weight_decay"],
+            lr_tensor=lr_tensor)
+    elif op == "sgd":
+        torch.ops.fused_opt.sgd_(
+            t.params, t.grads, *lists, t.first_step, lr=o["lr"], momentum=o["momentum"],
+            dampening=o["dampening"], weight_decay=o["weight_decay"], nesterov=o["nesterov"],
+            maximize=o["maximize"], lr_tensor=lr_tensor)
+        t.first_step = [False] * len(t.first_step)
+    elif op == "rmsprop":
+        torch.ops.fused_opt.rmsprop_(
+            t.params, t.grads, *lists, t.steps, lr=o["lr"], alpha=o["alpha"], eps=o["eps"],
+            weight_decay=o["weight_decay"], momentum=o["momentum"], centered=o["centered"],
+            maximize=o["maximize"], lr_tensor=lr_tensor)
+    else:
+        torch.ops.fused_opt.adagrad_(
+            t.params, t.grads, *lists, t.steps, lr=o["lr"], lr_decay=o["lr_decay"],
+            weight_decay=o["weight_decay"], eps=o["eps"], maximize=o["maximize"],
+            lr_tensor=lr_tensor)
+
+
+def assert_close(actual: Tensor, expected: Tensor, what: str, scale: float = 1.0) -> None:
+    """Within tolerance(dtype), atol scaled by the magnitude of the tensor's kind (a state that is a
+    difference of large terms carries their rounding, as test_parity.py explains)."""
+    assert actual.dtype == expected.dtype, what
+    tol = tolerance(expected.dtype)
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(),
+                               rtol=tol["rtol"], atol=tol["atol"] * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def magnitude(tensors: Sequence[Tensor]) -> float:
+    return max([1.0, *(t.detach().abs().max().item() for t in tensors if t.numel())])
+
+
+def assert_ops_agree(actual: OpTensors, expected: OpTensors, when: str) -> None:
+    for kind, expected_list in expected.all_tensors().items():
+        actual_list = actual.all_tensors()[kind]
+        assert len(actual_list) == len(expected_list), kind
+        scale = magnitude([t.double() for t in expected_list])
+        for index, (a, e) in enumerate(zip(actual_list, expected_list)):
+            assert_close(a, e, f"{kind}[{index}] {tuple(e.shape)} {e.dtype}, {when}", scale)
+
+
+def run_cuda_and_cpu(op: str, options: dict[str, Any], cpu: OpTensors, cuda: OpTensors,
+                     steps: int = 3, seed: int = 0) -> None:
+    """Steps both sets with the same grads and compares every tensor after every step."""
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        cpu.grads = random_grads(cpu.params, generator)
+        cuda.grads = [g.to(p.device) for g, p in zip(cpu.grads, cuda.params)]
+        call_op(op, cpu, options)
+        call_op(op, cuda, options)
+        assert_ops_agree(cuda, cpu, f"after step {step + 1}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op, options", OP_CASES)
+def test_op_matches_cpu_kernel(op, options, dtype):
+    cpu = make_op_tensors(op, options, [(s, dtype) for s in SHAPES], seed=1)
+    run_cuda_and_cpu(op, options, cpu, copy_to(cpu, DEVICE))
+
+
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_mixed_dtypes_in_one_call(op):
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    specs = [(shape, dtypes[i % 4]) for i, shape in enumerate(SHAPES * 2)]
+    cpu = make_op_tensors(op, OP_RICH[op], specs, seed=2)
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE))
+
+
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_empty_tensors_anywhere(op):
+    shapes = [(0,), (5,), (0, 3), (70001,), (0,), (1,), (0,)]
+    cpu = make_op_tensors(op, OP_RICH[op], [(s, torch.float32) for s in shapes], seed=3)
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE))
+
+
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_only_empty_tensors(op):
+    cpu = make_op_tensors(op, OP_RICH[op], [((0,), torch.float32)] * 3, seed=4)
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [1, 2, 3])
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_storage_offsets_that_break_alignment(op, offset, dtype):
+    """Every tensor a view `offset` elements into its own buffer (misaligned alike, but for fp64 at
+    offset 2), then the grads aligned while the rest is not; nothing around the views is written."""
+    cpu = make_op_tensors(op, OP_RICH[op], [(s, dtype) for s in SHAPES], seed=5)
+    cuda = copy_to(cpu, DEVICE, offset)
+    generator = torch.Generator().manual_seed(6)
+    for step, grad_offset in enumerate((offset, 0, offset)):
+        cpu.grads = random_grads(cpu.params, generator)
+        cuda.grads = [placed(g, DEVICE, grad_offset) for g in cpu.grads]
+        call_op(op, cpu, OP_RICH[op])
+        call_op(op, cuda, OP_RICH[op])
+        assert_ops_agree(cuda, cpu, f"after step {step + 1}")
+    for kind, tensors in cuda.all_tensors().items():
+        if kind == "steps":
+            continue
+        for t in tensors:
+            base = t._base
+            assert base is not None and not base[:offset].any(), f"{kind}: a write before the view"
+            assert not base[offset + t.numel():].any(), f"{kind}: a write past the view"
+
+
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_aligned_views_use_the_same_results(op):
+    """Views 16 bytes into their buffers are aligned again (the vector path), and agree too."""
+    cpu = make_op_tensors(op, OP_RICH[op], [(s, torch.float32) for s in SHAPES], seed=7)
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE, offset=4))
+
+
+def test_hundred_thousand_tiny_tensors():
+    """10^5 tensors of 0 to 9 elements in one call: many launches' worth of tensor tables, views at
+    every alignment, empty ones scattered and last."""
+    op, options = "adam", OP_RICH["adam"]
+    sizes = np.random.default_rng(8).integers(0, 10, 100_000).tolist()
+    sizes[-1] = 0
+    total = sum(sizes)
+    generator = torch.Generator().manual_seed(9)
+
+    def split(values: Tensor) -> list[Tensor]:
+        return list(values.split(sizes))
+
+    cpu = OpTensors(
+        split(torch.randn(total, generator=generator)),
+        {"exp_avgs": split(torch.randn(total, generator=generator) * 0.1),
+         "exp_avg_sqs": split(torch.rand(total, generator=generator) * 0.01 + 0.02),
+         "max_exp_avg_sqs": split(torch.rand(total, generator=generator) * 0.02 + 0.01)},
+        [torch.full((), 3.0) for _ in sizes], [])
+    flat_cuda = {kind: torch.cat(ts).to(DEVICE) for kind, ts in
+                 {"params": cpu.params, **cpu.states}.items()}
+    cuda = OpTensors(list(flat_cuda["params"].split(sizes)),
+                     {k: list(v.split(sizes)) for k, v in flat_cuda.items() if k != "params"},
+                     [s.to(DEVICE, copy=True) for s in cpu.steps], [])
+    for _ in range(2):
+        grads = torch.randn(total, generator=generator)
+        cpu.grads = split(grads)
+        cuda.grads = list(grads.to(DEVICE).split(sizes))
+        call_op(op, cpu, options)
+        call_op(op, cuda, options)
+    for kind in flat_cuda:
+        expected = torch.cat(cpu.params if kind == "params" else cpu.states[kind])
+        assert_close(flat_cuda[kind], expected, kind, magnitude([expected]))
+    assert torch.equal(torch.stack(cuda.steps).cpu(), torch.full((len(sizes),), 5.0))
+
+
+@pytest.mark.slow
+def test_tensor_past_two_to_the_31_elements():
+    """A bf16 tensor of 2^31 + 12345 elements between two small ones: 64-bit offsets everywhere.
+    Elementwise updates let slices around 2^31 and the end be checked against the CPU kernel."""
+    n = 2**31 + 12345
+    needed = 6 * n * 2  # param, grad, two states, and the temporaries that fill them
+    free, _ = torch.cuda.mem_get_info()
+    if free < needed:
+        pytest.skip(f"needs {needed / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} free")
+    op, options = "adam", {"amsgrad": False, "maximize": False, "weight_decay": 0.1,
+                           "decoupled_weight_decay": True}
+    dtype = torch.bfloat16
+    torch.manual_seed(10)
+    big = OpTensors(
+        [torch.randn(7, dtype=dtype, device=DEVICE), torch.randn(n, dtype=dtype, device=DEVICE),
+         torch.randn(9, dtype=dtype, device=DEVICE)],
+        {"exp_avgs": [], "exp_avg_sqs": [], "max_exp_avg_sqs": []},
+        [torch.full((), 3.0, device=DEVICE) for _ in range(3)], [])
+    big.states["exp_avgs"] = [torch.randn_like(p) * 0.1 for p in big.params]
+    big.states["exp_avg_sqs"] = [torch.rand_like(p) * 0.01 + 0.02 for p in big.params]
+    big.grads = [torch.randn_like(p) for p in big.params]
+    windows = [slice(0, 4096), slice(2**31 - 40000, 2**31 + 40000), slice(n - 70000, n)]
+
+    def pieces(t: OpTensors) -> OpTensors:
+        """CPU copies of the small tensors and of the windows of the big one."""
+        def cut(ts: list[Tensor]) -> list[Tensor]:
+            return [ts[0].cpu(), *(ts[1][w].cpu() for w in windows), ts[2].cpu()]
+        steps = [t.steps[0].cpu(), *(t.steps[1].cpu() for _ in windows), t.steps[2].cpu()]
+        return OpTensors(cut(t.params), {k: cut(v) if v else [] for k, v in t.states.items()},
+                         steps, [], cut(t.grads))
+
+    expected = pieces(big)
+    call_op(op, expected, options)
+    call_op(op, big, options)
+    assert_ops_agree(pieces(big), expected, "after one step")
+
+
+# ------------------------------------------------------------------------------------------------
+# Class level: fused_opt on CUDA against torch.optim on CUDA and the float64 references
+
+CLASS_LR = {"Adam": 1e-2, "AdamW": 1e-2, "SGD": 1e-1, "RMSprop": 1e-2, "Adagrad": 1e-1}
+CLASS_OPTIONS = {
+    "Adam": [{}, {"amsgrad": True, "maximize": True, "weight_decay": 0.1},
+             {"weight_decay": 0.1, "decoupled_weight_decay": True}],
+    "AdamW": [{}, {"amsgrad": True, "weight_decay": 0.1}],
+    "SGD": [{}, {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1, "maximize": True},
+            {"momentum": 0.9, "nesterov": True}],
+    "RMSprop": [{}, {"centered": True, "momentum": 0.9, "weight_decay": 0.1, "alpha": 0.9}],
+    "Adagrad": [{}, {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.5}],
+}
+CLASS_CASES = [
+    pytest.param(name, {"lr": CLASS_LR[name], **options}, id=f"{name}-{case_id(options)}")
+    for name, option_list in CLASS_OPTIONS.items()
+    for options in option_list
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, options", CLASS_CASES)
+def test_class_matches_torch_and_reference(name, options, dtype):
+    generator = torch.Generator().manual_seed(11)
+    initial = [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype) for s in SHAPES]
+    fused_params = [torch.nn.Parameter(t.to(DEVICE, copy=True)) for t in initial]
+    torch_params = [torch.nn.Parameter(t.to(DEVICE, copy=True)) for t in initial]
+    ref_params = [t.double().numpy().copy() for t in initial]
+    ref_states: list[dict[str, Any]] = [{} for _ in initial]
+    fused = getattr(fused_opt, name)(fused_params, **options)
+    reference = getattr(torch.optim, name)(torch_params, foreach=False, **options)
+    for step in range(5):
+        grads = random_grads(initial, generator)
+        for fp, tp, rp, rs, g in zip(fused_params, torch_params, ref_params, ref_states, grads):
+            fp.grad, tp.grad = g.to(DEVICE, copy=True), g.to(DEVICE, copy=True)
+            REFERENCES[name](rp, g.double().numpy(), rs, **options)
+        fused.step()
+        reference.step()
+        scale = magnitude([p.double() for p in torch_params])
+        for index, (fp, tp, rp) in enumerate(zip(fused_params, torch_params, ref_params)):
+            where = f"param {index} after step {step + 1}"
+            assert_close(fp, tp, f"{where} vs torch", scale)
+            assert_close(fp, torch.from_numpy(rp).to(dtype), f"{where} vs reference", scale)
+        for index, (fp, tp) in enumerate(zip(fused_params, torch_params)):
+            for key, value in reference.state[tp].items():
+                mine = fused.state[fp][key]
+                what = f"state {key!r} of param {index}, step {step + 1}"
+                if key == "step":
+                    # torch keeps a non-capturable counter on the CPU, fused_opt beside the param.
+                    assert mine.device == fp.device and mine.item() == value.item(), what
+                    continue
+                assert (mine.dtype, mine.device) == (value.dtype, value.device), what
+                assert_close(mine, value, what,
+                             magnitude([reference.state[p][key].double() for p in torch_params]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Launches, synchronization, allocation, streams, devices
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """GPT-2 small's 148 parameter tensors (124.4M elements)."""
+    block = [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,),
+             (768,), (768,), (768, 3072), (3072,), (3072, 768), (768,)]
+    return [(50257, 768), (1024, 768), *block * 12, (768,), (768,)]
+
+
+STEP_CASES = [
+    pytest.param("Adam", {}, id="Adam"),
+    pytest.param("AdamW", {"amsgrad": True}, id="AdamW-amsgrad"),
+    pytest.param("SGD", {"momentum": 0.9}, id="SGD-momentum"),
+    pytest.param("SGD", {}, id="SGD"),
+    pytest.param("RMSprop", {"centered": True, "momentum": 0.9}, id="RMSprop-centered-momentum"),
+    pytest.param("Adagrad", {}, id="Adagrad"),
+]
+
+
+def cuda_model(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype],
+               seed: int = 0) -> list[torch.nn.Parameter]:
+    torch.manual_seed(seed)
+    params = []
+    for index, shape in enumerate(shapes):
+        p = torch.nn.Parameter(torch.randn(shape, device="cuda", dtype=dtypes[index % len(dtypes)]))
+        p.grad = torch.randn_like(p)
+        params.append(p)
+    return params
+
+
+def cuda_kernels_of(fn) -> list[str]:
+    """Names of the GPU activities (kernels, copies, sets) that fn enqueues."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("dtypes", [pytest.param([torch.float32], id="fp32"),
+                                    pytest.param([torch.float32, torch.bfloat16], id="fp32+bf16")])
+@pytest.mark.parametrize("name, options", STEP_CASES)
+def test_one_main_launch_per_step_for_gpt2_small(name, options, dtypes):
+    params = cuda_model(gpt2_small_shapes(), dtypes)
+    assert len(params) == 148
+    opt = getattr(fused_opt, name)(params, lr=1e-3, **options)
+    opt.step()  # creates the state
+    names = cuda_kernels_of(opt.step)
+    main = [n for n in names if MAIN_KERNEL in n]
+    others = [n for n in names if MAIN_KERNEL not in n and STEP_KERNEL not in n]
+    assert len(main) == 1, names
+    assert others == [], f"unexpected GPU work (copies, fills, other kernels): {others}"
+    assert len(names) == (1 if name == "SGD" else 2), names
+
+
+@pytest.mark.parametrize("name, options", STEP_CASES)
+def test_step_neither_synchronizes_nor_allocates(name, options):
+    params = cuda_model([(1000, 77), (3,), (0,), (4097,)], [torch.float32, torch.bfloat16])
+    opt = getattr(fused_opt, name)(params, lr=torch.tensor(1e-3, device="cuda"), **options)
+    opt.step()
+    torch.cuda.synchronize()
+    allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
+
+
+@pytest.mark.parametrize("name, options", STEP_CASES)
+def test_step_runs_on_the_current_stream(name, options):
+    """The step waits behind work queued on a side stream, and the default stream does not wait
+    for the step: a kernel on the wrong stream would update the params before the sleep ends."""
+    params = cuda_model([(4096,), (33,)], [torch.float32])
+    opt = getattr(fused_opt, name)(params, lr=1e-2, **options)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(1_000_000_000)
+        opt.step()
+    snapshot = [p.detach().clone() for p in params]
+    torch.cuda.current_stream().synchronize()
+    assert all(torch.equal(s, b) for s, b in zip(snapshot, before)), "the step ran too early"
+    side.synchronize()
+    assert not all(torch.equal(p, b) for p, b in zip(params, before)), "the step did not run"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_params_on_a_device_that_is_not_current():
+    cpu = make_op_tensors("adam", OP_RICH["adam"], [(s, torch.float32) for s in SHAPES], seed=12)
+    cuda = copy_to(cpu, "cuda:1")
+    with torch.cuda.device(0):
+        run_cuda_and_cpu("adam", OP_RICH["adam"], cpu, cuda)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA graphs
+
+@pytest.mark.parametrize("name, options", STEP_CASES)
+def test_graph_replays_match_eager_steps_and_follow_a_tensor_lr(name, options):
+    """A captured step replayed with fresh grads matches the same steps taken eagerly with a float
+    lr; changing the tensor lr in place between replays has the effect of changing the float lr."""
+    shapes, dtypes = [(257, 31), (1,), (0,), (70001,)], [torch.float32, torch.bfloat16]
+    graph_params = cuda_model(shapes, dtypes, seed=13)
+    eager_params = [torch.nn.Parameter(p.detach().clone()) for p in graph_params]
+    lr = torch.tensor(1e-2, device="cuda")
+    graph_opt = getattr(fused_opt, name)(graph_params, lr=lr, **options)
+    eager_opt = getattr(fused_opt, name)(eager_params, lr=1e-2, **options)
+    generator = torch.Generator(device="cuda").manual_seed(14)
+
+    def new_grads() -> None:
+        for gp, ep in zip(graph_params, eager_params):
+            grad = torch.randn(gp.shape, generator=generator, device="cuda").to(gp.dtype)
+            gp.grad.copy_(grad)  # in place: the graph reads these buffers
+            ep.grad = grad.clone()
+
+    # Warm up on a side stream, as capture requires; the states are created here.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            new_grads()
+            graph_opt.step()
+            eager_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+
+    for replay in range(6):
+        if replay == 3:
+            lr.fill_(3e-3)
+            eager_opt.param_groups[0]["lr"] = 3e-3
+        new_grads()
+        graph.replay()
+        eager_opt.step()
+        torch.cuda.synchronize()
+        for index, (gp, ep) in enumerate(zip(graph_params, eager_params)):
+            where = f"param {index} after replay {replay + 1}"
+            # The float lr and the float32 tensor lr differ in their last bits only.
+            assert_close(gp, ep, where, magnitude([ep.double()]))
+            for key, value in eager_opt.state[ep].items():
+                assert_close(graph_opt.state[gp][key], value, f"state {key!r}, {where}",
+                             magnitude([value.double()]))
+
+
+def test_graph_replay_is_bitwise_equal_to_eager_with_the_same_tensor_lr():
+    """The same kernels on the same inputs: a replay and an eager step agree exactly."""
+    shapes, dtypes = [(1000, 3), (5,), (0,)], [torch.float32, torch.float16]
+    graph_params = cuda_model(shapes, dtypes, seed=15)
+    eager_params = [torch.nn.Parameter(p.detach().clone()) for p in graph_params]
+    for gp, ep in zip(graph_params, eager_params):
+        ep.grad = gp.grad.clone()
+    graph_lr = torch.tensor(1e-2, device="cuda")
+    eager_lr = graph_lr.clone()
+    graph_opt = fused_opt.AdamW(graph_params, lr=graph_lr, amsgrad=True)
+    eager_opt = fused_opt.AdamW(eager_params, lr=eager_lr, amsgrad=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph_opt.step()
+        eager_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for replay in range(4):
+        graph_lr.mul_(0.5)
+        eager_lr.mul_(0.5)
+        graph.replay()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for gp, ep in zip(graph_params, eager_params):
+        assert torch.equal(gp, ep)
+        for key, value in eager_opt.state[ep].items():
+            assert torch.equal(graph_opt.state[gp][key], value), key
+
+
+def test_tensor_lr_of_every_float_dtype():
+    cpu = make_op_tensors("sgd", OP_RICH["sgd"], [(s, torch.float32) for s in SHAPES], seed=16)
+    for lr_dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        cuda = copy_to(cpu, DEVICE)
+        expected = copy.deepcopy(cpu)
+        lr = torch.tensor(0.25, dtype=lr_dtype)  # exact in every dtype
+        generator = torch.Generator().manual_seed(17)
+        expected.grads = random_grads(expected.params, generator)
+        cuda.grads = [g.to(DEVICE) for g in expected.grads]
+        call_op("sgd", expected, {**OP_RICH["sgd"], "lr": 0.25})
+        call_op("sgd", cuda, {**OP_RICH["sgd"], "lr": 99.0}, lr_tensor=lr.to(DEVICE))
+        assert_ops_agree(cuda, expected, f"lr_tensor {lr_dtype}")
