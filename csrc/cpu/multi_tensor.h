@@ -43,10 +43,10 @@ FUSED_OPT_CPU_MULTIVERSION void update_range(ParamT* __restrict param, const Gra
     if constexpr (kStates > 2) states[2] = static_cast<T>(state2[i]);
     T p = static_cast<T>(param[i]);
     element(p, static_cast<T>(grad[i]), states);
-    param[i] = static_cast<ParamT>(p);
     if constexpr (kStates > 0) state0[i] = static_cast<StateT>(states[0]);
     if constexpr (kStates > 1) state1[i] = static_cast<StateT>(states[1]);
     if constexpr (kStates > 2) state2[i] = static_cast<StateT>(states[2]);
+    param[i] = static_cast<ParamT>(p);
   }
 }
 
