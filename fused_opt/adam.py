@@ -61,12 +61,6 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
-    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
-        for key in self._state_keys(group):
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
     def _launch(
         self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None
     ) -> None:

@@ -36,7 +36,7 @@ class FusedOptimizer(Optimizer):
     Subclasses define:
       * ``_state_keys(group)``: names of the per-element state tensors, in the op's order;
       * ``_has_step``: whether the state keeps a ``step`` counter (all but SGD);
-      * ``_new_state(p, group)``: the state of a param on its first step;
+      * ``_new_state(p, group)``: the state of a param on its first step, when it is not zeros;
       * ``_launch(group, bucket, lr, lr_tensor)``: the one op call for a bucket;
       * ``_sparse_grad_error``: torch.optim's message for sparse grads, or None when the
         optimizer accepts them, in which case ``_step_sparse(group, params)`` handles them;
@@ -68,7 +68,11 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """A param's first-step state: a zero step counter and zeroed state tensors."""
+        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+        for key in self._state_keys(group):
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
 
     def _launch(
         self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None

@@ -58,12 +58,6 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             keys += ("momentum_buffer",)
         return keys
 
-    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
-        for key in self._state_keys(group):
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
     def _launch(
         self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None
     ) -> None:

@@ -21,9 +21,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
 
   increment_steps(steps);
   const math::AdamHyper hyper{effective_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay};
-  const WeightDecay mode = weight_decay == 0.0        ? WeightDecay::kNone
-                           : decoupled_weight_decay ? WeightDecay::kDecoupled
-                                                    : WeightDecay::kL2;
+  const WeightDecay mode = math::adam_weight_decay_mode(weight_decay, decoupled_weight_decay);
   with_bool(amsgrad, [&](auto kAmsgrad) {
     with_bool(maximize, [&](auto kMaximize) {
       with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(

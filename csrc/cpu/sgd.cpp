@@ -16,12 +16,9 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
              const std::optional<at::Tensor>& lr_tensor) {
   check_sgd_args(params, grads, momentum_buffers, is_first_step, momentum, nesterov, lr_tensor);
   if (params.empty()) return;
-  const bool has_momentum = momentum != 0.0;
 
   const math::SgdHyper hyper{effective_lr(lr, lr_tensor), momentum, dampening, weight_decay};
-  const Momentum mode = !has_momentum ? Momentum::kNone
-                        : nesterov    ? Momentum::kNesterov
-                                      : Momentum::kHeavyBall;
+  const Momentum mode = math::sgd_momentum_mode(momentum, nesterov);
   with_bool(maximize, [&](auto kMaximize) {
     with_bool(weight_decay != 0.0, [&](auto kWeightDecay) {
       with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(

@@ -32,9 +32,8 @@ void adam_step(const TensorArgs* tensors, size_t count, const math::AdamHyper& h
                void* stream) {
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   increment_steps(tensors, count, cuda_stream);
-  const WeightDecay mode = hyper.weight_decay == 0.0 ? WeightDecay::kNone
-                           : decoupled_weight_decay  ? WeightDecay::kDecoupled
-                                                     : WeightDecay::kL2;
+  const WeightDecay mode =
+      math::adam_weight_decay_mode(hyper.weight_decay, decoupled_weight_decay);
   with_bool(amsgrad, [&](auto kAmsgrad) {
     with_bool(maximize, [&](auto kMaximize) {
       with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(

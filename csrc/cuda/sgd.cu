@@ -35,9 +35,7 @@ struct SgdOp {
 
 void sgd_step(const TensorArgs* tensors, size_t count, const math::SgdHyper& hyper, DeviceScalar lr,
               bool nesterov, bool maximize, void* stream) {
-  const Momentum mode = hyper.momentum == 0.0 ? Momentum::kNone
-                        : nesterov            ? Momentum::kNesterov
-                                              : Momentum::kHeavyBall;
+  const Momentum mode = math::sgd_momentum_mode(hyper.momentum, nesterov);
   with_bool(maximize, [&](auto kMaximize) {
     with_bool(hyper.weight_decay != 0.0, [&](auto kWeightDecay) {
       with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(

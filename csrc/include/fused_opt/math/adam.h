@@ -10,6 +10,12 @@ namespace fused_opt::math {
 
 enum class WeightDecay { kNone, kL2, kDecoupled };
 
+FUSED_OPT_HD constexpr WeightDecay adam_weight_decay_mode(double weight_decay, bool decoupled) {
+  return weight_decay == 0.0 ? WeightDecay::kNone
+         : decoupled         ? WeightDecay::kDecoupled
+                             : WeightDecay::kL2;
+}
+
 struct AdamHyper {
   double lr, beta1, beta2, eps, weight_decay;
 };

@@ -8,6 +8,10 @@ namespace fused_opt::math {
 
 enum class Momentum { kNone, kHeavyBall, kNesterov };
 
+FUSED_OPT_HD constexpr Momentum sgd_momentum_mode(double momentum, bool nesterov) {
+  return momentum == 0.0 ? Momentum::kNone : nesterov ? Momentum::kNesterov : Momentum::kHeavyBall;
+}
+
 struct SgdHyper {
   double lr, momentum, dampening, weight_decay;
 };
