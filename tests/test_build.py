@@ -36,24 +36,30 @@ def _disassembly() -> str:
     platform.machine() != "x86_64" or shutil.which("objdump") is None,
     reason="the multiversioned loops and this disassembly check are x86-64 only (needs objdump)",
 )
-def test_cpu_loops_have_avx512_avx2_and_baseline_clones_that_vectorize():
-    """Every element loop exists in three ISA clones, and the AVX-512 clone uses zmm vectors."""
+def test_cpu_loops_have_isa_clones_that_vectorize():
+    """16-bit loops come in AVX-512, AVX2 and baseline clones, wider ones in AVX2 and baseline;
+    the AVX-512 clones use zmm vectors and the AVX2 clones ymm vectors."""
     header = re.compile(
-        r"^[0-9a-f]+ <(.*update_range<.*) \[clone \.(arch_x86_64_v[34]|default)\]>:$"
+        r"^[0-9a-f]+ <.*(update_range_16bit|update_range_wide)<(.*)"
+        r" \[clone \.(arch_x86_64_v[34]|default)\]>:$"
     )
-    clones: dict[str, dict[str, list[str]]] = {}
+    clones: dict[tuple[str, str], dict[str, list[str]]] = {}
     body = None
     for line in _disassembly().splitlines():
         match = header.match(line)
         if match:
-            body = clones.setdefault(match.group(1), {}).setdefault(match.group(2), [])
+            loop = (match.group(1), match.group(2))
+            body = clones.setdefault(loop, {}).setdefault(match.group(3), [])
         elif not line.strip():
             body = None
         elif body is not None:
             body.append(line)
-    assert clones, "no update_range loops found in the library"
-    for loop, bodies in clones.items():
-        assert set(bodies) == {"arch_x86_64_v4", "arch_x86_64_v3", "default"}, loop
-        assert "zmm" in "\n".join(bodies["arch_x86_64_v4"]), f"AVX-512 clone of {loop} is scalar"
+    kinds = {kind for kind, _ in clones}
+    assert kinds == {"update_range_16bit", "update_range_wide"}, kinds
+    for (kind, loop), bodies in clones.items():
+        expected = {"arch_x86_64_v3", "default"}
+        if kind == "update_range_16bit":
+            expected.add("arch_x86_64_v4")
+            assert "zmm" in "\n".join(bodies["arch_x86_64_v4"]), f"AVX-512 clone of {loop} is scalar"
+        assert set(bodies) == expected, (kind, loop)
         assert "ymm" in "\n".join(bodies["arch_x86_64_v3"]), f"AVX2 clone of {loop} is scalar"
-
