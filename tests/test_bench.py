@@ -1,7 +1,10 @@
-"""Tests of the benchmark package (fused_opt.bench): byte counts, workloads, interleaving, the result row
-schema, and tiny end-to-end runs on CPU."""
+"""Tests of the benchmark package (fused_opt.bench): byte counts, workloads, interleaving, launch counting,
+peers, the result row schema, the progress bar, the plot, and tiny end-to-end runs on CPU."""
 
+import importlib.util
+import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,16 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_opt.bench import harness, implementations, report
+from fused_opt.bench import harness, implementations, peers, plot, report
 from fused_opt.bench.__main__ import main
-from fused_opt.bench.implementations import CASES, select_cases, step_bytes_per_param
-from fused_opt.bench.workloads import gpt2_shapes, make_workload
+from fused_opt.bench.implementations import CASES, Case, Unsupported, select_cases, step_bytes_per_param
+from fused_opt.bench.progress import ProgressBar
+from fused_opt.bench.workloads import (MANY_SMALL_MAX_NUMEL, gpt2_shapes, llama_shapes, make_workload,
+                                       many_small_shapes)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+CORE = "fused_opt,torch-forloop,torch-foreach,torch-fused"
 
-# From the field notes' table: each tensor counted once per read and once per write.
+# From the field notes' table: each tensor counted once per read and once per write; the AMP pipeline with a
+# separate unscale_ and clip_grad_norm_ around the fused step moves ~48 B.
 FIELD_NOTES_BYTES = {
     ("adam", "fp32"): 28,
+    ("adam-amsgrad", "fp32"): 36,
     ("adamw", "fp32"): 28,
     ("sgd-momentum", "fp32"): 20,
     ("sgd-nesterov", "fp32"): 20,
@@ -28,25 +37,36 @@ FIELD_NOTES_BYTES = {
     ("rmsprop", "fp32"): 20,
     ("rmsprop-centered-momentum", "fp32"): 36,
     ("adamw", "bf16"): 14,
+    ("adamw-amp-clip", "fp32"): 48,
 }
 
 OPTIONAL_STR = (str, type(None))
 OPTIONAL_FLOAT = (float, type(None))
+OPTIONAL_INT = (int, type(None))
 ROW_TYPES = {
     "timestamp": str, "device": str, "device_name": str, "torch_version": str,
     "fused_opt_version": OPTIONAL_STR, "git_commit": OPTIONAL_STR, "command": str,
     "load_average": OPTIONAL_FLOAT,
-    "workload": str, "num_tensors": int, "case": str, "optimizer": str, "implementation": str, "status": str,
-    "note": str, "dtype": str, "numel": int, "bytes_per_param": int,
+    "workload": str, "workload_note": str, "num_tensors": int, "case": str, "case_note": str, "optimizer": str,
+    "implementation": str, "status": str, "note": str, "dtype": str, "numel": int, "bytes_per_param": int,
     "rounds": int, "steps_per_round": int, "warmup_steps": int,
-    "ms_median": OPTIONAL_FLOAT, "ms_min": OPTIONAL_FLOAT, "ms_max": OPTIONAL_FLOAT, "gbps": OPTIONAL_FLOAT,
-    "frac_of_probe": OPTIONAL_FLOAT, "speedup_vs_fused_opt_median": OPTIONAL_FLOAT,
+    "launches_per_step": OPTIONAL_INT, "launches_counted": str, "state_bytes_per_param": OPTIONAL_FLOAT,
+    "ms_median": OPTIONAL_FLOAT, "ms_min": OPTIONAL_FLOAT, "ms_max": OPTIONAL_FLOAT, "floor_ms": OPTIONAL_FLOAT,
+    "gbps": OPTIONAL_FLOAT, "frac_of_probe": OPTIONAL_FLOAT, "speedup_vs_fused_opt_median": OPTIONAL_FLOAT,
     "speedup_vs_fused_opt_min": OPTIONAL_FLOAT, "speedup_vs_fused_opt_max": OPTIONAL_FLOAT,
 }
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def case_named(name: str, dtype: str = "fp32") -> Case:
+    return next(case for case in CASES if case.name == name and case.dtype == dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What is measured
 
 
 def test_step_bytes_count_each_tensor_read_and_written():
@@ -56,24 +76,88 @@ def test_step_bytes_count_each_tensor_read_and_written():
     assert step_bytes_per_param(n_states=2, element_size=2) == 14
     # Stateless SGD moves what the a.add_(b) probe moves: read p and g, write p.
     assert step_bytes_per_param(n_states=0, element_size=4) == 12
+    # unscale_ (read + write) and clip_grad_norm_ (read for the norm, read + write to scale): 5 grad passes.
+    assert step_bytes_per_param(n_states=2, element_size=4, grad_passes=5) == 48
+    # States of another element size: bf16 params with fp32 states, fp32 params with 8-bit states.
+    assert step_bytes_per_param(n_states=2, element_size=2, state_size=4) == 22
+    assert step_bytes_per_param(n_states=2, element_size=4, state_size=1) == 16
 
 
 def test_cases_carry_the_field_notes_byte_counts():
     assert {(case.name, case.dtype): case.bytes_per_param for case in CASES} == FIELD_NOTES_BYTES
 
 
+def test_implementations_count_their_own_state_format():
+    adamw = case_named("adamw", "bf16")
+    assert implementations.Implementation("x", torch.optim.AdamW).bytes_per_param(adamw) == 14
+    assert implementations.Implementation("x", torch.optim.AdamW, state_size=4).bytes_per_param(adamw) == 22
+
+
 def test_gpt2_small_has_148_tensors_and_124m_params():
     shapes = gpt2_shapes()
     assert len(shapes) == 148
-    assert sum(torch.Size(shape).numel() for shape in shapes) == 124_439_808
+    assert sum(math.prod(shape) for shape in shapes) == 124_439_808
     assert make_workload("gpt2", "cpu").numel == 124_439_808
 
 
-def test_quick_workloads_keep_the_tensor_structure():
-    assert make_workload("gpt2", "cpu", quick=True).num_tensors == 148
-    assert make_workload("large", "cpu", quick=True).num_tensors == 1
+def test_llama_list_has_over_200_tensors_with_small_norms_and_is_scaled_to_memory():
+    shapes = llama_shapes()
+    assert len(shapes) >= 200
+    assert 1.0e9 < sum(math.prod(shape) for shape in shapes) < 1.2e9
+    assert sum(1 for shape in shapes if len(shape) == 1) == 45  # two norms per layer and the final norm
+    roomy = make_workload("llama-1b", "cuda", memory_bytes=2**40)
+    assert roomy.shapes == shapes and roomy.note == ""
+    scaled = make_workload("llama-1b", "cpu", memory_bytes=24 * 2**30)
+    assert scaled.num_tensors == len(shapes)
+    assert scaled.numel < roomy.numel / 2 and "scaled down" in scaled.note and "24 GiB" in scaled.note
+
+
+def test_many_small_has_thousands_of_tensors_under_64k_elements_every_run_the_same():
+    shapes = many_small_shapes()
+    assert len(shapes) >= 2000
+    assert all(1 <= math.prod(shape) <= MANY_SMALL_MAX_NUMEL < 2**16 for shape in shapes)
+    assert shapes == many_small_shapes()
+
+
+def test_tiny_workloads_keep_the_tensor_structure():
+    assert make_workload("gpt2", "cpu", tiny=True).num_tensors == 148
+    assert make_workload("large", "cpu", tiny=True).num_tensors == 1
+    assert make_workload("llama-1b", "cpu", tiny=True).num_tensors == len(llama_shapes())
+    assert make_workload("many-small", "cpu", tiny=True).num_tensors >= 256
     assert make_workload("large", "cpu").numel == 64_000_000
     assert make_workload("large", "cuda").numel == 1_000_000_000
+
+
+def test_select_cases_by_optimizer_class_case_name_dtype_and_default():
+    assert [case.name for case in select_cases(["sgd"], ["fp32"], full=False)] == ["sgd-momentum", "sgd-nesterov"]
+    assert [case.name for case in select_cases(["sgd-nesterov"], ["fp32", "bf16"], full=False)] == ["sgd-nesterov"]
+    bf16_adamw = select_cases(["adamw"], ["bf16"], full=False)
+    assert [(case.name, case.dtype) for case in bf16_adamw] == [("adamw", "bf16")]
+    default = {(case.name, case.dtype) for case in select_cases(None, ["fp32", "bf16"], full=False)}
+    assert {("adamw", "fp32"), ("adamw", "bf16"), ("adamw-amp-clip", "fp32")} <= default
+    assert ("sgd-nesterov", "fp32") not in default
+    assert len(select_cases(None, ["fp32", "bf16"], full=True)) == len(CASES)
+
+
+def test_amp_pipeline_runs_only_fused_opt_and_torch_fused():
+    amp = case_named("adamw-amp-clip")
+    names = [impl.name for impl in implementations.core_implementations(implementations.load_fused_opt())
+             if impl.runs(amp)]
+    assert names == ["fused_opt", "torch-fused"]
+
+
+def test_amp_pipeline_keeps_grads_and_steps_the_params():
+    amp = case_named("adamw-amp-clip")
+    fused = next(impl for impl in implementations.core_implementations(None) if impl.name == "torch-fused")
+    params, grads = implementations.make_tensors(make_workload("gpt2", "cpu", tiny=True), torch.float32, CPU, 0)
+    prepared = implementations.prepare(fused, amp, params, grads)
+    own = prepared.optimizer.param_groups[0]["params"]
+    before = [p.detach().clone() for p in own]
+    for _ in range(3):
+        prepared.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(own, grads)), "scale 1.0 and no clipping keep the grads"
+    assert all(p.grad is not g for p, g in zip(own, grads)), "the pipeline writes its own copy of the grads"
+    assert not torch.equal(own[0], before[0])
 
 
 def test_rounds_rotate_so_each_contender_takes_each_position():
@@ -84,10 +168,79 @@ def test_rounds_rotate_so_each_contender_takes_each_position():
         assert sorted(order[position] for order in orders) == sorted(contenders)
 
 
-def test_select_cases_by_optimizer_class_case_name_and_dtype():
-    assert [case.name for case in select_cases(["sgd"], ["fp32"])] == ["sgd-momentum", "sgd-nesterov"]
-    assert [case.name for case in select_cases(["sgd-nesterov"], ["fp32", "bf16"])] == ["sgd-nesterov"]
-    assert [(case.name, case.dtype) for case in select_cases(["adamw"], ["bf16"])] == [("adamw", "bf16")]
+def test_one_input_set_on_cpu_and_probe_beyond_the_caches():
+    assert harness.input_set_count(CPU, 1000) == 1
+    assert harness.probe_numel(1000) == harness.PROBE_MIN_NUMEL
+    assert harness.probe_numel(64_000_000) == 64_000_000
+    assert harness.probe_numel(2**29) == harness.PROBE_MAX_NUMEL
+
+
+def test_launches_and_state_bytes_of_one_step():
+    params, grads = implementations.make_tensors(make_workload("gpt2", "cpu", tiny=True), torch.float32, CPU, 0)
+    adam = case_named("adam")
+    counts, states = {}, {}
+    for impl in implementations.core_implementations(implementations.load_fused_opt()):
+        prepared = implementations.prepare(impl, adam, params, grads)
+        prepared.step()
+        counts[impl.name] = harness.count_launches(prepared.step, CPU)
+        states[impl.name] = harness.state_bytes_per_param(prepared.optimizer, sum(p.numel() for p in params))
+    assert counts["fused_opt"] == 1
+    assert counts["torch-fused"] == 2  # the step counters' _foreach_add_, then _fused_adam_
+    assert counts["torch-foreach"] < counts["torch-forloop"]
+    assert counts["torch-forloop"] >= len(params)
+    for name, state in states.items():
+        assert state == pytest.approx(8.0, abs=0.01), name  # exp_avg and exp_avg_sq in fp32
+
+
+def test_a_library_that_calls_past_the_dispatcher_counts_as_unknown():
+    assert harness.count_launches(lambda: None, CPU) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Peers
+
+
+def test_peer_adapters_refuse_options_the_library_would_ignore():
+    with pytest.raises(Unsupported, match="bitsandbytes has no nesterov"):
+        peers._reject(case_named("sgd-nesterov"), "bitsandbytes", ("amsgrad", "nesterov"))
+    peers._reject(case_named("sgd-momentum"), "bitsandbytes", ("amsgrad", "nesterov"))
+
+
+def test_discovery_notes_missing_and_failing_peers_and_goes_on(monkeypatch):
+    def not_installed(device):
+        raise ModuleNotFoundError("No module named 'somelib'", name="somelib")
+
+    def broken_build(device):
+        raise RuntimeError("ninja: build stopped\nmore lines")
+
+    works = implementations.Implementation("works-1", lambda case, params: torch.optim.SGD(params, lr=0.1))
+    monkeypatch.setattr(peers, "PEERS", (
+        peers.Peer("somelib", ("somelib-fast",), ("cpu",), not_installed),
+        peers.Peer("other", ("other-fused",), ("cpu",), broken_build),
+        peers.Peer("gpu-only", ("gpu-only-fused",), ("cuda",), broken_build),
+        peers.Peer("works", ("works-1",), ("cpu",), lambda device: [works]),
+    ))
+    found = peers.discover(CPU)
+    assert [impl.name for impl in found.implementations] == ["works-1"]
+    assert found.missing == ["somelib-fast (somelib not installed)",
+                             "other-fused (failed: RuntimeError: ninja: build stopped)",
+                             "gpu-only-fused (cuda only)"]
+    assert peers.discover(CPU, wanted={"works-1"}).missing == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_bitsandbytes_peer_runs_end_to_end(tmp_path):
+    assert main(["--tiny", "--device", "cpu", "--workloads", "large", "--optimizers", "sgd", "--rounds", "2",
+                 "--implementations", "fused_opt,bnb-32bit,bnb-8bit", "--no-plot", "--output", str(tmp_path)]) == 0
+    rows = {(row["case"], row["implementation"]): row for row in read_jsonl(tmp_path / "results.jsonl")}
+    assert rows[("sgd-momentum", "bnb-8bit")]["status"] == "ok"
+    assert rows[("sgd-momentum", "bnb-8bit")]["bytes_per_param"] == 14  # 1-byte momentum
+    assert rows[("sgd-nesterov", "bnb-32bit")]["status"] == "skipped"
+    assert "nesterov" in rows[("sgd-nesterov", "bnb-32bit")]["note"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny run end to end
 
 
 def test_row_keys_are_the_documented_schema():
@@ -95,19 +248,20 @@ def test_row_keys_are_the_documented_schema():
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """One quick run over every case and workload, into a results file that already holds a line."""
+def tiny_run(tmp_path_factory):
+    """One tiny run over every case of two workloads, into a results file that already holds a line."""
     output = tmp_path_factory.mktemp("bench")
     earlier_line = {"earlier": "run"}
     (output / "results.jsonl").write_text(json.dumps(earlier_line) + "\n")
-    assert main(["--quick", "--device", "cpu", "--output", str(output)]) == 0
+    assert main(["--tiny", "--full", "--device", "cpu", "--workloads", "large,gpt2", "--implementations", CORE,
+                 "--rounds", "2", "--output", str(output)]) == 0
     lines = read_jsonl(output / "results.jsonl")
     assert lines[0] == earlier_line, "results.jsonl must be appended to, not overwritten"
     return output, lines[1:]
 
 
-def test_quick_run_rows_follow_the_schema(quick_run):
-    _, rows = quick_run
+def test_tiny_run_rows_follow_the_schema(tiny_run):
+    _, rows = tiny_run
     assert rows
     for row in rows:
         assert list(row) == list(report.ROW_KEYS)
@@ -115,55 +269,107 @@ def test_quick_run_rows_follow_the_schema(quick_run):
             assert isinstance(row[key], expected_type), (key, row[key])
 
 
-def test_quick_run_covers_every_case_workload_and_implementation(quick_run):
-    _, rows = quick_run
+def test_tiny_run_covers_every_case_workload_and_implementation(tiny_run):
+    _, rows = tiny_run
     measured = {(row["workload"], row["case"], row["dtype"], row["implementation"]) for row in rows}
-    implementation_names = implementations.implementation_names(implementations.load_fused_opt())
+    names = CORE.split(",")
     for workload in ("large", "gpt2"):
-        for case, dtype in FIELD_NOTES_BYTES:
-            for name in implementation_names + ["probe-inplace-add"]:
-                probe_dtype = "fp32" if name.startswith("probe") else dtype
-                assert (workload, case, probe_dtype, name) in measured
+        for case in CASES:
+            expected = [name for name in names if case.implementations is None or name in case.implementations]
+            for name in expected:
+                assert (workload, case.name, case.dtype, name) in measured
+            assert (workload, case.name, "fp32", "probe-inplace-add") in measured
+    amp_rows = {row["implementation"] for row in rows if row["case"] == "adamw-amp-clip"}
+    assert amp_rows == {"fused_opt", "torch-fused", "probe-inplace-add"}
 
 
-def test_quick_run_values_are_sensible(quick_run):
-    _, rows = quick_run
+def test_tiny_run_values_are_sensible(tiny_run):
+    _, rows = tiny_run
     for row in rows:
         assert row["status"] in ("ok", "skipped", "error"), row
-        assert row["device"] == "cpu" and row["rounds"] == 3 and row["steps_per_round"] == 2
+        assert row["device"] == "cpu" and row["rounds"] == 2 and row["steps_per_round"] == 2
+        assert row["launches_counted"] == "top-level cpu ops"
         if row["implementation"] == "probe-inplace-add":
             assert row["bytes_per_param"] == 12 and row["frac_of_probe"] == 1.0
+            assert row["state_bytes_per_param"] is None
         else:
             assert row["bytes_per_param"] == FIELD_NOTES_BYTES[(row["case"], row["dtype"])]
-            assert row["numel"] == make_workload(row["workload"], "cpu", quick=True).numel
+            assert row["numel"] == make_workload(row["workload"], "cpu", tiny=True).numel
         if row["status"] != "ok":
             assert row["note"] and row["ms_median"] is None
             continue
         assert 0 < row["ms_min"] <= row["ms_median"] <= row["ms_max"]
-        assert row["gbps"] > 0 and row["frac_of_probe"] > 0
+        assert row["gbps"] > 0 and row["frac_of_probe"] > 0 and row["floor_ms"] > 0
+        assert row["launches_per_step"] >= 1
         if row["implementation"] == implementations.REFERENCE:
             assert row["speedup_vs_fused_opt_median"] == 1.0
             assert row["speedup_vs_fused_opt_min"] == row["speedup_vs_fused_opt_max"] == 1.0
+            if row["case"] != "adamw-amp-clip":
+                assert row["launches_per_step"] == 1  # one op call per param group
         elif row["speedup_vs_fused_opt_median"] is not None:
             assert (0 < row["speedup_vs_fused_opt_min"] <= row["speedup_vs_fused_opt_median"]
                     <= row["speedup_vs_fused_opt_max"])
 
 
-def test_quick_run_skips_torch_fused_only_where_torch_has_no_fused_kernel(quick_run):
-    _, rows = quick_run
+def test_tiny_run_state_bytes_match_the_case(tiny_run):
+    _, rows = tiny_run
+    for row in rows:
+        if row["status"] == "ok" and not row["implementation"].startswith("probe"):
+            case = case_named(row["case"], row["dtype"])
+            element = case.torch_dtype.itemsize
+            assert row["state_bytes_per_param"] == pytest.approx(case.n_states * element, abs=0.01), row
+
+
+def test_tiny_run_skips_torch_fused_only_where_torch_has_no_fused_kernel(tiny_run):
+    _, rows = tiny_run
     fused = {(row["workload"], row["case"], row["dtype"]): row["status"]
              for row in rows if row["implementation"] == "torch-fused"}
     for (workload, case, dtype), status in fused.items():
         assert status == ("skipped" if case.startswith("rmsprop") else "ok"), (workload, case, dtype)
 
 
-def test_quick_run_writes_the_markdown_tables(quick_run):
-    output, rows = quick_run
+def test_tiny_run_writes_the_markdown_tables(tiny_run):
+    output, rows = tiny_run
     markdown = (output / "latest-cpu.md").read_text()
     assert "## large: 1 tensor," in markdown and "## gpt2: 148 tensors," in markdown
-    assert "| case | dtype | implementation |" in markdown
+    assert "| case | dtype | implementation | B/param |" in markdown and "| ops/step |" in markdown
+    assert "peers found:" in markdown
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table_lines) == len(rows) + 2  # one header per workload
+    assert "- adamw bf16: bf16 params, grads and states" in markdown
+
+
+def test_tiny_run_draws_the_plot_when_matplotlib_is_there(tiny_run):
+    output, _ = tiny_run
+    markdown = (output / "latest-cpu.md").read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (output / "latest-cpu.png").exists() and "latest-cpu.png" not in markdown
+        return
+    assert (output / "latest-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![time per step against the byte floor](latest-cpu.png)" in markdown
+
+
+def test_plot_takes_one_device_and_its_latest_run(tiny_run, tmp_path):
+    _, rows = tiny_run
+    older = [{**row, "timestamp": "2000-01-01T00:00:00+00:00"} for row in rows]
+    gpu = [{**row, "device": "cuda", "timestamp": "2999-01-01T00:00:00+00:00"} for row in rows]
+    assert plot.latest_run(older + rows + gpu, "cpu") == rows
+    with pytest.raises(ValueError, match="one device"):
+        plot.plot_run(rows + gpu, tmp_path / "mixed.png")
+
+
+def test_the_other_workloads_run_too(tmp_path):
+    assert main(["--tiny", "--device", "cpu", "--workloads", "llama-1b,many-small", "--optimizers", "sgd-momentum",
+                 "--implementations", "fused_opt,torch-foreach", "--rounds", "1", "--steps", "1", "--no-plot",
+                 "--output", str(tmp_path)]) == 0
+    rows = read_jsonl(tmp_path / "results.jsonl")
+    many_small = make_workload("many-small", "cpu", tiny=True)
+    assert {(row["workload"], row["num_tensors"]) for row in rows} == {
+        ("llama-1b", len(llama_shapes())), ("many-small", many_small.num_tensors)}
+    assert all(row["status"] == "ok" for row in rows)
+    assert all(row["workload_note"] == "tiny widths for tests" for row in rows if row["workload"] == "llama-1b")
 
 
 def test_failing_implementation_is_reported_not_raised(tmp_path, monkeypatch, capsys):
@@ -174,8 +380,9 @@ def test_failing_implementation_is_reported_not_raised(tmp_path, monkeypatch, ca
     # A fused_opt stand-in whose SGD fails in step() and which has no RMSprop at all.
     stand_in = types.SimpleNamespace(SGD=FailingSGD, __version__="stand-in")
     monkeypatch.setattr(implementations, "load_fused_opt", lambda: stand_in)
-    assert main(["--quick", "--device", "cpu", "--workloads", "gpt2", "--optimizers", "sgd-momentum,rmsprop",
-                 "--dtypes", "fp32", "--rounds", "2", "--output", str(tmp_path)]) == 0
+    assert main(["--tiny", "--device", "cpu", "--workloads", "gpt2", "--optimizers", "sgd-momentum,rmsprop",
+                 "--dtypes", "fp32", "--rounds", "2", "--implementations", CORE, "--no-plot",
+                 "--output", str(tmp_path)]) == 0
     rows = {(row["case"], row["implementation"]): row for row in read_jsonl(tmp_path / "results.jsonl")}
     assert rows[("sgd-momentum", "fused_opt")]["status"] == "error"
     assert "injected failure" in rows[("sgd-momentum", "fused_opt")]["note"]
@@ -187,26 +394,69 @@ def test_failing_implementation_is_reported_not_raised(tmp_path, monkeypatch, ca
     assert "error: RuntimeError: injected failure" in capsys.readouterr().out
 
 
-def test_without_fused_opt_torch_optim_alone_is_measured(tmp_path, monkeypatch, capsys):
+def test_without_fused_opt_the_others_are_measured(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fused_opt", None)  # makes `import fused_opt` raise ImportError
-    assert main(["--quick", "--device", "cpu", "--workloads", "large", "--optimizers", "adam", "--dtypes",
-                 "fp32", "--rounds", "2", "--output", str(tmp_path)]) == 0
-    assert "measuring torch.optim only" in capsys.readouterr().err
+    assert main(["--tiny", "--device", "cpu", "--workloads", "large", "--optimizers", "adam", "--dtypes", "fp32",
+                 "--rounds", "2", "--implementations", CORE, "--no-plot", "--output", str(tmp_path)]) == 0
+    assert "measuring the others only" in capsys.readouterr().err
     rows = read_jsonl(tmp_path / "results.jsonl")
-    assert [row["implementation"] for row in rows] == [
+    assert [row["implementation"] for row in rows if row["case"] == "adam"] == [
         "torch-forloop", "torch-foreach", "torch-fused", "probe-inplace-add"]
     assert all(row["speedup_vs_fused_opt_median"] is None and row["fused_opt_version"] is None for row in rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line and the progress bar
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_shows_case_detail_and_eta():
+    stream = _Terminal()
+    bar = ProgressBar([1.0, 3.0], stream=stream)
+    bar.begin("gpt2 adamw fp32")
+    bar.update(0.5, "round 2/5: torch-foreach")
+    bar.end()
+    bar.begin("large adamw fp32")
+    bar.message("a table")
+    text = stream.getvalue()
+    assert "\r" in text and "2/2 large adamw fp32" in text and "a table\n" in text
+    assert "gpt2 adamw fp32" in text and "ETA" in text
+
+
+def test_progress_without_a_terminal_prints_a_line_per_case():
+    stream = io.StringIO()
+    bar = ProgressBar([1.0, 1.0], stream=stream)
+    for label in ("a", "b"):
+        bar.begin(label)
+        bar.update(0.5, "detail")
+        bar.end()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[1/2] a", "[2/2] b"]
+    assert "\r" not in stream.getvalue()
+
+
+def test_help_says_what_quick_and_full_run(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "quick default (no --full): workloads large, gpt2" in text and "--full: workloads" in text
 
 
 def test_command_line_entry_point(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     completed = subprocess.run(
-        [sys.executable, "-m", "fused_opt.bench", "--quick", "--device", "cpu", "--workloads", "large",
-         "--optimizers", "sgd", "--dtypes", "fp32", "--rounds", "2", "--output", str(tmp_path)],
+        [sys.executable, "-m", "fused_opt.bench", "--tiny", "--device", "cpu", "--workloads", "large",
+         "--optimizers", "sgd", "--dtypes", "fp32", "--rounds", "2", "--implementations", CORE, "--no-plot",
+         "--output", str(tmp_path)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.startswith("large: 1 tensor, 1.0M params, cpu")
+    assert "[1/2] large sgd-momentum fp32:" in completed.stderr  # progress, one line per case off a terminal
     rows = read_jsonl(tmp_path / "results.jsonl")
     assert {row["case"] for row in rows} == {"sgd-momentum", "sgd-nesterov"}
-    assert all(row["command"].startswith("python -m fused_opt.bench --quick") for row in rows)
+    assert all(row["command"].startswith("python -m fused_opt.bench --tiny") for row in rows)

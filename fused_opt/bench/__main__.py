@@ -1,19 +1,25 @@
-"""Command line of the benchmark: `python -m fused_opt.bench [--quick] [--workloads gpt2] ...`."""
+"""Command line of the benchmark: `python -m fused_opt.bench [--full] [--workloads gpt2] ...`."""
 
 import argparse
 import os
 import shlex
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import torch
 
-from . import harness, implementations, report
-from .workloads import WORKLOAD_NAMES, make_workload
+from . import harness, implementations, peers, plot, report
+from .implementations import CASES, REFERENCE, TORCH_IMPLEMENTATIONS
+from .progress import ProgressBar
+from .workloads import DEFAULT_WORKLOADS, WORKLOAD_NAMES, device_memory_bytes, make_workload
 
-# Sized so that the default run (both workloads, all eight cases) stays near two minutes on a 2-core CPU.
-DEFAULTS = {"rounds": 7, "steps": 1, "warmup": 1}
-QUICK_DEFAULTS = {"rounds": 3, "steps": 2, "warmup": 1}
+# The quick default stays under about two minutes on a 2-core CPU; --full takes as long as it takes.
+DEFAULTS = {"rounds": 5, "steps": 1, "warmup": 1}
+FULL_DEFAULTS = {"rounds": 7, "steps": 1, "warmup": 1}
+TINY_DEFAULTS = {"rounds": 3, "steps": 2, "warmup": 1}
+IMPLEMENTATION_NAMES = (REFERENCE, *TORCH_IMPLEMENTATIONS, *peers.PEER_IMPLEMENTATIONS)
 
 
 def _name_list(choices):
@@ -44,38 +50,78 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _case_label(case) -> str:
+    return f"{case.name} {case.dtype}"
+
+
+def _epilog() -> str:
+    def item(text: str) -> str:
+        return textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="    ",
+                             break_on_hyphens=False)
+
+    default_cases = ", ".join(_case_label(case) for case in CASES if case.in_default)
+    all_cases = ", ".join(_case_label(case) for case in CASES)
+    return "\n".join([
+        "what runs:",
+        item(f"quick default (no --full): workloads {', '.join(DEFAULT_WORKLOADS)}; cases {default_cases}; "
+             "every implementation found except those too slow here for a quick run (bitsandbytes on CPU); "
+             f"{DEFAULTS['rounds']} rounds; under two minutes on a 2-core CPU."),
+        item(f"--full: workloads {', '.join(WORKLOAD_NAMES)} (llama-1b scaled down to fit half the device's "
+             f"memory where it must); cases {all_cases}; every implementation found; "
+             f"{FULL_DEFAULTS['rounds']} rounds."),
+        item("--workloads, --optimizers, --implementations given explicitly replace the default's choice."),
+        "peers (measured when importable, else named in a one-line note):",
+        item("apex FusedAdam/FusedSGD and DeepSpeed FusedAdam (CUDA), DeepSpeed CPUAdam (CPU), bitsandbytes "
+             "32-bit and 8-bit (both)."),
+        "output:",
+        item("the tables on stdout, progress on stderr; in --output: results.jsonl (one row per "
+             "implementation, appended), latest-<device>.md (the tables) and latest-<device>.png (the plot, "
+             "with matplotlib: pip install 'fused_opt[plot]')."),
+    ])
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    case_names = {case.name for case in implementations.CASES}
+    case_names = {case.name for case in CASES}
     parser = argparse.ArgumentParser(
         prog="python -m fused_opt.bench",
-        description="Times one optimizer step of fused_opt and torch.optim (for-loop, foreach, fused) in "
-                    "interleaved rounds, next to an in-place memory bandwidth probe.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Times one optimizer step of fused_opt, torch.optim (for-loop, foreach, fused) and the "
+                    "peer libraries found, in interleaved rounds beside a memory bandwidth probe (the "
+                    "ceiling), and draws the result.",
+        epilog=_epilog())
+    parser.add_argument("--full", action="store_true",
+                        help="every workload, case and implementation (see below); takes much longer")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    parser.add_argument("--workloads", type=_name_list(WORKLOAD_NAMES), default=list(WORKLOAD_NAMES),
-                        help=f"comma-separated, from {','.join(WORKLOAD_NAMES)} (default: all)")
+    parser.add_argument("--workloads", type=_name_list(WORKLOAD_NAMES),
+                        help=f"comma-separated, from {','.join(WORKLOAD_NAMES)}")
     parser.add_argument("--optimizers", type=_name_list(set(implementations.OPTIMIZER_NAMES) | case_names),
-                        default=[name.lower() for name in implementations.OPTIMIZER_NAMES],
                         help="comma-separated optimizer classes (adam,adamw,sgd,adagrad,rmsprop) or case "
-                             "names (e.g. sgd-nesterov) (default: all)")
+                             "names (e.g. sgd-nesterov, adamw-amp-clip); all their cases run")
     parser.add_argument("--dtypes", type=_name_list(implementations.DTYPES), default=list(implementations.DTYPES),
-                        help="comma-separated param dtypes, from fp32,bf16 (default: all)")
+                        help="comma-separated param dtypes, from fp32,bf16 (default: both)")
+    parser.add_argument("--implementations", type=_name_list(IMPLEMENTATION_NAMES),
+                        help=f"comma-separated, from {','.join(IMPLEMENTATION_NAMES)}")
     parser.add_argument("--rounds", type=_positive_int,
-                        help=f"interleaved rounds (default {DEFAULTS['rounds']}, quick {QUICK_DEFAULTS['rounds']})")
+                        help=f"interleaved rounds (default {DEFAULTS['rounds']}, "
+                             f"--full {FULL_DEFAULTS['rounds']})")
     parser.add_argument("--steps", type=_positive_int,
-                        help=f"timed steps per implementation per round (default {DEFAULTS['steps']}, "
-                             f"quick {QUICK_DEFAULTS['steps']})")
+                        help=f"timed steps per implementation per round (default {DEFAULTS['steps']})")
     parser.add_argument("--warmup", type=_non_negative_int,
                         help=f"untimed steps per implementation before the rounds (default {DEFAULTS['warmup']})")
-    parser.add_argument("--quick", action="store_true",
-                        help="small workloads with the same tensor structure and few rounds, for tests")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny workloads with the same tensor structure and few rounds: a smoke test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the params and grads (default 0)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"),
-                        help="directory for results.jsonl (appended) and latest-<device>.md "
+                        help="directory for results.jsonl, latest-<device>.md and .png "
                              "(default: benchmarks/results)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
-    for name, value in (QUICK_DEFAULTS if args.quick else DEFAULTS).items():
+    defaults = TINY_DEFAULTS if args.tiny else FULL_DEFAULTS if args.full else DEFAULTS
+    for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.workloads is None:
+        args.workloads = list(WORKLOAD_NAMES if args.full else DEFAULT_WORKLOADS)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but torch.cuda.is_available() is False")
@@ -84,46 +130,96 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.device.type == "cuda" and args.device.index is None:
         # torch.cuda.set_device and the events need a numbered device.
         args.device = torch.device("cuda", torch.cuda.current_device())
-    args.cases = implementations.select_cases(args.optimizers, args.dtypes)
+    args.cases = implementations.select_cases(args.optimizers, args.dtypes, args.full)
     if not args.cases:
         parser.error(f"no case has optimizer in {args.optimizers} and dtype in {args.dtypes}")
     return args
 
 
+def choose_implementations(args, fused_opt) -> tuple[list[implementations.Implementation], str]:
+    """The implementations to measure and the one-line note on the peers: found, not found and why, left
+    out of the quick default and why."""
+    wanted = set(args.implementations) if args.implementations else None
+    loading = ProgressBar([])
+    found = peers.discover(args.device, wanted, announce=lambda label: loading.status(f"loading {label} ..."))
+    loading.clear()
+    available = [impl for impl in implementations.core_implementations(fused_opt) + found.implementations
+                 if wanted is None or impl.name in wanted]
+    slow = [impl for impl in available if impl.slow_here and wanted is None and not args.full]
+    chosen = [impl for impl in available if impl not in slow]
+    parts = [f"peers found: {', '.join(found.found) or 'none'}"]
+    if found.missing:
+        parts.append(f"not measured: {', '.join(found.missing)}")
+    reasons = dict.fromkeys(impl.slow_here for impl in slow)
+    for reason in reasons:
+        names = ", ".join(impl.name for impl in slow if impl.slow_here == reason)
+        parts.append(f"left out of the quick default: {names} ({reason}; --full runs it)")
+    return chosen, "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = args.device
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events and synchronize act on the current device
     fused_opt = implementations.load_fused_opt()
-    metadata = report.run_metadata(device, "python -m fused_opt.bench " + shlex.join(argv), fused_opt)
+    command = " ".join(["python -m fused_opt.bench", *map(shlex.quote, argv)])
+    metadata = report.run_metadata(device, command, fused_opt)
     load = metadata["load_average"]
     if device.type == "cpu" and load is not None and load >= 0.5 * os.cpu_count():
         print(f"note: load average {load:.2f} on {os.cpu_count()} cores at start; while other processes run, "
               "times are noisy", file=sys.stderr)
+
+    memory = device_memory_bytes(device)
+    workloads = [make_workload(name, device.type, tiny=args.tiny, memory_bytes=memory) for name in args.workloads]
+    candidates, peers_line = choose_implementations(args, fused_opt)
+    print(f"note: {peers_line}", file=sys.stderr)
+    plan = [(workload, [(case, [impl for impl in candidates if impl.runs(case)]) for case in args.cases])
+            for workload in workloads]
+    # Weighted by the bytes each case moves, times its contenders: a rough share of the run's time.
+    bar = ProgressBar([workload.numel * case.bytes_per_param * (len(chosen) + 1)
+                       for workload, cases in plan for case, chosen in cases])
+
     jsonl_path = args.output / "results.jsonl"
     run_rows = []
-    for workload_name in args.workloads:
-        workload = make_workload(workload_name, device.type, quick=args.quick)
+    for workload, cases in plan:
+        if workload.note:
+            bar.message(f"note: {workload.name} {workload.note}")
         probe = harness.Probe(workload.numel, device)
         workload_rows = []
-        for case in args.cases:
-            print(f"measuring {workload.name} / {case.name} {case.dtype} ...", file=sys.stderr, flush=True)
-            results = harness.measure_case(case, workload, device, probe, fused_opt, rounds=args.rounds,
-                                           steps=args.steps, warmup=args.warmup, seed=args.seed)
-            context = {**metadata, "workload": workload.name, "num_tensors": workload.num_tensors,
-                       "case": case.name, "optimizer": case.optimizer, "rounds": args.rounds,
-                       "steps_per_round": args.steps, "warmup_steps": args.warmup}
+        for case, chosen in cases:
+            bar.begin(f"{workload.name} {_case_label(case)}")
+            results = harness.measure_case(
+                case, workload, device, probe, chosen, rounds=args.rounds, steps=args.steps,
+                warmup=args.warmup, seed=args.seed,
+                progress=lambda label, done, total: bar.update(done / total, label))
+            bar.end()
+            context = {**metadata, "workload": workload.name, "workload_note": workload.note,
+                       "num_tensors": workload.num_tensors, "case": case.name, "case_note": case.note,
+                       "optimizer": case.optimizer, "rounds": args.rounds, "steps_per_round": args.steps,
+                       "warmup_steps": args.warmup, "launches_counted": harness.launches_counted(device)}
             workload_rows += report.make_rows(context, results)
         del probe  # before the next workload allocates its own
+        bar.clear()
         print(report.format_table(workload_rows) + "\n", flush=True)
         # Appended per workload so that an interrupted run keeps what it measured.
         report.append_jsonl(workload_rows, jsonl_path)
         run_rows += workload_rows
+
+    plot_name = None
+    if not args.no_plot:
+        plot_path = args.output / f"latest-{device.type}.png"
+        try:
+            plot.plot_run(run_rows, plot_path)
+            plot_name = plot_path.name
+        except plot.PlotUnavailable as exc:
+            print(f"note: {exc}", file=sys.stderr)
     markdown_path = args.output / f"latest-{device.type}.md"
-    report.write_markdown(run_rows, markdown_path)
-    print(f"rows appended to {jsonl_path}; tables in {markdown_path}", file=sys.stderr)
+    report.write_markdown(run_rows, markdown_path, peers_line, plot_name)
+    written = [str(jsonl_path) + " (appended)", str(markdown_path)] + ([str(plot_path)] if plot_name else [])
+    print(f"done in {time.monotonic() - started:.0f} s; wrote {', '.join(written)}", file=sys.stderr)
     return 0
 
 

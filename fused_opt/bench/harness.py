@@ -3,11 +3,17 @@
 Memory bandwidth on the benchmark machines wanders between levels over tens of seconds, so times taken at
 different moments do not compare. Each round therefore times every implementation and the probe back to back,
 in an order rotated from round to round, and every comparison is a ratio taken within one round; only the
-spread of those ratios over the rounds is reported. Nothing here prints or writes: report.py does that.
+spread of those ratios over the rounds is reported. Outside the rounds, one profiled step per implementation
+counts its launches, and its optimizer state is weighed. Nothing here prints or writes: report.py does that.
 """
 
+import contextlib
 import gc
+import itertools
+import math
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,25 +21,38 @@ from typing import Callable
 import torch
 
 from . import implementations
-from .implementations import Case
+from .implementations import Case, Implementation
 from .workloads import Workload
 
-# The probe only needs to be far larger than any cache; the cap keeps a 1B-param GPU workload from spending
-# 8 GB on probe buffers beside four optimizers' worth of state.
+# The probe only needs to be far larger than any cache: at least 64 MB per buffer, beyond the L2 of any GPU
+# and the last-level cache of most CPUs, even for a tiny workload; the cap keeps a 1B-param GPU workload
+# from spending 8 GB on probe buffers beside several optimizers' worth of state.
+PROBE_MIN_NUMEL = 2**24
 PROBE_MAX_NUMEL = 2**28
+
+# On CUDA a case whose tensors would fit in the L2 cache is stepped over several copies in rotation, enough
+# to exceed the cache this many times, so that each step reads memory and not the cache.
+L2_MULTIPLE = 4
+MAX_INPUT_SETS = 16
+
+# Progress is reported per unit of work: building an implementation, warming it up, one of its rounds.
+ProgressCallback = Callable[[str, int, int], None]
 
 
 @dataclass
 class Contender:
-    """Something timed in the rounds: an optimizer's step or the probe."""
+    """Something timed in the rounds: an implementation's step or the probe."""
     name: str
     dtype: str
     numel: int
     bytes_per_param: int
     step: Callable[[], object] | None
+    optimizer: torch.optim.Optimizer | None = None
     status: str = "ok"
     note: str = ""
     round_ms: list[float] = field(default_factory=list)
+    launches_per_step: int | None = None
+    state_bytes_per_param: float | None = None
 
     @property
     def bytes_per_step(self) -> int:
@@ -43,8 +62,9 @@ class Contender:
         """Takes the contender out of the measurement; releasing `step` lets its tensors be freed now."""
         self.status = status
         message = f"{type(exc).__name__}: {exc}" if status == "error" else str(exc)
-        self.note = message.splitlines()[0]
+        self.note = message.splitlines()[0] if message else type(exc).__name__
         self.step = None
+        self.optimizer = None
         self.round_ms.clear()
 
 
@@ -57,14 +77,21 @@ class Result:
     dtype: str
     numel: int
     bytes_per_param: int
+    launches_per_step: int | None = None
+    state_bytes_per_param: float | None = None
     ms_median: float | None = None
     ms_min: float | None = None
     ms_max: float | None = None
+    floor_ms: float | None = None
     gbps: float | None = None
     frac_of_probe: float | None = None
     speedup_vs_fused_opt_median: float | None = None
     speedup_vs_fused_opt_min: float | None = None
     speedup_vs_fused_opt_max: float | None = None
+
+
+def probe_numel(workload_numel: int) -> int:
+    return min(max(workload_numel, PROBE_MIN_NUMEL), PROBE_MAX_NUMEL)
 
 
 class Probe:
@@ -77,7 +104,7 @@ class Probe:
     """
 
     def __init__(self, numel: int, device: torch.device):
-        self.numel = min(numel, PROBE_MAX_NUMEL)
+        self.numel = probe_numel(numel)
         a = torch.randn(self.numel, device=device)
         b = torch.randn(self.numel, device=device)
         # The closures hold the buffers, not self, so that dropping the Probe frees them without a cycle.
@@ -123,21 +150,105 @@ class Clock:
         return [start.elapsed_time(end) for start, end in events]
 
 
+def launches_counted(device: torch.device) -> str:
+    """What count_launches counts on the device, for the results' column label."""
+    return "cuda kernels and copies" if device.type == "cuda" else "top-level cpu ops"
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's native library logs each start and stop to file descriptor 2, over the progress bar."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _is_top_level_op(event) -> bool:
+    """An operator no other operator called; user annotations such as torch.optim's "Optimizer.step#..."
+    are not operators."""
+    if event.is_user_annotation:
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if not parent.is_user_annotation:
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def count_launches(step: Callable[[], object], device: torch.device) -> int | None:
+    """Kernels and copies one step puts on a CUDA device, or on CPU the operators it dispatches at the top
+    level (one fused op, or one per foreach call, or one per tensor and operation), from torch.profiler.
+
+    None where the profiler sees nothing although the step ran: a library calling its native code past
+    torch's dispatcher (DeepSpeed's CPUAdam), or a CUDA profiler without access to the device.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with _native_stderr_silenced(), profile(activities=activities) as profiler:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = profiler.events()
+    if cuda:
+        return sum(1 for event in events if event.device_type == DeviceType.CUDA) or None
+    return sum(1 for event in events if _is_top_level_op(event)) or None
+
+
+def state_bytes_per_param(optimizer: torch.optim.Optimizer, numel: int) -> float:
+    """Bytes of every tensor in the optimizer's state (step counters included) per parameter."""
+    total = sum(value.nbytes for state in optimizer.state.values() for value in state.values()
+                if isinstance(value, torch.Tensor))
+    return total / numel
+
+
 def rotated(items: list, shift: int) -> list:
     """`items` starting at position `shift` (mod len): round r of A B C P runs B C P A when r = 1."""
     shift = shift % len(items) if items else 0
     return items[shift:] + items[:shift]
 
 
-def build_contenders(case: Case, workload: Workload, device: torch.device, fused_opt,
-                     seed: int) -> list[Contender]:
-    """The case's implementations, each over its own copy of the same seeded params and grads."""
-    params, grads = implementations.make_tensors(workload, case.torch_dtype, device, seed)
+def input_set_count(device: torch.device, bytes_per_step: int) -> int:
+    """How many copies of a case's tensors a contender steps through in turn (see L2_MULTIPLE)."""
+    if device.type != "cuda" or bytes_per_step <= 0:
+        return 1
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, min(MAX_INPUT_SETS, math.ceil(L2_MULTIPLE * l2_bytes / bytes_per_step)))
+
+
+def _in_turn(steps: list[Callable[[], object]]) -> Callable[[], object]:
+    if len(steps) == 1:
+        return steps[0]
+    turn = itertools.cycle(steps)
+    return lambda: next(turn)()
+
+
+def build_contenders(case: Case, workload: Workload, device: torch.device,
+                     candidates: list[Implementation], seed: int,
+                     progress: Callable[[str], None]) -> list[Contender]:
+    """The case's implementations, each over its own copies of the same seeded params (and grads, where
+    the step writes them), as many copies as input_set_count asks for."""
+    sets = input_set_count(device, workload.numel * case.bytes_per_param)
+    tensor_sets = [implementations.make_tensors(workload, case.torch_dtype, device, seed + index)
+                   for index in range(sets)]
     contenders = []
-    for name in implementations.implementation_names(fused_opt):
-        contender = Contender(name, case.dtype, workload.numel, case.bytes_per_param, step=None)
+    for candidate in candidates:
+        progress(f"building {candidate.name}")
+        contender = Contender(candidate.name, case.dtype, workload.numel, candidate.bytes_per_param(case),
+                              step=None)
         try:
-            contender.step = implementations.build(name, case, params, grads, fused_opt).step
+            prepared = [implementations.prepare(candidate, case, params, grads) for params, grads in tensor_sets]
+            contender.step = _in_turn([p.step for p in prepared])
+            contender.optimizer = prepared[0].optimizer
         except implementations.Unsupported as exc:
             contender.drop("skipped", exc)
         except Exception as exc:
@@ -146,24 +257,38 @@ def build_contenders(case: Case, workload: Workload, device: torch.device, fused
     return contenders
 
 
-def run_rounds(contenders: list[Contender], clock: Clock, rounds: int, steps: int, warmup: int) -> None:
-    """Warms every contender up, then records per round the median time of `steps` consecutive steps.
-
-    A contender that raises is dropped from all rounds, so the survivors' round_ms stay aligned by round.
-    """
-    active = [c for c in contenders if c.status == "ok"]
-    for contender in active:
+def warm_up(contenders: list[Contender], clock: Clock, warmup: int, device: torch.device,
+            progress: Callable[[str], None]) -> None:
+    """Untimed steps, then one profiled step that counts launches; the state is weighed after both, when
+    every implementation has made its state."""
+    for contender in contenders:
+        if contender.status != "ok":
+            continue
+        progress(f"warming up {contender.name}")
         try:
             for _ in range(warmup):
                 contender.step()
             clock.synchronize()
+            contender.launches_per_step = count_launches(contender.step, device)
         except Exception as exc:
             contender.drop("error", exc)
-    active = [c for c in active if c.status == "ok"]
+            continue
+        if contender.optimizer is not None:
+            contender.state_bytes_per_param = state_bytes_per_param(contender.optimizer, contender.numel)
+
+
+def run_rounds(contenders: list[Contender], clock: Clock, rounds: int, steps: int,
+               progress: Callable[[str], None]) -> None:
+    """Records per round the median time of `steps` consecutive steps of every contender.
+
+    A contender that raises is dropped from all rounds, so the survivors' round_ms stay aligned by round.
+    """
+    active = [c for c in contenders if c.status == "ok"]
     for round_index in range(rounds):
         for contender in rotated(active, round_index):
             if contender.status != "ok":
                 continue
+            progress(f"round {round_index + 1}/{rounds}: {contender.name}")
             try:
                 contender.round_ms.append(statistics.median(clock.step_ms(contender.step, steps)))
             except Exception as exc:
@@ -171,29 +296,32 @@ def run_rounds(contenders: list[Contender], clock: Clock, rounds: int, steps: in
 
 
 def summarize(contenders: list[Contender], probe: Contender) -> list[Result]:
-    """Statistics over rounds. GB/s comes from the median time; the fraction of the probe's bandwidth and
-    the speed-up of fused_opt (this contender's time / fused_opt's time) are medians of per-round ratios."""
+    """Statistics over rounds. GB/s comes from the median time; the floor (this contender's bytes at the
+    probe's bandwidth), the fraction of the probe's bandwidth and the speed-up of fused_opt (this
+    contender's time / fused_opt's time) are medians of per-round values."""
     reference = next((c for c in contenders if c.name == implementations.REFERENCE and c.status == "ok"), None)
     results = []
     for contender in contenders:
         identity = dict(implementation=contender.name, status=contender.status, note=contender.note,
-                        dtype=contender.dtype, numel=contender.numel, bytes_per_param=contender.bytes_per_param)
+                        dtype=contender.dtype, numel=contender.numel, bytes_per_param=contender.bytes_per_param,
+                        launches_per_step=contender.launches_per_step,
+                        state_bytes_per_param=contender.state_bytes_per_param)
         if contender.status != "ok":
             results.append(Result(**identity))
             continue
         times = contender.round_ms
         ms_median = statistics.median(times)
-        frac_of_probe = None
+        floor_ms = frac_of_probe = None
         if probe.status == "ok":
-            frac_of_probe = statistics.median(
-                (contender.bytes_per_step / ms) / (probe.bytes_per_step / probe_ms)
-                for ms, probe_ms in zip(times, probe.round_ms))
+            floors = [probe_ms * contender.bytes_per_step / probe.bytes_per_step for probe_ms in probe.round_ms]
+            floor_ms = statistics.median(floors)
+            frac_of_probe = statistics.median(floor / ms for floor, ms in zip(floors, times))
         speedups = None
         if reference is not None and contender is not probe:
             speedups = [ms / reference_ms for ms, reference_ms in zip(times, reference.round_ms)]
         results.append(Result(
             **identity,
-            ms_median=ms_median, ms_min=min(times), ms_max=max(times),
+            ms_median=ms_median, ms_min=min(times), ms_max=max(times), floor_ms=floor_ms,
             gbps=contender.bytes_per_step / ms_median / 1e6,
             frac_of_probe=frac_of_probe,
             speedup_vs_fused_opt_median=statistics.median(speedups) if speedups else None,
@@ -203,14 +331,34 @@ def summarize(contenders: list[Contender], probe: Contender) -> list[Result]:
     return results
 
 
-def measure_case(case: Case, workload: Workload, device: torch.device, probe: Probe, fused_opt, *,
-                 rounds: int, steps: int, warmup: int, seed: int) -> list[Result]:
+def case_units(candidates: int, rounds: int) -> int:
+    """Units of progress a case reports: a build and a warm-up per implementation, a warm-up of the probe,
+    and one unit per contender per round."""
+    return 2 * candidates + 1 + rounds * (candidates + 1)
+
+
+def measure_case(case: Case, workload: Workload, device: torch.device, probe: Probe,
+                 candidates: list[Implementation], *, rounds: int, steps: int, warmup: int, seed: int,
+                 progress: ProgressCallback | None = None) -> list[Result]:
     """Builds the case's implementations, measures them with the probe, and frees them: only plain numbers
-    leave this function, so the next case starts from the memory this one found."""
-    contenders = build_contenders(case, workload, device, fused_opt, seed)
+    leave this function, so the next case starts from the memory this one found.
+
+    `progress(label, done, total)` is called before each unit of work (see case_units); units skipped
+    because an implementation dropped out are not reported, so `done` may end below `total`.
+    """
+    total = case_units(len(candidates), rounds)
+    done = itertools.count()
+
+    def step_progress(label: str) -> None:
+        if progress is not None:
+            progress(label, next(done), total)
+
+    contenders = build_contenders(case, workload, device, candidates, seed, step_progress)
     probe_contender = probe.contender()
     contenders.append(probe_contender)
-    run_rounds(contenders, Clock(device), rounds, steps, warmup)
+    clock = Clock(device)
+    warm_up(contenders, clock, warmup, device, step_progress)
+    run_rounds(contenders, clock, rounds, steps, step_progress)
     results = summarize(contenders, probe_contender)
     del contenders, probe_contender
     # torch.optim's for-loop optimizers sit in reference cycles, which only the collector frees.

@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 
 from .harness import Result
+from .implementations import REFERENCE
 
 ROW_KEYS = (
     "timestamp", "device", "device_name", "torch_version", "fused_opt_version", "git_commit", "command",
     "load_average",
-    "workload", "num_tensors", "case", "optimizer", "implementation", "status", "note", "dtype", "numel",
-    "bytes_per_param", "rounds", "steps_per_round", "warmup_steps",
-    "ms_median", "ms_min", "ms_max", "gbps", "frac_of_probe",
+    "workload", "workload_note", "num_tensors", "case", "case_note", "optimizer", "implementation", "status",
+    "note", "dtype", "numel", "bytes_per_param", "rounds", "steps_per_round", "warmup_steps",
+    "launches_per_step", "launches_counted", "state_bytes_per_param",
+    "ms_median", "ms_min", "ms_max", "floor_ms", "gbps", "frac_of_probe",
     "speedup_vs_fused_opt_median", "speedup_vs_fused_opt_min", "speedup_vs_fused_opt_max",
 )
 
@@ -43,16 +45,20 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout this package runs from; None for an installed copy, where the enclosing
-    repository (if any) would not be fused_opt's."""
+    """HEAD of the checkout this package runs from, with "-dirty" when tracked files differ from it; None
+    for an installed copy, where the enclosing repository (if any) would not be fused_opt's."""
     if not (_REPO_ROOT / ".git").exists():
         return None
     try:
-        completed = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True,
-                                   text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True,
+                              timeout=10)
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT,
+                                 capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return completed.stdout.strip() if completed.returncode == 0 else None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if changes.returncode == 0 and changes.stdout.strip() else "")
 
 
 def load_average() -> float | None:
@@ -94,7 +100,7 @@ def append_jsonl(rows: list[dict], path: Path) -> None:
             out.write(json.dumps(row) + "\n")
 
 
-def _significant(value: float) -> str:
+def significant(value: float) -> str:
     """Three significant digits without an exponent: 231, 31.2, 0.0512."""
     if value == 0 or not math.isfinite(value):
         return f"{value:g}"
@@ -102,26 +108,53 @@ def _significant(value: float) -> str:
     return f"{value:.{decimals}f}"
 
 
-_COLUMNS = ("case", "dtype", "implementation", "ms/step median [min-max]", "GB/s", "% of probe",
-            "fused_opt speed-up [min-max]", "note")
-_NUMERIC_COLUMNS = {3, 4, 5, 6}
+def _columns(rows: list[dict]) -> tuple[str, ...]:
+    launches = "kernels/step" if rows[0]["device"] == "cuda" else "ops/step"
+    return ("case", "dtype", "implementation", "B/param", "ms/step median [min-max]", "GB/s", "% of ceiling",
+            launches, "state B/param", "fused_opt speed-up [min-max]", "note")
 
 
-def _cells(row: dict) -> list[str]:
+_NUMERIC_COLUMNS = {3, 4, 5, 6, 7, 8, 9}
+
+
+def _cells(row: dict, first_of_case: bool) -> list[str]:
     ok = row["status"] == "ok"
     speedup = row["speedup_vs_fused_opt_median"]
+    if speedup is None:
+        speedup_cell = "-"
+    elif row["implementation"] == REFERENCE:
+        speedup_cell = f"{speedup:.2f}x"
+    else:
+        speedup_cell = (f"{speedup:.2f}x [{row['speedup_vs_fused_opt_min']:.2f}-"
+                        f"{row['speedup_vs_fused_opt_max']:.2f}]")
+    launches = row["launches_per_step"]
+    state = row["state_bytes_per_param"]
     return [
-        row["case"],
-        row["dtype"],
+        row["case"] if first_of_case else "",
+        row["dtype"] if first_of_case else "",
         row["implementation"],
-        f"{_significant(row['ms_median'])} [{_significant(row['ms_min'])}-{_significant(row['ms_max'])}]"
+        str(row["bytes_per_param"]),
+        f"{significant(row['ms_median'])} [{significant(row['ms_min'])}-{significant(row['ms_max'])}]"
         if ok else "-",
         f"{row['gbps']:.1f}" if ok else "-",
         f"{100 * row['frac_of_probe']:.0f}%" if ok and row["frac_of_probe"] is not None else "-",
-        f"{speedup:.2f}x [{row['speedup_vs_fused_opt_min']:.2f}-{row['speedup_vs_fused_opt_max']:.2f}]"
-        if speedup is not None else "-",
+        "-" if launches is None else str(launches),
+        "-" if state is None else f"{state:.1f}",
+        speedup_cell,
         "" if ok else f"{row['status']}: {row['note']}",
     ]
+
+
+def _table_cells(rows: list[dict]) -> list[list[str]]:
+    """Cells of one workload's rows, the case and dtype written only on the first row of each case."""
+    cells = []
+    previous = None
+    for row in rows:
+        # The probe row closes its case's block; its own dtype is the probe's fp32, not the case's.
+        identity = None if _is_probe(row) else (row["case"], row["dtype"])
+        cells.append(_cells(row, identity is not None and identity != previous))
+        previous = identity
+    return cells
 
 
 def _load_text(load: float | None) -> str:
@@ -135,32 +168,62 @@ def _is_probe(row: dict) -> bool:
 def table_title(rows: list[dict]) -> str:
     first = rows[0]
     tensors = f"{first['num_tensors']} tensor" + ("s" if first["num_tensors"] != 1 else "")
+    steps = f"{first['steps_per_round']} step" + ("s" if first["steps_per_round"] != 1 else "")
     return (f"{first['workload']}: {tensors}, {first['numel'] / 1e6:.1f}M params, "
-            f"{first['device']} ({first['device_name']}), {first['rounds']} rounds x "
-            f"{first['steps_per_round']} steps after {first['warmup_steps']} warm-up")
+            f"{first['device']} ({first['device_name']}), {first['rounds']} rounds x {steps} "
+            f"after {first['warmup_steps']} warm-up")
+
+
+def notes(rows: list[dict]) -> list[str]:
+    """The workload's note and each case's, once each, as lines to print under its table."""
+    lines = []
+    if rows[0]["workload_note"]:
+        lines.append(f"{rows[0]['workload']}: {rows[0]['workload_note']}")
+    for (case, dtype), note in dict.fromkeys(((row["case"], row["dtype"]), row["case_note"]) for row in rows
+                                             if row["case_note"] and not _is_probe(row)):
+        lines.append(f"{case} {dtype}: {note}")
+    return lines
 
 
 def format_table(rows: list[dict], max_note: int = 50) -> str:
-    """A plain-text table of one workload's rows."""
-    cells = [[cell if len(cell) <= max_note else cell[:max_note - 3] + "..." for cell in _cells(row)]
-             for row in rows]
-    widths = [max(len(line[i]) for line in [list(_COLUMNS)] + cells) for i in range(len(_COLUMNS))]
+    """A plain-text table of one workload's rows, then its notes."""
+    columns = _columns(rows)
+    cells = [[cell if len(cell) <= max_note else cell[:max_note - 3] + "..." for cell in line]
+             for line in _table_cells(rows)]
+    widths = [max(len(line[i]) for line in [list(columns)] + cells) for i in range(len(columns))]
 
     def render(line):
         return "  ".join(cell.rjust(width) if i in _NUMERIC_COLUMNS else cell.ljust(width)
                          for i, (cell, width) in enumerate(zip(line, widths))).rstrip()
 
-    lines = [table_title(rows), render(_COLUMNS), render(["-" * width for width in widths])]
+    lines = [table_title(rows), render(columns), render(["-" * width for width in widths])]
     for row, line in zip(rows, cells):
         lines.append(render(line))
         # Each case lists its probe row last, so the probe closes the case's block.
         if _is_probe(row) and row is not rows[-1]:
             lines.append("")
+    lines += [f"  note: {line}" for line in notes(rows)]
     return "\n".join(lines)
 
 
-def format_markdown(rows: list[dict]) -> str:
-    """The whole run as markdown: the run's identity, then one table per workload."""
+def _explanations(rows: list[dict]) -> list[str]:
+    first = rows[0]
+    ceiling = ("a device-to-device copy" if first["device"] == "cuda"
+               else "an in-place `a.add_(b)` (a copy pays a read-for-ownership and would understate it)")
+    launches = _columns(rows)[7]
+    return [
+        "- times are the median over rounds of each round's median step time, implementations interleaved "
+        "round by round; % of ceiling and speed-up are medians of per-round ratios (speed-up > 1: fused_opt "
+        "is faster)",
+        f"- ceiling: {ceiling}, timed in the same rounds (the probe rows); B/param: bytes one step must move "
+        "per parameter (each tensor read once and written once), from which GB/s and % of ceiling follow",
+        f"- {launches}: {first['launches_counted']} in one step (torch.profiler); state B/param: bytes of the "
+        "optimizer's state tensors per parameter",
+    ]
+
+
+def format_markdown(rows: list[dict], peers: str = "", plot_name: str | None = None) -> str:
+    """The whole run as markdown: the run's identity, the plot, then one table per workload."""
     first = rows[0]
     lines = [
         f"# fused_opt benchmark on {first['device']}",
@@ -171,19 +234,26 @@ def format_markdown(rows: list[dict]) -> str:
         f"commit {first['git_commit'] or 'unknown'}",
         f"- command: `{first['command']}`",
         f"- load average at start: {_load_text(first['load_average'])} on {os.cpu_count()} cores",
-        "- times are the median over rounds of each round's median step time; % of probe and speed-up are "
-        "medians of per-round ratios (speed-up > 1: fused_opt is faster)",
     ]
+    if peers:
+        lines.append(f"- {peers}")
+    lines += _explanations(rows)
+    if plot_name:
+        lines += ["", f"![time per step against the byte floor]({plot_name})"]
+    columns = _columns(rows)
     for workload in dict.fromkeys(row["workload"] for row in rows):
         workload_rows = [row for row in rows if row["workload"] == workload]
         lines += ["", f"## {table_title(workload_rows)}", "",
-                  "| " + " | ".join(_COLUMNS) + " |",
-                  "|" + "|".join("---:" if i in _NUMERIC_COLUMNS else "---" for i in range(len(_COLUMNS))) + "|"]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _cells(row)) + " |"
-                  for row in workload_rows]
+                  "| " + " | ".join(columns) + " |",
+                  "|" + "|".join("---:" if i in _NUMERIC_COLUMNS else "---" for i in range(len(columns))) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |"
+                  for line in _table_cells(workload_rows)]
+        workload_notes = notes(workload_rows)
+        if workload_notes:
+            lines += [""] + [f"- {line}" for line in workload_notes]
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(rows: list[dict], path: Path) -> None:
+def write_markdown(rows: list[dict], path: Path, peers: str = "", plot_name: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(format_markdown(rows))
+    path.write_text(format_markdown(rows, peers, plot_name))
