@@ -1,27 +1,64 @@
 // Every op schema, once. Backends register their kernels beside them (csrc/cpu, csrc/cuda).
-// All ops update tensor lists in place and return nothing; the lists they write are marked (x!).
+// All ops update tensors in place and return nothing; the tensors they write are marked (x!).
+//
+// Every step op ends with the same arguments:
+//   master_params: empty, or one float32 master per float16/bfloat16 param. The update then
+//     runs on the master (and float32 states) and writes its rounding into the param.
+//   lr_tensor: a one-element tensor read on the device instead of lr.
+//   grad_scale / found_inf: GradScaler's tensors. Gradients are divided by grad_scale in
+//     registers; a nonzero found_inf makes the step change nothing, step counters included.
+//   grad_norm / max_grad_norm: the unscaled global gradient norm (from grad_norm_) and the
+//     clip_grad_norm_ threshold; gradients are clipped in registers.
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+namespace {
+
+const std::string kStepArgs =
+    "Tensor(z!)[] master_params, *, float lr, {hyper}, Tensor? lr_tensor=None, "
+    "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? grad_norm=None, "
+    "float? max_grad_norm=None) -> ()";
+
+// Parsed by def() at once, so the string may be a temporary.
+std::string step_schema(const std::string& head, const std::string& hyper) {
+  std::string args = kStepArgs;
+  args.replace(args.find("{hyper}"), 7, hyper);
+  return head + ", " + args;
+}
+
+}  // namespace
+
 TORCH_LIBRARY(fused_opt, m) {
-  m.def(
+  m.def(step_schema(
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, *, "
-      "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
-      "bool maximize, bool decoupled_weight_decay, Tensor? lr_tensor=None) -> ()");
-  m.def(
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps",
+      "float beta1, float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, "
+      "bool decoupled_weight_decay")
+            .c_str());
+  m.def(step_schema(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "bool[] is_first_step, *, float lr, float momentum, float dampening, float weight_decay, "
-      "bool nesterov, bool maximize, Tensor? lr_tensor=None) -> ()");
-  m.def(
+      "Tensor(c!)[] steps",
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize")
+            .c_str());
+  m.def(step_schema(
       "rmsprop_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
-      "Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, Tensor(e!)[] steps, *, float lr, "
-      "float alpha, float eps, float weight_decay, float momentum, bool centered, bool maximize, "
-      "Tensor? lr_tensor=None) -> ()");
-  m.def(
+      "Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, Tensor(e!)[] steps",
+      "float alpha, float eps, float weight_decay, float momentum, bool centered, "
+      "bool maximize")
+            .c_str());
+  m.def(step_schema(
       "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
-      "Tensor(c!)[] steps, *, float lr, float lr_decay, float weight_decay, float eps, "
-      "bool maximize, Tensor? lr_tensor=None) -> ()");
+      "Tensor(c!)[] steps",
+      "float lr_decay, float weight_decay, float eps, bool maximize")
+            .c_str());
+  // One read-only pass over the gradients: writes their global L2 norm (divided by grad_scale
+  // when given) and whether any element is inf or NaN (1.0 or 0.0). The reduction order is
+  // fixed, so the same gradients give the same bits on every run.
+  m.def(
+      "grad_norm_(Tensor[] grads, Tensor(a!) norm, Tensor(b!) found_inf, "
+      "Tensor(c!) workspace, *, Tensor? grad_scale=None) -> ()");
 }
 
 // `import fused_opt._C` loads this library, which registers the ops above; the module itself

@@ -7,29 +7,54 @@ bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_matches_param(std::string_view op, std::string_view list, size_t i,
-                         const at::Tensor& t, const at::Tensor& param) {
+constexpr const char* kSupportedDtypes = "float32, float64, float16, bfloat16";
+
+// `t` is an entry of a list that lives beside `reference` (params[i], or master_params[i] for
+// states kept in float32): same device, dtype, shape, and the same flat walk through memory.
+void check_matches(std::string_view op, std::string_view list, size_t i, const at::Tensor& t,
+                   std::string_view reference_list, const at::Tensor& reference) {
   TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
   TORCH_CHECK(!t.is_sparse(), op, ": ", list, "[", i, "] is sparse; this op takes dense tensors");
-  TORCH_CHECK(t.device() == param.device(), op, ": ", list, "[", i, "] is on ", t.device(),
-              " but params[", i, "] is on ", param.device());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", list, "[", i, "] has dtype ",
-              t.scalar_type(), " but params[", i, "] has dtype ", param.scalar_type());
-  TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", list, "[", i, "] has shape ", t.sizes(),
-              " but params[", i, "] has shape ", param.sizes());
+  TORCH_CHECK(t.device() == reference.device(), op, ": ", list, "[", i, "] is on ", t.device(),
+              " but ", reference_list, "[", i, "] is on ", reference.device());
+  TORCH_CHECK(t.scalar_type() == reference.scalar_type(), op, ": ", list, "[", i, "] has dtype ",
+              t.scalar_type(), " but ", reference_list, "[", i, "] has dtype ",
+              reference.scalar_type());
+  TORCH_CHECK(t.sizes() == reference.sizes(), op, ": ", list, "[", i, "] has shape ", t.sizes(),
+              " but ", reference_list, "[", i, "] has shape ", reference.sizes());
   // The kernels walk every tensor of one param as the same flat range of memory.
-  TORCH_CHECK(t.numel() <= 1 || t.strides() == param.strides(), op, ": ", list, "[", i,
-              "] has strides ", t.strides(), " but params[", i, "] has strides ",
-              param.strides());
+  TORCH_CHECK(t.numel() <= 1 || t.strides() == reference.strides(), op, ": ", list, "[", i,
+              "] has strides ", t.strides(), " but ", reference_list, "[", i, "] has strides ",
+              reference.strides());
+}
+
+void check_scalar_tensor(std::string_view op, std::string_view name,
+                         const std::optional<at::Tensor>& t, const at::Device& device) {
+  if (!t) return;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, op, ": ", name,
+              " must be a one-element float32 tensor, got ", t->scalar_type(), " with ",
+              t->numel(), " elements");
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
+              " but the params are on ", device);
 }
 
 }  // namespace
 
+math::GradScaling ScalingArgs::view() const {
+  const auto pointer = [](const std::optional<at::Tensor>& t) -> const float* {
+    return t ? t->const_data_ptr<float>() : nullptr;
+  };
+  return {pointer(grad_scale), pointer(found_inf), pointer(grad_norm),
+          static_cast<float>(max_grad_norm.value_or(0.0)), max_grad_norm.has_value()};
+}
+
 void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorList grads,
-                        std::initializer_list<NamedList> states,
+                        at::TensorList master_params, std::initializer_list<NamedList> states,
                         std::optional<at::TensorList> steps) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
+  TORCH_CHECK(master_params.empty() || master_params.size() == n, op, ": got ", n,
+              " params but ", master_params.size(), " master_params (give none or one each)");
   for (const auto& list : states) {
     TORCH_CHECK(list.tensors.size() == n || (!list.required && list.tensors.empty()), op, ": got ",
                 n, " params but ", list.tensors.size(), " ", list.name);
@@ -37,18 +62,35 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
   if (steps) {
     TORCH_CHECK(steps->size() == n, op, ": got ", n, " params but ", steps->size(), " steps");
   }
+  const bool with_masters = !master_params.empty();
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& param = params[i];
     TORCH_CHECK(param.defined(), op, ": params[", i, "] is undefined");
     TORCH_CHECK(supported_dtype(param.scalar_type()), op, ": params[", i, "] has dtype ",
-                param.scalar_type(), "; supported: float32, float64, float16, bfloat16");
+                param.scalar_type(), "; supported: ", kSupportedDtypes);
     TORCH_CHECK(param.device() == params[0].device(), op, ": params[", i, "] is on ",
                 param.device(), " but params[0] is on ", params[0].device());
     TORCH_CHECK(param.is_non_overlapping_and_dense(), op, ": params[", i,
                 "] is not dense in memory (a strided view); pass a dense parameter");
-    check_matches_param(op, "grads", i, grads[i], param);
+    check_matches(op, "grads", i, grads[i], "params", param);
+    if (with_masters) {
+      TORCH_CHECK(param.scalar_type() == at::kHalf || param.scalar_type() == at::kBFloat16, op,
+                  ": params[", i, "] has dtype ", param.scalar_type(),
+                  "; master_params are for float16 and bfloat16 params only");
+      const at::Tensor& master = master_params[i];
+      TORCH_CHECK(master.defined() && master.scalar_type() == at::kFloat, op,
+                  ": master_params[", i, "] must be a float32 tensor");
+      TORCH_CHECK(master.device() == param.device() && master.sizes() == param.sizes() &&
+                      (master.numel() <= 1 || master.strides() == param.strides()),
+                  op, ": master_params[", i, "] must have the device, shape and strides of params[",
+                  i, "]");
+    }
+    const at::Tensor& state_reference = with_masters ? master_params[i] : param;
+    const std::string_view reference_list = with_masters ? "master_params" : "params";
     for (const auto& list : states) {
-      if (!list.tensors.empty()) check_matches_param(op, list.name, i, list.tensors[i], param);
+      if (!list.tensors.empty()) {
+        check_matches(op, list.name, i, list.tensors[i], reference_list, state_reference);
+      }
     }
     if (steps) {
       const at::Tensor& step = (*steps)[i];
@@ -68,52 +110,71 @@ void check_lr_tensor(std::string_view op, const std::optional<at::Tensor>& lr_te
               " but the params are on ", device);
 }
 
+void check_scaling(std::string_view op, const ScalingArgs& scaling, const at::Device& device) {
+  check_scalar_tensor(op, "grad_scale", scaling.grad_scale, device);
+  check_scalar_tensor(op, "found_inf", scaling.found_inf, device);
+  check_scalar_tensor(op, "grad_norm", scaling.grad_norm, device);
+  TORCH_CHECK(scaling.grad_norm.has_value() == scaling.max_grad_norm.has_value(), op,
+              ": grad_norm must be given exactly when max_grad_norm is");
+  if (scaling.max_grad_norm) {
+    TORCH_CHECK(*scaling.max_grad_norm >= 0.0, op, ": max_grad_norm must be >= 0, got ",
+                *scaling.max_grad_norm);
+  }
+}
+
 namespace {
 
-void check_lr_of_params(std::string_view op, at::TensorList params,
-                        const std::optional<at::Tensor>& lr_tensor) {
-  if (!params.empty()) check_lr_tensor(op, lr_tensor, params[0].device());
+// The checks every step op ends with, once its lists are known to be consistent.
+void check_step_scalars(std::string_view op, at::TensorList params,
+                        const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling) {
+  if (params.empty()) return;
+  check_lr_tensor(op, lr_tensor, params[0].device());
+  check_scaling(op, scaling, params[0].device());
 }
 
 }  // namespace
 
 void check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                     at::TensorList steps, bool amsgrad,
-                     const std::optional<at::Tensor>& lr_tensor) {
+                     at::TensorList steps, at::TensorList master_params, bool amsgrad,
+                     const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling) {
   constexpr std::string_view kOp = "fused_opt::adam_";
-  check_tensor_lists(kOp, params, grads,
+  check_tensor_lists(kOp, params, grads, master_params,
                      {{"exp_avgs", exp_avgs, true},
                       {"exp_avg_sqs", exp_avg_sqs, true},
                       {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
                      steps);
   TORCH_CHECK(amsgrad == !max_exp_avg_sqs.empty() || params.empty(), kOp,
               ": max_exp_avg_sqs must be given exactly when amsgrad is set");
-  check_lr_of_params(kOp, params, lr_tensor);
+  check_step_scalars(kOp, params, lr_tensor, scaling);
 }
 
 void check_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    const c10::List<bool>& is_first_step, double momentum, bool nesterov,
-                    const std::optional<at::Tensor>& lr_tensor) {
+                    at::TensorList steps, at::TensorList master_params, double momentum,
+                    bool nesterov, const std::optional<at::Tensor>& lr_tensor,
+                    const ScalingArgs& scaling) {
   constexpr std::string_view kOp = "fused_opt::sgd_";
   const bool has_momentum = momentum != 0.0;
-  check_tensor_lists(kOp, params, grads, {{"momentum_buffers", momentum_buffers, has_momentum}},
-                     std::nullopt);
-  TORCH_CHECK(has_momentum == !momentum_buffers.empty() || params.empty(), kOp,
-              ": momentum_buffers must be given exactly when momentum != 0");
-  TORCH_CHECK(is_first_step.size() == (has_momentum ? params.size() : 0) || params.empty(), kOp,
-              ": is_first_step needs one entry per param when momentum != 0, none otherwise");
+  // With momentum, each buffer has a step counter beside it: the kernel starts the buffer when
+  // the counter reaches one, so a skipped first step leaves nothing half-initialized.
+  check_tensor_lists(kOp, params, grads, master_params,
+                     {{"momentum_buffers", momentum_buffers, has_momentum}},
+                     has_momentum ? std::optional<at::TensorList>(steps) : std::nullopt);
+  TORCH_CHECK(params.empty() || (has_momentum == !momentum_buffers.empty() &&
+                                 (has_momentum || steps.empty())),
+              kOp, ": momentum_buffers and steps must be given exactly when momentum != 0");
   TORCH_CHECK(!nesterov || has_momentum, kOp, ": nesterov requires momentum");
-  check_lr_of_params(kOp, params, lr_tensor);
+  check_step_scalars(kOp, params, lr_tensor, scaling);
 }
 
 void check_rmsprop_args(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                         at::TensorList grad_avgs, at::TensorList momentum_buffers,
-                        at::TensorList steps, double momentum, bool centered,
-                        const std::optional<at::Tensor>& lr_tensor) {
+                        at::TensorList steps, at::TensorList master_params, double momentum,
+                        bool centered, const std::optional<at::Tensor>& lr_tensor,
+                        const ScalingArgs& scaling) {
   constexpr std::string_view kOp = "fused_opt::rmsprop_";
   const bool has_momentum = momentum > 0.0;
-  check_tensor_lists(kOp, params, grads,
+  check_tensor_lists(kOp, params, grads, master_params,
                      {{"square_avgs", square_avgs, true},
                       {"grad_avgs", grad_avgs, centered},
                       {"momentum_buffers", momentum_buffers, has_momentum}},
@@ -122,14 +183,42 @@ void check_rmsprop_args(at::TensorList params, at::TensorList grads, at::TensorL
                                  has_momentum == !momentum_buffers.empty()),
               kOp, ": grad_avgs must be given exactly when centered, momentum_buffers exactly ",
               "when momentum > 0");
-  check_lr_of_params(kOp, params, lr_tensor);
+  check_step_scalars(kOp, params, lr_tensor, scaling);
 }
 
 void check_adagrad_args(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                        at::TensorList steps, const std::optional<at::Tensor>& lr_tensor) {
+                        at::TensorList steps, at::TensorList master_params,
+                        const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling) {
   constexpr std::string_view kOp = "fused_opt::adagrad_";
-  check_tensor_lists(kOp, params, grads, {{"state_sums", state_sums, true}}, steps);
-  check_lr_of_params(kOp, params, lr_tensor);
+  check_tensor_lists(kOp, params, grads, master_params, {{"state_sums", state_sums, true}},
+                     steps);
+  check_step_scalars(kOp, params, lr_tensor, scaling);
+}
+
+void check_grad_norm_args(at::TensorList grads, const at::Tensor& norm,
+                          const at::Tensor& found_inf, const at::Tensor& workspace,
+                          const std::optional<at::Tensor>& grad_scale,
+                          int64_t min_workspace_numel) {
+  constexpr std::string_view kOp = "fused_opt::grad_norm_";
+  const at::Device device = norm.device();
+  check_scalar_tensor(kOp, "norm", norm, device);
+  check_scalar_tensor(kOp, "found_inf", found_inf, device);
+  check_scalar_tensor(kOp, "grad_scale", grad_scale, device);
+  TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.is_contiguous() &&
+                  workspace.device() == device && workspace.numel() >= min_workspace_numel,
+              kOp, ": workspace must be a contiguous float32 tensor on ", device, " with at least ",
+              min_workspace_numel, " elements");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& grad = grads[i];
+    TORCH_CHECK(grad.defined() && !grad.is_sparse(), kOp, ": grads[", i,
+                "] must be a defined dense tensor");
+    TORCH_CHECK(supported_dtype(grad.scalar_type()), kOp, ": grads[", i, "] has dtype ",
+                grad.scalar_type(), "; supported: ", kSupportedDtypes);
+    TORCH_CHECK(grad.device() == device, kOp, ": grads[", i, "] is on ", grad.device(),
+                " but norm is on ", device);
+    TORCH_CHECK(grad.is_non_overlapping_and_dense(), kOp, ": grads[", i,
+                "] is not dense in memory");
+  }
 }
 
 }  // namespace fused_opt

@@ -3,13 +3,23 @@
 from fused_opt import _ops
 from fused_opt.adagrad import Adagrad
 from fused_opt.adam import Adam, AdamW
+from fused_opt.grad_scaler import GradScaler
 from fused_opt.optimizer import FusedOptimizer
 from fused_opt.rmsprop import RMSprop
 from fused_opt.sgd import SGD
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "FusedOptimizer", "built_with_cuda"]
+__all__ = [
+    "Adam",
+    "AdamW",
+    "SGD",
+    "RMSprop",
+    "Adagrad",
+    "FusedOptimizer",
+    "GradScaler",
+    "built_with_cuda",
+]
 
 
 def built_with_cuda() -> bool:

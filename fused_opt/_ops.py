@@ -8,7 +8,11 @@ import torch
 
 from fused_opt import _C  # noqa: F401  (registers torch.ops.fused_opt.*)
 
-OP_NAMES = ("adam_", "sgd_", "rmsprop_", "adagrad_")
+OP_NAMES = ("adam_", "sgd_", "rmsprop_", "adagrad_", "grad_norm_")
+# Elements of the float32 workspace grad_norm_ takes: room for the CUDA kernel's per-block
+# partial sums and its completion counter (the CPU kernel needs none). Zeroed once by the
+# caller; the kernel leaves it ready for the next call.
+GRAD_NORM_WORKSPACE_NUMEL = 4096
 
 
 def _mutates_only(*args, **kwargs) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.adagrad import adagrad as torch_adagrad
 
-from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper, new_step
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -34,6 +34,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.Adagrad.__init__(
@@ -49,35 +51,42 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init()
+        self._after_torch_init(master_weights, max_grad_norm)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
 
-    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+    def _new_state(self, p: Tensor, group: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
         # Params added with add_param_group after construction get their state here. Like
         # torch.optim.Adagrad, fill with the constructor's value even when the group has its own.
         initial = self.defaults["initial_accumulator_value"]
         fill = complex(initial, initial) if p.is_complex() else initial
         return {
-            "step": torch.zeros((), dtype=torch.float32, device=p.device),
-            "sum": torch.full_like(p, fill, memory_format=torch.preserve_format),
+            "step": new_step(p),
+            "sum": torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format),
         }
 
     def _launch(
-        self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None
+        self,
+        group: dict[str, Any],
+        bucket: DeviceBucket,
+        lr: float,
+        lr_tensor: Tensor | None,
+        scaling: dict[str, Any],
     ) -> None:
         torch.ops.fused_opt.adagrad_(
             bucket.params,
             bucket.grads,
             bucket.states["sum"],
             bucket.steps,
+            bucket.masters,
             lr=lr,
             lr_decay=hyper(group["lr_decay"]),
             weight_decay=hyper(group["weight_decay"]),
             eps=hyper(group["eps"]),
             maximize=group["maximize"],
             lr_tensor=lr_tensor,
+            **scaling,
         )
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:

@@ -15,7 +15,12 @@ class Adam(FusedOptimizer, torch.optim.Adam):
 
     ``foreach``, ``fused`` and ``capturable`` are accepted and stored in the param groups so
     state dicts round-trip, but every step runs fused_opt's kernel; ``differentiable=True``
-    raises NotImplementedError.
+    raises NotImplementedError. fused_opt's own keywords, here and on every optimizer:
+
+    * ``master_weights``: float16/bfloat16 params are updated through a float32 master copy
+      kept in the state (``"master_param"``), with float32 moments, in the same single pass.
+    * ``max_grad_norm``: clip the global L2 norm of all gradients to this value, as
+      ``torch.nn.utils.clip_grad_norm_`` does, in registers after one read-only norm pass.
     """
 
     _sparse_grad_error = (
@@ -37,6 +42,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.Adam.__init__(
@@ -54,7 +61,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._after_torch_init()
+        self._after_torch_init(master_weights, max_grad_norm)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         if group["amsgrad"]:
@@ -62,7 +69,12 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         return ("exp_avg", "exp_avg_sq")
 
     def _launch(
-        self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None
+        self,
+        group: dict[str, Any],
+        bucket: DeviceBucket,
+        lr: float,
+        lr_tensor: Tensor | None,
+        scaling: dict[str, Any],
     ) -> None:
         beta1, beta2 = group["betas"]
         torch.ops.fused_opt.adam_(
@@ -72,6 +84,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             bucket.states["exp_avg_sq"],
             bucket.states.get("max_exp_avg_sq", []),
             bucket.steps,
+            bucket.masters,
             lr=lr,
             beta1=hyper(beta1),
             beta2=hyper(beta2),
@@ -81,6 +94,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             lr_tensor=lr_tensor,
+            **scaling,
         )
 
 
@@ -101,6 +115,8 @@ class AdamW(Adam, torch.optim.AdamW):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.AdamW.__init__(
@@ -117,4 +133,4 @@ class AdamW(Adam, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init()
+        self._after_torch_init(master_weights, max_grad_norm)

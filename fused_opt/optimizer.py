@@ -4,10 +4,16 @@ A subclass inherits from this class and from its torch.optim twin (``class Adam(
 torch.optim.Adam)``): the twin's constructor supplies the exact signature, defaults, validation
 messages, ``__setstate__`` and state-dict policies, while this class replaces ``step()`` with
 one op call per (param group, device) over all of that group's tensors and dtypes.
+
+Mixed precision lives here too, for every optimizer alike: fp32 master weights for 16-bit params
+(``master_weights=True``), the loss scale and skip flag of ``torch.amp.GradScaler`` applied inside
+the kernels (``_step_supports_amp_scaling``), and global-norm clipping (``max_grad_norm=``) from a
+read-only statistics pass over the gradients.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,18 +22,41 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fused_opt import _ops  # noqa: F401  (loads the library that registers the ops)
+from fused_opt import _ops
+
+MASTER_KEY = "master_param"
+_MASTER_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass
 class DeviceBucket:
-    """The tensors of one param group on one device, in the order the op takes them."""
+    """The tensors of one op call (a param group's params on one device, all with master
+    weights or all without), in the order the op takes them."""
 
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     states: dict[str, list[Tensor]] = field(default_factory=dict)
     steps: list[Tensor] = field(default_factory=list)
-    first_step: list[bool] = field(default_factory=list)
+    masters: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class GradStats:
+    """What the read-only gradient pass leaves on one device; reused every step, so a step
+    allocates nothing. ``norm`` is the unscaled global norm of all the optimizer's gradients."""
+
+    norm: Tensor
+    found_inf: Tensor
+    workspace: Tensor
+
+    @classmethod
+    def on(cls, device: torch.device) -> GradStats:
+        scalar = {"dtype": torch.float32, "device": device}
+        return cls(
+            torch.zeros((), **scalar),
+            torch.zeros((), **scalar),
+            torch.zeros(_ops.GRAD_NORM_WORKSPACE_NUMEL, **scalar),
+        )
 
 
 class FusedOptimizer(Optimizer):
@@ -35,18 +64,27 @@ class FusedOptimizer(Optimizer):
 
     Subclasses define:
       * ``_state_keys(group)``: names of the per-element state tensors, in the op's order;
-      * ``_has_step``: whether the state keeps a ``step`` counter (all but SGD);
-      * ``_new_state(p, group)``: the state of a param on its first step, when it is not zeros;
-      * ``_launch(group, bucket, lr, lr_tensor)``: the one op call for a bucket;
+      * ``_keeps_step(group)``: whether the state keeps a ``step`` counter (all but plain SGD);
+      * ``_new_state(p, group, dtype)``: the state of a param on its first step, when it is not
+        zeros; state tensors take ``dtype`` (float32 under master weights, else the param's);
+      * ``_launch(group, bucket, lr, lr_tensor, scaling)``: the one op call for a bucket, which
+        passes ``bucket.masters`` and the ``scaling`` keyword arguments on to the op;
       * ``_sparse_grad_error``: torch.optim's message for sparse grads, or None when the
         optimizer accepts them, in which case ``_step_sparse(group, params)`` handles them;
       * ``_sparse_weight_decay_error``: torch.optim's message for a sparse grad in a group with
         weight decay, which torch's sparse path cannot apply.
     """
 
-    _has_step = True
     _sparse_grad_error: str | None = None
     _sparse_weight_decay_error: str | None = None
+
+    #: The unscaled global gradient norm of the last step (before clipping), as a 0-dim float32
+    #: tensor on the params' device, when that step clipped or ran under fused_opt.GradScaler;
+    #: else None. The tensor is reused by the next step: clone it to keep it.
+    last_grad_norm: Tensor | None = None
+    #: GradScaler's found_inf of the last step: nonzero when the step was skipped; None when the
+    #: step ran without a scaler.
+    last_step_skipped: Tensor | None = None
 
     @staticmethod
     def _reject_differentiable(differentiable: bool) -> None:
@@ -56,10 +94,51 @@ class FusedOptimizer(Optimizer):
                 "use torch.optim for differentiating through the optimizer step"
             )
 
-    def _after_torch_init(self) -> None:
-        # torch's constructors declare AMP support when fused=True because their fused kernels
-        # read grad_scale/found_inf; these kernels do not, so GradScaler must unscale first.
-        self._step_supports_amp_scaling = False
+    def _after_torch_init(self, master_weights: bool, max_grad_norm: float | None) -> None:
+        """Adds fused_opt's own options to the defaults and to every param group."""
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
+        if max_grad_norm is not None and not (
+            isinstance(max_grad_norm, (int, float))
+            and math.isfinite(max_grad_norm)
+            and max_grad_norm >= 0
+        ):
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        self.defaults["master_weights"] = master_weights
+        self.defaults["max_grad_norm"] = None if max_grad_norm is None else float(max_grad_norm)
+        for group in self.param_groups:
+            self._set_fused_opt_defaults(group)
+
+    def _set_fused_opt_defaults(self, group: dict[str, Any]) -> None:
+        for key in ("master_weights", "max_grad_norm"):
+            group.setdefault(key, self.defaults[key])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if "master_weights" in self.defaults:
+            self._set_fused_opt_defaults(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Groups loaded from a torch.optim checkpoint lack fused_opt's options.
+        for group in self.param_groups:
+            self._set_fused_opt_defaults(group)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Tells GradScaler to hand over grad_scale and found_inf instead of unscaling: the
+        kernels unscale in registers and skip on the device. torch's sparse path cannot, so with
+        a sparse grad present the scaler unscales and checks first, as for torch.optim."""
+        return self._sparse_grad_error is not None or not any(
+            p.grad is not None and p.grad.is_sparse
+            for group in self.param_groups
+            for p in group["params"]
+        )
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        # torch's constructors assign it (True for fused=True); the property above decides.
+        pass
 
     # ----------------------------------------------------------------------------------------
     # Subclass interface
@@ -67,15 +146,23 @@ class FusedOptimizer(Optimizer):
     def _state_keys(self, group: dict[str, Any]) -> Sequence[str]:
         raise NotImplementedError
 
-    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+    def _keeps_step(self, group: dict[str, Any]) -> bool:
+        return True
+
+    def _new_state(self, p: Tensor, group: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
         """A param's first-step state: a zero step counter and zeroed state tensors."""
-        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+        state = {"step": new_step(p)}
         for key in self._state_keys(group):
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
 
     def _launch(
-        self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None
+        self,
+        group: dict[str, Any],
+        bucket: DeviceBucket,
+        lr: float,
+        lr_tensor: Tensor | None,
+        scaling: dict[str, Any],
     ) -> None:
         raise NotImplementedError
 
@@ -102,9 +189,92 @@ class FusedOptimizer(Optimizer):
         sparse_params = [
             self._validate_group(index, group) for index, group in enumerate(self.param_groups)
         ]
+        scaling = self._scaling_by_device(any(sparse_params))
         for group, sparse in zip(self.param_groups, sparse_params):
-            self._run_group(group, sparse)
+            self._run_group(group, sparse, scaling)
         return loss
+
+    # ----------------------------------------------------------------------------------------
+    # Loss scaling and clipping
+
+    def _max_grad_norm(self) -> float | None:
+        """The clipping threshold, which is global: one norm over every param of every group."""
+        values = {group["max_grad_norm"] for group in self.param_groups}
+        if len(values) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: max_grad_norm clips the global norm of all params, so "
+                f"every param group needs the same value; got {sorted(values, key=str)}"
+            )
+        return values.pop() if values else None
+
+    def _scaling_by_device(self, has_sparse_grads: bool) -> dict[torch.device, dict[str, Any]]:
+        """The scaling keyword arguments of this step's op calls, per device (see csrc/ops.cpp).
+
+        GradScaler sets ``grad_scale`` (None once unscale_ ran) and ``found_inf`` on the
+        optimizer before calling step(); fused_opt.GradScaler also leaves the gradient
+        statistics of its read-only pass in ``_precomputed_grad_stats``. With ``max_grad_norm``
+        and no such statistics, this runs the pass itself.
+        """
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        max_grad_norm = self._max_grad_norm()
+        if has_sparse_grads and (
+            grad_scale is not None or found_inf is not None or max_grad_norm is not None
+        ):
+            raise RuntimeError(
+                f"{type(self).__name__}: sparse gradients cannot be unscaled, skipped or clipped "
+                "in the kernels; use max_grad_norm=None, and GradScaler unscales them itself"
+            )
+        stats = getattr(self, "_precomputed_grad_stats", None)
+        if stats is None and max_grad_norm is not None:
+            stats = self._compute_grad_stats(grad_scale)
+        self.last_step_skipped = found_inf
+        self.last_grad_norm = next(iter(stats.values())).norm if stats else None
+
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        scaling = {}
+        for device in devices:
+            scaling[device] = {
+                "grad_scale": _on(grad_scale, device),
+                "found_inf": _on(found_inf, device),
+                "grad_norm": stats[device].norm if max_grad_norm is not None else None,
+                "max_grad_norm": max_grad_norm,
+            }
+        return scaling
+
+    @torch.no_grad()
+    def _compute_grad_stats(self, grad_scale: Tensor | None) -> dict[torch.device, GradStats]:
+        """One read-only pass over every dense gradient: the global norm (divided by
+        ``grad_scale``) and whether any element is inf or NaN, left on each device."""
+        grads: dict[torch.device, list[Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                grads.setdefault(p.device, [])
+                if p.grad is not None:
+                    grads[p.device].append(_as_dense_real(p.grad))
+        # Not part of the optimizer's state: a copy or an unpickled optimizer makes its own.
+        buffers: dict[torch.device, GradStats] = self.__dict__.setdefault("_grad_stats", {})
+        for device, device_grads in grads.items():
+            stats = buffers.get(device)
+            if stats is None:
+                stats = buffers[device] = GradStats.on(device)
+            torch.ops.fused_opt.grad_norm_(
+                device_grads,
+                stats.norm,
+                stats.found_inf,
+                stats.workspace,
+                grad_scale=_on(grad_scale, device),
+            )
+        result = {device: buffers[device] for device in grads}
+        if len(result) > 1:
+            # Params on several devices: the global norm combines the per-device norms.
+            first = next(iter(result))
+            total = torch.linalg.vector_norm(
+                torch.stack([stats.norm.to(first) for stats in result.values()])
+            )
+            for stats in result.values():
+                stats.norm.copy_(total)
+        return result
 
     def _validate_group(self, group_index: int, group: dict[str, Any]) -> list[Tensor]:
         """Checks every grad of the group; returns the params whose grads are sparse."""
@@ -156,18 +326,26 @@ class FusedOptimizer(Optimizer):
         )
         return f"{where} (shape {tuple(p.shape)}, dtype {p.dtype})"
 
-    def _run_group(self, group: dict[str, Any], sparse_params: list[Tensor]) -> None:
+    def _run_group(
+        self,
+        group: dict[str, Any],
+        sparse_params: list[Tensor],
+        scaling: dict[torch.device, dict[str, Any]],
+    ) -> None:
         keys = self._state_keys(group)
+        keeps_step = self._keeps_step(group)
         # Plain SGD keeps no state at all, and its params get no (empty) state entries, as in torch.
-        stateful = bool(keys) or self._has_step
-        buckets: dict[torch.device, DeviceBucket] = {}
+        stateful = bool(keys) or keeps_step
+        buckets: dict[tuple[torch.device, bool], DeviceBucket] = {}
         for p in group["params"]:
             grad = p.grad
             if grad is None or grad.is_sparse:
                 continue
+            with_master = uses_master(group, p)
             state = self.state[p] if stateful else {}
-            first_step = self._ensure_state(p, state, group, keys) if stateful else False
-            bucket = buckets.setdefault(p.device, DeviceBucket())
+            if stateful:
+                self._ensure_state(p, state, group, keys, with_master)
+            bucket = buckets.setdefault((p.device, with_master), DeviceBucket())
             # The kernels walk param, grad and states as one flat range; autograd gives grads the
             # param's layout, and the rare grad that differs is copied into it.
             if p.numel() > 1 and grad.stride() != p.stride():
@@ -177,27 +355,34 @@ class FusedOptimizer(Optimizer):
             bucket.grads.append(as_real(grad))
             for key in keys:
                 bucket.states.setdefault(key, []).append(as_real(state[key]))
-            if self._has_step:
+            if keeps_step:
                 bucket.steps.append(state["step"])
-            bucket.first_step.append(first_step)
+            if with_master:
+                bucket.masters.append(state[MASTER_KEY])
 
         lr, lr_tensor = _split_lr(group["lr"])
-        for bucket in buckets.values():
-            self._launch(group, bucket, lr, lr_tensor)
+        for (device, _), bucket in buckets.items():
+            self._launch(group, bucket, lr, lr_tensor, scaling[device])
         if sparse_params:
             self._step_sparse(group, sparse_params)
 
     def _ensure_state(
-        self, p: Tensor, state: dict[str, Any], group: dict[str, Any], keys: Sequence[str]
-    ) -> bool:
-        """Creates missing state; returns whether this is the param's first step."""
-        first_step = len(state) == 0 or any(state.get(key) is None for key in keys)
-        if first_step:
-            fresh = self._new_state(p, group)
-            for key, value in fresh.items():
+        self,
+        p: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        keys: Sequence[str],
+        with_master: bool,
+    ) -> None:
+        """Creates whatever state the param lacks: all of it on its first step."""
+        if with_master and state.get(MASTER_KEY) is None:
+            state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
+        needed = (*keys, "step") if self._keeps_step(group) else keys
+        if any(state.get(key) is None for key in needed):
+            dtype = torch.float32 if with_master else p.dtype
+            for key, value in self._new_state(p, group, dtype).items():
                 if state.get(key) is None:
                     state[key] = value
-        return first_step
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -210,12 +395,14 @@ class FusedOptimizer(Optimizer):
         """
         self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        saved_state = state_dict["state"]
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             keys = self._state_keys(group)
-            for p in group["params"]:
+            for p, saved_id in zip(group["params"], saved_group["params"]):
                 state = self.state.get(p)
                 if not state:
                     continue
+                self._complete_loaded_state(state)
                 step = state.get("step")
                 if step is not None:
                     if not torch.is_tensor(step):
@@ -223,12 +410,33 @@ class FusedOptimizer(Optimizer):
                     # The kernels keep the counter beside the param, in float32, as torch's fused
                     # and capturable paths do.
                     state["step"] = step.to(device=p.device, dtype=torch.float32)
+                if uses_master(group, p):
+                    self._load_master_state(p, state, saved_state[saved_id], keys)
+                else:
+                    state.pop(MASTER_KEY, None)
                 for key in keys:
                     value = state.get(key)
                     # torch may have built a buffer in its grad's layout (SGD clones the grad);
                     # the kernels walk it as the param's flat range, so give it that layout.
                     if torch.is_tensor(value) and p.numel() > 1 and value.stride() != p.stride():
-                        state[key] = torch.empty_like(p).copy_(value)
+                        state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+    @staticmethod
+    def _load_master_state(
+        p: Tensor, state: dict[str, Any], saved: dict[str, Any], keys: Sequence[str]
+    ) -> None:
+        """torch.optim's loading rounds every state to the param's dtype; under master weights
+        the master and the states stay float32, so they are taken again from the saved dict (a
+        checkpoint without a master starts one from the param, as a first step does)."""
+        for key in (*keys, MASTER_KEY):
+            value = saved.get(key)
+            if torch.is_tensor(value):
+                state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        if state.get(MASTER_KEY) is None:
+            state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
+
+    def _complete_loaded_state(self, state: dict[str, Any]) -> None:
+        """Fills in what a torch.optim checkpoint of this optimizer may lack."""
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_groups = state_dict.get("param_groups")
@@ -257,15 +465,14 @@ class FusedOptimizer(Optimizer):
                 if not state:
                     continue
                 label = self._describe_param(group_index, param_index, group, p)
-                missing = [k for k in keys if state.get(k) is None and not self._lazy_key(k)]
-                if self._has_step and "step" not in state:
-                    missing.append("step")
+                needed = (*keys, "step") if self._keeps_step(merged) else keys
+                missing = [k for k in needed if state.get(k) is None and not self._lazy_key(k)]
                 if missing:
                     raise ValueError(
                         f"{type(self).__name__}.load_state_dict: the state of {label} lacks "
                         f"{', '.join(repr(k) for k in missing)}"
                     )
-                for key in keys:
+                for key in (*keys, MASTER_KEY):
                     value = state.get(key)
                     if torch.is_tensor(value) and tuple(value.shape) != tuple(p.shape):
                         raise ValueError(
@@ -277,6 +484,29 @@ class FusedOptimizer(Optimizer):
     def _lazy_key(self, key: str) -> bool:
         """Whether a saved state may lack `key` (SGD's buffer is created on the first step)."""
         return False
+
+
+def uses_master(group: dict[str, Any], p: Tensor) -> bool:
+    """Whether the param is updated through an fp32 master copy: 16-bit params of a group with
+    master_weights=True. Other params of such a group are their own masters."""
+    return group["master_weights"] and p.dtype in _MASTER_DTYPES
+
+
+def new_step(p: Tensor) -> Tensor:
+    """A step counter that has not counted yet, beside the param, in float32."""
+    return torch.zeros((), dtype=torch.float32, device=p.device)
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """A scaler tensor on the device of the op that reads it (a copy only across devices)."""
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def _as_dense_real(grad: Tensor) -> Tensor:
+    """The grad as the statistics pass reads it: real numbers in gap-free memory."""
+    if not _is_dense(grad):
+        grad = grad.contiguous()
+    return torch.view_as_real(grad) if grad.is_complex() else grad
 
 
 def _is_dense(t: Tensor) -> bool:

@@ -32,6 +32,9 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        *,
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.RMSprop.__init__(
@@ -48,7 +51,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             maximize,
             differentiable,
         )
-        self._after_torch_init()
+        self._after_torch_init(master_weights, max_grad_norm)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys = ("square_avg",)
@@ -59,7 +62,12 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         return keys
 
     def _launch(
-        self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None
+        self,
+        group: dict[str, Any],
+        bucket: DeviceBucket,
+        lr: float,
+        lr_tensor: Tensor | None,
+        scaling: dict[str, Any],
     ) -> None:
         torch.ops.fused_opt.rmsprop_(
             bucket.params,
@@ -68,6 +76,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             bucket.states.get("grad_avg", []),
             bucket.states.get("momentum_buffer", []),
             bucket.steps,
+            bucket.masters,
             lr=lr,
             alpha=hyper(group["alpha"]),
             eps=hyper(group["eps"]),
@@ -76,4 +85,5 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             centered=group["centered"],
             maximize=group["maximize"],
             lr_tensor=lr_tensor,
+            **scaling,
         )

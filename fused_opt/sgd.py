@@ -8,19 +8,21 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
-from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper, new_step
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
     """Drop-in for :class:`torch.optim.SGD`: same signature, defaults, errors and state.
 
-    The momentum buffer takes the first gradient as is, as in torch. Sparse gradients are
+    The momentum buffer takes the first gradient as is, as in torch. With momentum, the state
+    also keeps a ``step`` counter beside the buffer (torch's SGD has none): the kernel starts the
+    buffer on the step that takes the counter to one, so a first step that GradScaler skips
+    leaves the buffer unstarted instead of uninitialized. Sparse gradients are
     handled by torch's own single-tensor path, so results match torch exactly for them.
     ``foreach`` and ``fused`` are accepted and stored; ``differentiable=True`` raises
     NotImplementedError.
     """
 
-    _has_step = False
     _sparse_weight_decay_error = (
         "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
     )
@@ -38,6 +40,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.SGD.__init__(
@@ -53,29 +57,51 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init()
+        self._after_torch_init(master_weights, max_grad_norm)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _lazy_key(self, key: str) -> bool:
-        return key == "momentum_buffer"
+    def _keeps_step(self, group: dict[str, Any]) -> bool:
+        return group["momentum"] != 0
 
-    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+    def _lazy_key(self, key: str) -> bool:
+        # torch.optim.SGD creates the buffer on the first step and keeps no counter.
+        return key in ("momentum_buffer", "step")
+
+    def _complete_loaded_state(self, state: dict[str, Any]) -> None:
+        # The counter tells the kernel whether the buffer has been started. torch.optim.SGD keeps
+        # none: a buffer it saved has been started; a buffer missing starts afresh, as in torch.
+        if state.get("momentum_buffer") is None:
+            state.pop("step", None)
+        elif state.get("step") is None:
+            state["step"] = torch.ones((), dtype=torch.float32)
+
+    def _new_state(self, p: Tensor, group: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
         # The kernel writes the whole buffer on the first step, so it needs no zeroing.
         if group["momentum"] != 0:
-            return {"momentum_buffer": torch.empty_like(p, memory_format=torch.preserve_format)}
+            return {
+                "step": new_step(p),
+                "momentum_buffer": torch.empty_like(
+                    p, dtype=dtype, memory_format=torch.preserve_format
+                ),
+            }
         return {}
 
     def _launch(
-        self, group: dict[str, Any], bucket: DeviceBucket, lr: float, lr_tensor: Tensor | None
+        self,
+        group: dict[str, Any],
+        bucket: DeviceBucket,
+        lr: float,
+        lr_tensor: Tensor | None,
+        scaling: dict[str, Any],
     ) -> None:
-        has_momentum = group["momentum"] != 0
         torch.ops.fused_opt.sgd_(
             bucket.params,
             bucket.grads,
             bucket.states.get("momentum_buffer", []),
-            bucket.first_step if has_momentum else [],
+            bucket.steps,
+            bucket.masters,
             lr=lr,
             momentum=hyper(group["momentum"]),
             dampening=hyper(group["dampening"]),
@@ -83,6 +109,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             nesterov=group["nesterov"],
             maximize=group["maximize"],
             lr_tensor=lr_tensor,
+            **scaling,
         )
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:

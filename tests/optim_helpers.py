@@ -30,6 +30,23 @@ FULL_STATE_OPTIONS = {
     },
 }
 
+# What fused_opt adds to torch.optim's param groups (with the defaults), and to the state of a
+# param: SGD with momentum counts steps so that its kernel knows when to start the buffer.
+FUSED_GROUP_DEFAULTS = {"master_weights": False, "max_grad_norm": None}
+FUSED_STATE_KEYS = {"SGD": ("step",)}
+
+
+def as_torch_group(group: dict) -> dict:
+    """A fused_opt param group (or defaults) without fused_opt's own options."""
+    return {k: v for k, v in group.items() if k not in FUSED_GROUP_DEFAULTS}
+
+
+def as_torch_state(name: str, state: dict) -> dict:
+    """A fused_opt param state as torch.optim keeps it."""
+    extra = FUSED_STATE_KEYS.get(name, ())
+    return {k: v for k, v in state.items() if k not in extra}
+
+
 # A matrix, a vector, an empty tensor and a tensor with a size-1 dimension.
 SHAPES = ((4, 3), (5,), (0,), (2, 1, 3))
 # Names of the SHAPES params when two_groups passes them as named params.
@@ -98,9 +115,12 @@ def assert_params_close(actual, expected, dtype=torch.float32) -> None:
 
 
 def assert_states_close(actual_opt, actual_params, expected_opt, expected_params) -> None:
-    """Same state keys per param, same values, and step counters of the same dtype and device."""
+    """Same state keys per param, same values, and step counters of the same dtype and device.
+    Against torch.optim, the keys only fused_opt keeps are left out."""
     for index, (a, e) in enumerate(zip(actual_params, expected_params)):
         actual, expected = actual_opt.state.get(a, {}), expected_opt.state.get(e, {})
+        if not isinstance(expected_opt, fused_opt.FusedOptimizer):
+            actual = as_torch_state(type(expected_opt).__name__, actual)
         assert sorted(actual) == sorted(expected), f"state keys of param {index}"
         for key, value in expected.items():
             if key == "step":

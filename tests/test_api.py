@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fused_opt
 from optim_helpers import (
     FULL_STATE_OPTIONS,
+    FUSED_GROUP_DEFAULTS,
     NAMES,
     SHAPES,
     assert_params_close,
@@ -25,6 +26,7 @@ from optim_helpers import (
     clone_params,
     make_params,
     set_grads,
+    as_torch_group,
     train,
     twins,
 )
@@ -41,9 +43,14 @@ def _parameters(signature: inspect.Signature) -> list[tuple]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_constructor_signature_matches_torch(name):
-    fused = inspect.signature(getattr(fused_opt, name).__init__)
-    reference = inspect.signature(getattr(torch.optim, name).__init__)
-    assert _parameters(fused) == _parameters(reference)
+    fused = _parameters(inspect.signature(getattr(fused_opt, name).__init__))
+    reference = _parameters(inspect.signature(getattr(torch.optim, name).__init__))
+    # torch's parameters, in torch's order, then fused_opt's own, keyword-only.
+    assert fused[: len(reference)] == reference
+    keyword_only = inspect.Parameter.KEYWORD_ONLY
+    assert fused[len(reference) :] == [
+        (key, keyword_only, default) for key, default in FUSED_GROUP_DEFAULTS.items()
+    ]
 
 
 def _one_param():
@@ -161,9 +168,10 @@ SWITCHES = {
 def test_implementation_switches_are_stored_like_torch(name, options):
     fused = build(fused_opt, name, _one_param(), **options)
     reference = build(torch.optim, name, _one_param(), **options)
-    assert fused.defaults == reference.defaults
+    assert as_torch_group(fused.defaults) == reference.defaults
+    assert fused.defaults.items() >= FUSED_GROUP_DEFAULTS.items()
     strip = lambda group: {k: v for k, v in group.items() if k != "params"}  # noqa: E731
-    assert strip(fused.param_groups[0]) == strip(reference.param_groups[0])
+    assert strip(as_torch_group(fused.param_groups[0])) == strip(reference.param_groups[0])
     for key, value in options.items():
         assert fused.param_groups[0][key] is value
 

@@ -221,9 +221,32 @@ def _steps(n=len(SHAPES)):
     return [torch.tensor(3.0) for _ in range(n)]
 
 
-def _valid_call(op_name, **modes):
-    """Keyword arguments of a valid call of `op_name` on two params, for the given mode flags."""
-    common = {"params": _tensors(), "grads": _tensors(), "lr": 0.1, "maximize": False}
+def _valid_call(op_name, master=False, **modes):
+    """Keyword arguments of a valid call of `op_name` on two params, for the given mode flags;
+    with `master`, bfloat16 params and grads with float32 masters and states."""
+    call = _valid_fp32_call(op_name, **modes)
+    if master:
+        call["master_params"] = [p.clone() for p in call["params"]]
+        call["params"] = [p.bfloat16() for p in call["params"]]
+        call["grads"] = [g.bfloat16() for g in call["grads"]]
+    return call
+
+
+def _valid_fp32_call(op_name, **modes):
+    if op_name == "grad_norm_":
+        return {
+            "grads": _tensors(),
+            "norm": torch.zeros(()),
+            "found_inf": torch.zeros(()),
+            "workspace": torch.zeros(fused_opt._ops.GRAD_NORM_WORKSPACE_NUMEL),
+        }
+    common = {
+        "params": _tensors(),
+        "grads": _tensors(),
+        "master_params": [],
+        "lr": 0.1,
+        "maximize": False,
+    }
     if op_name == "adam_":
         amsgrad = modes.get("amsgrad", False)
         return {
@@ -244,7 +267,7 @@ def _valid_call(op_name, **modes):
         return {
             **common,
             "momentum_buffers": _tensors() if momentum else [],
-            "is_first_step": [False] * len(SHAPES) if momentum else [],
+            "steps": _steps() if momentum else [],
             "momentum": momentum,
             "dampening": 0.0,
             "weight_decay": 0.0,
@@ -377,7 +400,7 @@ OP_CASES = {
         "sgd_",
         {},
         _replace("momentum_buffers", lambda s: _tensors()),
-        "momentum_buffers must be given exactly when momentum != 0",
+        "momentum_buffers and steps must be given exactly when momentum != 0",
     ),
     "sgd-momentum-without-buffers": (
         "sgd_",
@@ -385,11 +408,77 @@ OP_CASES = {
         _replace("momentum_buffers", lambda s: []),
         "got 2 params but 0 momentum_buffers",
     ),
-    "sgd-is_first_step-short": (
+    "sgd-fewer-steps": (
         "sgd_",
         {"momentum": 0.9},
-        _replace("is_first_step", lambda s: s[:1]),
-        "is_first_step needs one entry per param",
+        _replace("steps", lambda s: s[:1]),
+        "got 2 params but 1 steps",
+    ),
+    "sgd-steps-without-momentum": (
+        "sgd_",
+        {},
+        _replace("steps", lambda s: _steps()),
+        "momentum_buffers and steps must be given exactly when momentum != 0",
+    ),
+    "adam-fewer-master_params": (
+        "adam_",
+        {"master": True},
+        _replace("master_params", lambda s: s[:1]),
+        "got 2 params but 1 master_params",
+    ),
+    "adam-master-for-fp32-param": (
+        "adam_",
+        {},
+        _replace("master_params", lambda s: _tensors()),
+        "params[0] has dtype Float; master_params are for float16 and bfloat16 params only",
+    ),
+    "adam-master-bf16": (
+        "adam_",
+        {"master": True},
+        _set("master_params", 1, lambda m: m.bfloat16()),
+        "master_params[1] must be a float32 tensor",
+    ),
+    "adam-master-shape": (
+        "adam_",
+        {"master": True},
+        _set("master_params", 0, lambda m: m.reshape(3, 4)),
+        "master_params[0] must have the device, shape and strides of params[0]",
+    ),
+    "adam-bf16-state-under-master": (
+        "adam_",
+        {"master": True},
+        _set("exp_avg_sqs", 1, lambda s: s.bfloat16()),
+        "exp_avg_sqs[1] has dtype BFloat16 but master_params[1] has dtype Float",
+    ),
+    "sgd-grad_scale-float64": (
+        "sgd_",
+        {},
+        _replace("grad_scale", lambda _: torch.tensor(2.0, dtype=torch.float64)),
+        "grad_scale must be a one-element float32 tensor",
+    ),
+    "rmsprop-found_inf-two-elements": (
+        "rmsprop_",
+        {},
+        _replace("found_inf", lambda _: torch.zeros(2)),
+        "found_inf must be a one-element float32 tensor",
+    ),
+    "adagrad-grad_norm-without-max_grad_norm": (
+        "adagrad_",
+        {},
+        _replace("grad_norm", lambda _: torch.tensor(1.0)),
+        "grad_norm must be given exactly when max_grad_norm is",
+    ),
+    "adagrad-max_grad_norm-without-grad_norm": (
+        "adagrad_",
+        {},
+        _replace("max_grad_norm", lambda _: 1.0),
+        "grad_norm must be given exactly when max_grad_norm is",
+    ),
+    "adam-negative-max_grad_norm": (
+        "adam_",
+        {},
+        lambda call: call.update(grad_norm=torch.tensor(1.0), max_grad_norm=-1.0),
+        "max_grad_norm must be >= 0, got -1",
     ),
     "sgd-nesterov-without-momentum": (
         "sgd_",
@@ -535,6 +624,42 @@ CPU_KERNEL_CASES = {
         {},
         _replace("lr_tensor", lambda _: torch.tensor(0.1, device="meta")),
         "lr_tensor is on meta but the params are on cpu",
+    ),
+    "grad_norm-int-grad": (
+        "grad_norm_",
+        {},
+        _set("grads", 1, lambda g: g.int()),
+        "grads[1] has dtype Int; supported: float32, float64, float16, bfloat16",
+    ),
+    "grad_norm-strided-grad": (
+        "grad_norm_",
+        {},
+        _set("grads", 0, lambda g: torch.zeros(4, 6)[:, ::2]),
+        "grads[0] is not dense in memory",
+    ),
+    "grad_norm-norm-float64": (
+        "grad_norm_",
+        {},
+        _replace("norm", lambda _: torch.zeros((), dtype=torch.float64)),
+        "norm must be a one-element float32 tensor",
+    ),
+    "grad_norm-workspace-float16": (
+        "grad_norm_",
+        {},
+        _replace("workspace", lambda w: w.half()),
+        "workspace must be a contiguous float32 tensor",
+    ),
+    "grad_norm-grad_scale-two-elements": (
+        "grad_norm_",
+        {},
+        _replace("grad_scale", lambda _: torch.ones(2)),
+        "grad_scale must be a one-element float32 tensor",
+    ),
+    "sgd-found_inf-on-another-device": (
+        "sgd_",
+        {},
+        _replace("found_inf", lambda _: torch.tensor(0.0, device="meta")),
+        "found_inf is on meta but the params are on cpu",
     ),
 }
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 import fused_opt
 from config import tolerance
+from optim_helpers import as_torch_state
 from reference import REFERENCES
 
 STEPS = 10
@@ -265,6 +266,7 @@ class ParityRun:
                 where = f"{when}, group {group_index}, param {tuple(fused_p.shape)} {dtype}"
                 assert_close(fused_p, torch_p, dtype, f"param vs torch, {where}", param_scale)
                 assert_close(fused_p, ref_p, dtype, f"param vs reference, {where}", param_scale)
+                fused_state = as_torch_state(self.name, fused_state)
                 assert set(fused_state) == set(torch_state), f"state keys, {where}"
                 # The reference creates Adagrad's state on the first step, torch in __init__.
                 if ref_state:

@@ -11,6 +11,8 @@ import torch
 
 import fused_opt
 from optim_helpers import (
+    as_torch_group,
+    as_torch_state,
     FULL_STATE_OPTIONS,
     GROUP_NAMES,
     NAMES,
@@ -59,10 +61,10 @@ def test_state_dict_layout_matches_torch(name):
     _, fused = _trained(fused_opt, name)
     _, reference = _trained(torch.optim, name)
     fused_dict, reference_dict = fused.state_dict(), reference.state_dict()
-    assert fused_dict["param_groups"] == reference_dict["param_groups"]
+    assert [as_torch_group(g) for g in fused_dict["param_groups"]] == reference_dict["param_groups"]
     assert fused_dict["state"].keys() == reference_dict["state"].keys()
     for index, expected in reference_dict["state"].items():
-        actual = fused_dict["state"][index]
+        actual = as_torch_state(name, fused_dict["state"][index])
         assert actual.keys() == expected.keys(), f"state keys of param {index}"
         for key, value in expected.items():
             assert (actual[key].dtype, actual[key].device, actual[key].shape) == (

@@ -12,12 +12,18 @@ using math::WeightDecay;
 
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-              double lr, double beta1, double beta2, double weight_decay, double eps,
-              bool amsgrad, bool maximize, bool decoupled_weight_decay,
-              const std::optional<at::Tensor>& lr_tensor) {
-  check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
-                  lr_tensor);
+              at::TensorList master_params, double lr, double beta1, double beta2,
+              double weight_decay, double eps, bool amsgrad, bool maximize,
+              bool decoupled_weight_decay, const std::optional<at::Tensor>& lr_tensor,
+              const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
+  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+  check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+                  amsgrad, lr_tensor, scaling);
   if (params.empty()) return;
+  const std::optional<float> grad_factor = step_grad_factor(scaling);
+  if (!grad_factor) return;
 
   increment_steps(steps);
   const math::AdamHyper hyper{effective_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay};
@@ -27,8 +33,8 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
       with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
           mode, [&](auto kMode) {
             apply_elementwise<3>(
-                params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-                [&](auto opmath_tag, size_t t, const auto& run) {
+                params, grads, master_params, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
+                *grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
                   using T = decltype(opmath_tag);
                   run(math::AdamElement<T, kAmsgrad, kMaximize, kMode>{
                       math::adam_tensor_scalars<T>(hyper, step_value(steps[t]))});

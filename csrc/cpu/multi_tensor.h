@@ -8,9 +8,13 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
+#include "fused_opt/math/grad_scaling.h"
 #include "fused_opt/math/macros.h"
+#include "fused_opt/validate.h"
 
 namespace fused_opt::cpu {
 
@@ -30,13 +34,21 @@ namespace fused_opt::cpu {
 
 constexpr int kMaxStates = 3;
 
-// One pass over n elements. Unused state pointers are never touched (the functor's
-// kNumStates is a compile-time constant), so separate restrict pointers keep the loop free of
-// aliasing checks and let the compiler vectorize it.
-template <typename ParamT, typename GradT, typename StateT, typename Element>
+// The param-copy pointer type of loops without master weights: nothing is written through it.
+struct NoCopy {};
+
+// One pass over n elements. `param` is what the update math updates (the float32 master when
+// there is one); `param_copy`, unless NoCopy, receives its rounding to the 16-bit param. Every
+// gradient is multiplied by grad_factor (loss scale and clipping, math/grad_scaling.h) before
+// the math sees it; x * 1 is exact, so the factor costs no accuracy when there is none. Unused
+// state pointers are never touched (the functor's kNumStates is a compile-time constant), so
+// separate restrict pointers keep the loop free of aliasing checks and let it vectorize.
+template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element>
 FUSED_OPT_HD void update_elements(ParamT* __restrict param, const GradT* __restrict grad,
                                   StateT* __restrict state0, StateT* __restrict state1,
-                                  StateT* __restrict state2, int64_t n, const Element& element) {
+                                  StateT* __restrict state2, CopyT* __restrict param_copy,
+                                  int64_t n, typename Element::opmath grad_factor,
+                                  const Element& element) {
   using T = typename Element::opmath;
   constexpr int kStates = Element::kNumStates;
   static_assert(kStates <= kMaxStates, "update_elements handles at most three state tensors");
@@ -46,41 +58,36 @@ FUSED_OPT_HD void update_elements(ParamT* __restrict param, const GradT* __restr
     if constexpr (kStates > 1) states[1] = static_cast<T>(state1[i]);
     if constexpr (kStates > 2) states[2] = static_cast<T>(state2[i]);
     T p = static_cast<T>(param[i]);
-    element(p, static_cast<T>(grad[i]), states);
+    element(p, static_cast<T>(grad[i]) * grad_factor, states);
     if constexpr (kStates > 0) state0[i] = static_cast<StateT>(states[0]);
     if constexpr (kStates > 1) state1[i] = static_cast<StateT>(states[1]);
     if constexpr (kStates > 2) state2[i] = static_cast<StateT>(states[2]);
     param[i] = static_cast<ParamT>(p);
+    if constexpr (!std::is_same_v<CopyT, NoCopy>) param_copy[i] = static_cast<CopyT>(p);
   }
 }
 
-template <typename ParamT, typename GradT, typename StateT, typename Element>
-FUSED_OPT_CPU_CLONES_16BIT void update_range_16bit(ParamT* __restrict param,
-                                                   const GradT* __restrict grad,
-                                                   StateT* __restrict state0,
-                                                   StateT* __restrict state1,
-                                                   StateT* __restrict state2, int64_t n,
-                                                   const Element element) {
-  update_elements(param, grad, state0, state1, state2, n, element);
-}
+#define FUSED_OPT_UPDATE_RANGE(name, clones)                                                     \
+  template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element> \
+  clones void name(ParamT* __restrict param, const GradT* __restrict grad,                     \
+                   StateT* __restrict state0, StateT* __restrict state1,                       \
+                   StateT* __restrict state2, CopyT* __restrict param_copy, int64_t n,         \
+                   typename Element::opmath grad_factor, const Element element) {              \
+    update_elements(param, grad, state0, state1, state2, param_copy, n, grad_factor, element); \
+  }
+// An attribute cannot depend on a template parameter, hence one wrapper per set of clones.
+FUSED_OPT_UPDATE_RANGE(update_range_16bit, FUSED_OPT_CPU_CLONES_16BIT)
+FUSED_OPT_UPDATE_RANGE(update_range_wide, FUSED_OPT_CPU_CLONES_WIDE)
+#undef FUSED_OPT_UPDATE_RANGE
 
-template <typename ParamT, typename GradT, typename StateT, typename Element>
-FUSED_OPT_CPU_CLONES_WIDE void update_range_wide(ParamT* __restrict param,
-                                                 const GradT* __restrict grad,
-                                                 StateT* __restrict state0,
-                                                 StateT* __restrict state1,
-                                                 StateT* __restrict state2, int64_t n,
-                                                 const Element element) {
-  update_elements(param, grad, state0, state1, state2, n, element);
-}
-
-template <typename ParamT, typename GradT, typename StateT, typename Element>
+template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element>
 void update_range(ParamT* param, const GradT* grad, StateT* state0, StateT* state1,
-                  StateT* state2, int64_t n, const Element& element) {
-  if constexpr (sizeof(ParamT) == 2) {
-    update_range_16bit(param, grad, state0, state1, state2, n, element);
+                  StateT* state2, CopyT* param_copy, int64_t n,
+                  typename Element::opmath grad_factor, const Element& element) {
+  if constexpr (sizeof(GradT) == 2) {
+    update_range_16bit(param, grad, state0, state1, state2, param_copy, n, grad_factor, element);
   } else {
-    update_range_wide(param, grad, state0, state1, state2, n, element);
+    update_range_wide(param, grad, state0, state1, state2, param_copy, n, grad_factor, element);
   }
 }
 
@@ -118,27 +125,49 @@ void parallel_over_elements(at::TensorList params, const Body& body) {
 // run(functor); run then applies it to every element of params[t], grads[t] and the matching
 // entries of the state lists (an empty list: that state is unused). Passing the functor to a
 // continuation lets per-tensor facts (a first step, say) select a different compiled loop.
+// With master_params, the functor updates master_params[t] and float32 states, and params[t]
+// receives the result rounded to its 16-bit type.
 template <size_t kLists, typename WithElement>
-void apply_elementwise(at::TensorList params, at::TensorList grads,
-                       const std::array<at::TensorList, kLists>& state_lists,
+void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorList master_params,
+                       const std::array<at::TensorList, kLists>& state_lists, float grad_factor,
                        const WithElement& with_element) {
   static_assert(kLists <= kMaxStates, "at most three state lists");
+  const auto state_pointers = [&](size_t t, int64_t begin, auto state_tag) {
+    using StateT = decltype(state_tag);
+    std::array<StateT*, kMaxStates> states{};
+    size_t used = 0;
+    for (const auto& list : state_lists) {
+      if (!list.empty()) states[used++] = list[t].template data_ptr<StateT>() + begin;
+    }
+    return states;
+  };
   parallel_over_elements(params, [&](size_t t, int64_t begin, int64_t end) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, params[t].scalar_type(), "fused_opt_cpu", [&] {
-          using T = math::opmath_t<scalar_t>;
-          std::array<scalar_t*, kMaxStates> states{};
-          size_t used = 0;
-          for (const auto& list : state_lists) {
-            if (!list.empty()) states[used++] = list[t].template data_ptr<scalar_t>() + begin;
-          }
-          scalar_t* param = params[t].data_ptr<scalar_t>() + begin;
-          const scalar_t* grad = grads[t].data_ptr<scalar_t>() + begin;
-          with_element(T{}, t, [&](const auto& element) {
-            update_range<scalar_t, scalar_t, scalar_t>(param, grad, states[0], states[1],
-                                                       states[2], end - begin, element);
+    const int64_t n = end - begin;
+    if (master_params.empty()) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, params[t].scalar_type(), "fused_opt_cpu", [&] {
+            using T = math::opmath_t<scalar_t>;
+            const auto states = state_pointers(t, begin, scalar_t{});
+            scalar_t* param = params[t].data_ptr<scalar_t>() + begin;
+            const scalar_t* grad = grads[t].data_ptr<scalar_t>() + begin;
+            with_element(T{}, t, [&](const auto& element) {
+              update_range(param, grad, states[0], states[1], states[2],
+                           static_cast<NoCopy*>(nullptr), n, static_cast<T>(grad_factor),
+                           element);
+            });
           });
+    } else {
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(params[t].scalar_type(), "fused_opt_cpu_master", [&] {
+        const auto states = state_pointers(t, begin, float{});
+        float* master = master_params[t].data_ptr<float>() + begin;
+        const scalar_t* grad = grads[t].data_ptr<scalar_t>() + begin;
+        scalar_t* param = params[t].data_ptr<scalar_t>() + begin;
+        with_element(float{}, t, [&](const auto& element) {
+          update_range(master, grad, states[0], states[1], states[2], param, n, grad_factor,
+                       element);
         });
+      });
+    }
   });
 }
 
@@ -152,6 +181,14 @@ inline double step_value(const at::Tensor& step) { return *step.data_ptr<float>(
 
 inline double effective_lr(double lr, const std::optional<at::Tensor>& lr_tensor) {
   return lr_tensor ? lr_tensor->item<double>() : lr;
+}
+
+// The factor every gradient of this step is multiplied by, or nullopt when found_inf says the
+// step must change nothing. CPU tensors are host memory, so reading them costs no sync.
+inline std::optional<float> step_grad_factor(const ScalingArgs& scaling) {
+  const math::GradScaling view = scaling.view();
+  if (math::skips_step(view)) return std::nullopt;
+  return math::grad_factor(view);
 }
 
 }  // namespace fused_opt::cpu

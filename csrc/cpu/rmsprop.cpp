@@ -10,11 +10,18 @@ namespace {
 
 void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                  at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
-                 double lr, double alpha, double eps, double weight_decay, double momentum,
-                 bool centered, bool maximize, const std::optional<at::Tensor>& lr_tensor) {
-  check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, momentum,
-                     centered, lr_tensor);
+                 at::TensorList master_params, double lr, double alpha, double eps,
+                 double weight_decay, double momentum, bool centered, bool maximize,
+                 const std::optional<at::Tensor>& lr_tensor,
+                 const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf,
+                 const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
+  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+  check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
+                     master_params, momentum, centered, lr_tensor, scaling);
   if (params.empty()) return;
+  const std::optional<float> grad_factor = step_grad_factor(scaling);
+  if (!grad_factor) return;
   const bool has_momentum = momentum > 0.0;
 
   increment_steps(steps);
@@ -24,8 +31,8 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
       with_bool(centered, [&](auto kCentered) {
         with_bool(has_momentum, [&](auto kMomentum) {
           apply_elementwise<3>(
-              params, grads, {square_avgs, grad_avgs, momentum_buffers},
-              [&](auto opmath_tag, size_t, const auto& run) {
+              params, grads, master_params, {square_avgs, grad_avgs, momentum_buffers},
+              *grad_factor, [&](auto opmath_tag, size_t, const auto& run) {
                 using T = decltype(opmath_tag);
                 run(math::RmspropElement<T, kMaximize, kWeightDecay, kCentered, kMomentum>{
                     math::rmsprop_tensor_scalars<T>(hyper)});

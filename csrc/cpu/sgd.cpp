@@ -11,12 +11,20 @@ namespace {
 using math::Momentum;
 
 void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-             const c10::List<bool>& is_first_step, double lr, double momentum, double dampening,
-             double weight_decay, bool nesterov, bool maximize,
-             const std::optional<at::Tensor>& lr_tensor) {
-  check_sgd_args(params, grads, momentum_buffers, is_first_step, momentum, nesterov, lr_tensor);
+             at::TensorList steps, at::TensorList master_params, double lr, double momentum,
+             double dampening, double weight_decay, bool nesterov, bool maximize,
+             const std::optional<at::Tensor>& lr_tensor,
+             const std::optional<at::Tensor>& grad_scale,
+             const std::optional<at::Tensor>& found_inf,
+             const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
+  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+  check_sgd_args(params, grads, momentum_buffers, steps, master_params, momentum, nesterov,
+                 lr_tensor, scaling);
   if (params.empty()) return;
+  const std::optional<float> grad_factor = step_grad_factor(scaling);
+  if (!grad_factor) return;
 
+  increment_steps(steps);
   const math::SgdHyper hyper{effective_lr(lr, lr_tensor), momentum, dampening, weight_decay};
   const Momentum mode = math::sgd_momentum_mode(momentum, nesterov);
   with_bool(maximize, [&](auto kMaximize) {
@@ -24,13 +32,14 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
       with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(
           mode, [&](auto kMode) {
             apply_elementwise<1>(
-                params, grads, {momentum_buffers}, [&](auto opmath_tag, size_t t, const auto& run) {
+                params, grads, master_params, {momentum_buffers}, *grad_factor,
+                [&](auto opmath_tag, size_t t, const auto& run) {
                   using T = decltype(opmath_tag);
                   const auto scalars = math::sgd_tensor_scalars<T>(hyper);
                   if constexpr (kMode == Momentum::kNone) {
                     run(math::SgdElement<T, kMaximize, kWeightDecay, kMode, false>{scalars});
                   } else {
-                    with_bool(is_first_step.get(t), [&](auto kFirstStep) {
+                    with_bool(math::sgd_first_step(step_value(steps[t])), [&](auto kFirstStep) {
                       run(math::SgdElement<T, kMaximize, kWeightDecay, kMode, kFirstStep>{
                           scalars});
                     });

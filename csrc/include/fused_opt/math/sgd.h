@@ -12,6 +12,13 @@ FUSED_OPT_HD constexpr Momentum sgd_momentum_mode(double momentum, bool nesterov
   return momentum == 0.0 ? Momentum::kNone : nesterov ? Momentum::kNesterov : Momentum::kHeavyBall;
 }
 
+// The momentum buffer is started from the gradient on the step that takes its counter to one.
+// The counter sits beside the buffer on the param's device and does not advance on a skipped
+// step, so the kernel, not the host, knows whether the buffer holds anything yet.
+FUSED_OPT_HD constexpr bool sgd_first_step(double step_after_increment) {
+  return step_after_increment == 1.0;
+}
+
 struct SgdHyper {
   double lr, momentum, dampening, weight_decay;
 };

@@ -1,0 +1,112 @@
+#include <torch/library.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/multi_tensor.h"
+#include "fused_opt/validate.h"
+
+namespace fused_opt::cpu {
+namespace {
+
+// Gradients are cut into chunks of this many elements, each tensor on its own; a chunk's partial
+// sum depends only on its elements, and the partials are added in chunk order. The result is
+// therefore the same whatever the number of threads.
+constexpr int64_t kNormChunk = 1 << 15;
+constexpr int kLanes = 8;
+
+struct ChunkSums {
+  double squares;
+  double nonfinite;  // NaN when the chunk holds an inf or NaN, else zero
+};
+
+template <typename S>
+FUSED_OPT_HD double widen(S x) {
+  if constexpr (std::is_same_v<S, double>) {
+    return x;
+  } else {
+    return static_cast<double>(static_cast<float>(x));
+  }
+}
+
+// Sums in kLanes independent accumulators, in double (squares of 16- and 32-bit values cannot
+// overflow it); x * 0 is NaN exactly for inf and NaN, so the flag needs no compare per element.
+template <typename S>
+FUSED_OPT_CPU_CLONES_WIDE ChunkSums sum_chunk(const S* __restrict x, int64_t n) {
+  double squares[kLanes] = {};
+  double nonfinite[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double v = widen(x[i + l]);
+      squares[l] += v * v;
+      nonfinite[l] += v * 0.0;
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    const double v = widen(x[i]);
+    squares[l] += v * v;
+    nonfinite[l] += v * 0.0;
+  }
+  ChunkSums sums{0.0, 0.0};
+  for (int l = 0; l < kLanes; ++l) {
+    sums.squares += squares[l];
+    sums.nonfinite += nonfinite[l];
+  }
+  return sums;
+}
+
+struct Chunk {
+  size_t tensor;
+  int64_t begin;
+};
+
+void grad_norm_cpu(at::TensorList grads, const at::Tensor& norm, const at::Tensor& found_inf,
+                   const at::Tensor& workspace, const std::optional<at::Tensor>& grad_scale) {
+  check_grad_norm_args(grads, norm, found_inf, workspace, grad_scale, 0);
+
+  // Reused across calls: after the first step no host memory is allocated here. The worker
+  // threads below reach them through these references: the names alone would name each
+  // worker's own (empty) thread_local copies.
+  thread_local std::vector<Chunk> reused_chunks;
+  thread_local std::vector<ChunkSums> reused_partials;
+  std::vector<Chunk>& chunks = reused_chunks;
+  std::vector<ChunkSums>& partials = reused_partials;
+  chunks.clear();
+  for (size_t t = 0; t < grads.size(); ++t) {
+    for (int64_t begin = 0; begin < grads[t].numel(); begin += kNormChunk) {
+      chunks.push_back({t, begin});
+    }
+  }
+  partials.resize(chunks.size());
+
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const at::Tensor& grad = grads[chunks[c].tensor];
+      const int64_t begin = chunks[c].begin;
+      const int64_t n = std::min(kNormChunk, grad.numel() - begin);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                      "fused_opt_grad_norm", [&] {
+                                        partials[c] =
+                                            sum_chunk(grad.const_data_ptr<scalar_t>() + begin, n);
+                                      });
+    }
+  });
+
+  ChunkSums total{0.0, 0.0};
+  for (const ChunkSums& p : partials) {
+    total.squares += p.squares;
+    total.nonfinite += p.nonfinite;
+  }
+  const float inv_scale =
+      grad_scale ? math::inverse_loss_scale(*grad_scale->const_data_ptr<float>()) : 1.0f;
+  *norm.data_ptr<float>() = static_cast<float>(std::sqrt(total.squares) * inv_scale);
+  *found_inf.data_ptr<float>() = std::isnan(total.nonfinite) ? 1.0f : 0.0f;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_opt, CPU, m) { m.impl("grad_norm_", &grad_norm_cpu); }
+
+}  // namespace fused_opt::cpu

@@ -1,0 +1,53 @@
+"""GradScaler for fused_opt optimizers: loss scaling and clipping in two passes over the grads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from fused_opt.optimizer import FusedOptimizer
+
+
+class GradScaler(torch.amp.GradScaler):
+    """Drop-in for :class:`torch.amp.GradScaler`: same constructor, methods and state dict.
+
+    With a fused_opt optimizer, :meth:`step` reads every gradient once (their global norm and
+    whether any is inf or NaN, in one deterministic pass) and then runs the optimizer's step,
+    which unscales and clips the gradients in registers and changes nothing when one was inf or
+    NaN. Nothing waits for the device, no gradient is written back, and :meth:`update` backs
+    the scale off from the same flag. Afterwards ``optimizer.last_grad_norm`` holds the
+    unscaled, unclipped norm and ``optimizer.last_step_skipped`` the flag, as device tensors.
+
+    With any other optimizer, after an explicit :meth:`unscale_`, or when a grad is sparse, it
+    behaves exactly as torch's GradScaler.
+    """
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if not (
+            self._enabled
+            and isinstance(optimizer, FusedOptimizer)
+            and optimizer._step_supports_amp_scaling
+            and not hasattr(optimizer, "grad_scale")
+            and self._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY
+        ):
+            return super().step(optimizer, *args, **kwargs)
+        if "closure" in kwargs:
+            raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+        scale, _ = self._check_scale_growth_tracker("step")
+
+        stats = optimizer._compute_grad_stats(scale)
+        found_inf_per_device = {device: s.found_inf for device, s in stats.items()}
+        optimizer_state = self._per_optimizer_states[id(optimizer)]
+        optimizer_state["found_inf_per_device"] = found_inf_per_device
+        found_infs = [t.to(scale.device, non_blocking=True) for t in found_inf_per_device.values()]
+        optimizer.grad_scale = scale
+        optimizer.found_inf = found_infs[0] if len(found_infs) == 1 else sum(found_infs)
+        optimizer._precomputed_grad_stats = stats
+        try:
+            result = optimizer.step(*args, **kwargs)
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf, optimizer._precomputed_grad_stats
+        optimizer_state["stage"] = OptState.STEPPED
+        return result
