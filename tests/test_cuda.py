@@ -3,18 +3,24 @@
 * Op level, against fused_opt's CPU kernels (which test_parity.py ties to the float64 references):
   every optimizer, every option combination, every dtype; mixed dtypes in one call; empty tensors
   anywhere; storage offsets that break 16-byte alignment; 10^5 tiny tensors; a tensor past 2^31
-  elements (slow).
+  elements (slow). Loss scale, found_inf and clipping read on the device; float32 master weights
+  for fp16 and bf16 params; a skipped step that changes nothing, step counters included, and
+  SGD's momentum buffers starting on the first step taken.
+* grad_norm_: the CPU kernel's norm and inf/NaN flag, the same bits on every call, more grads
+  than one launch holds.
 * Class level: fused_opt on CUDA against torch.optim on CUDA and the float64 references.
 * The promises of a capturable step: one main kernel launch per step for GPT-2 small's 148 tensors
   (fp32, and fp32 mixed with bf16), no host synchronization, no allocation, the caller's stream, the
   params' device, CUDA graph capture whose replays equal eager steps, and a tensor lr changed
-  between replays taking effect.
+  between replays taking effect; likewise with scaling and masters, and grad_norm_ in one launch,
+  captured together with the step it feeds.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +54,7 @@ SHAPES = [(1,), (1031,), (3, 7, 5), (65543,), (0,)]
 DEVICE = "cuda"
 MAIN_KERNEL = "multi_tensor_kernel"
 STEP_KERNEL = "increment_steps_kernel"
+NORM_KERNEL = "grad_norm_kernel"
 
 
 def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
@@ -107,16 +114,17 @@ def state_lists(op: str, options: dict[str, Any]) -> list[tuple[str, bool]]:
 
 @dataclass
 class OpTensors:
-    """Everything one op call takes, on one device; unused state lists are empty."""
+    """Everything one op call takes, on one device; unused state lists are empty. With masters
+    (float32 copies of 16-bit params), the states are float32 too."""
 
     params: list[Tensor]
     states: dict[str, list[Tensor]]
     steps: list[Tensor]
-    first_step: list[bool]
+    masters: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
 
     def all_tensors(self) -> dict[str, list[Tensor]]:
-        return {"params": self.params, **self.states, "steps": self.steps}
+        return {"params": self.params, "masters": self.masters, **self.states, "steps": self.steps}
 
 
 def initial_state(op: str, key: str, param: Tensor, generator: torch.Generator) -> Tensor:
@@ -141,20 +149,29 @@ def initial_state(op: str, key: str, param: Tensor, generator: torch.Generator) 
     return values.to(param.dtype)
 
 
+def has_steps(op: str, options: dict[str, Any]) -> bool:
+    """SGD keeps counters only with momentum: they start its buffers."""
+    return op != "sgd" or options["momentum"] != 0
+
+
 def make_op_tensors(op: str, options: dict[str, Any], specs: Sequence[tuple[tuple[int, ...], torch.dtype]],
-                    seed: int) -> OpTensors:
-    """CPU tensors for one op call: params of the given shapes and dtypes, their states."""
+                    seed: int, masters: bool = False) -> OpTensors:
+    """CPU tensors for one op call: params of the given shapes and dtypes, their states; with
+    masters, float32 masters that the 16-bit params are the rounding of, and float32 states."""
     generator = torch.Generator().manual_seed(seed)
-    params = [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-              for shape, dtype in specs]
+    exact = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape, _ in specs]
+    master_list = [e.float() for e in exact] if masters else []
+    params = [source.to(dtype) for source, (_, dtype) in zip(master_list or exact, specs)]
+    state_like = master_list or params
     states = {
-        key: [initial_state(op, key, p, generator) for p in params] if used else []
+        key: [initial_state(op, key, p, generator) for p in state_like] if used else []
         for key, used in state_lists(op, options)
     }
-    # Step counters past 1, so bias corrections are not trivially the first step's.
-    steps = [] if op == "sgd" else [torch.full((), 3.0) for _ in params]
-    first_step = [True] * len(params) if op == "sgd" and options["momentum"] != 0 else []
-    return OpTensors(params, states, steps, first_step)
+    # Step counters past 1, so bias corrections are not trivially the first step's; SGD's start
+    # at 0, so that the first call starts the momentum buffers and the later ones continue them.
+    start = 0.0 if op == "sgd" else 3.0
+    steps = [torch.full((), start) for _ in params] if has_steps(op, options) else []
+    return OpTensors(params, states, steps, master_list)
 
 
 def random_grads(params: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
@@ -186,35 +203,36 @@ def copy_to(tensors: OpTensors, device: str, offset: int = 0) -> OpTensors:
         [placed(p, device, offset) for p in tensors.params],
         {key: [placed(s, device, offset) for s in ts] for key, ts in tensors.states.items()},
         [s.to(device).clone() for s in tensors.steps],
-        list(tensors.first_step),
+        [placed(m, device, offset) for m in tensors.masters],
     )
 
 
-def call_op(op: str, t: OpTensors, options: dict[str, Any], lr_tensor: Tensor | None = None) -> None:
+def call_op(op: str, t: OpTensors, options: dict[str, Any], lr_tensor: Tensor | None = None,
+            **scaling: Any) -> None:
+    """One op call; scaling: grad_scale, found_inf, grad_norm, max_grad_norm."""
     o = {**OP_DEFAULTS[op], **options}
     lists = [t.states[key] for key, _ in state_lists(op, o)]
     if op == "adam":
         torch.ops.fused_opt.adam_(
-            t.params, t.grads, *lists, t.steps, lr=o["lr"], beta1=o["beta1"], beta2=o["beta2"],
-            weight_decay=o["weight_decay"], eps=o["eps"], amsgrad=o["amsgrad"],
+            t.params, t.grads, *lists, t.steps, t.masters, lr=o["lr"], beta1=o["beta1"],
+            beta2=o["beta2"], weight_decay=o["weight_decay"], eps=o["eps"], amsgrad=o["amsgrad"],
             maximize=o["maximize"], decoupled_weight_decay=o["decoupled_weight_decay"],
-            lr_tensor=lr_tensor)
+            lr_tensor=lr_tensor, **scaling)
     elif op == "sgd":
         torch.ops.fused_opt.sgd_(
-            t.params, t.grads, *lists, t.first_step, lr=o["lr"], momentum=o["momentum"],
+            t.params, t.grads, *lists, t.steps, t.masters, lr=o["lr"], momentum=o["momentum"],
             dampening=o["dampening"], weight_decay=o["weight_decay"], nesterov=o["nesterov"],
-            maximize=o["maximize"], lr_tensor=lr_tensor)
-        t.first_step = [False] * len(t.first_step)
+            maximize=o["maximize"], lr_tensor=lr_tensor, **scaling)
     elif op == "rmsprop":
         torch.ops.fused_opt.rmsprop_(
-            t.params, t.grads, *lists, t.steps, lr=o["lr"], alpha=o["alpha"], eps=o["eps"],
-            weight_decay=o["weight_decay"], momentum=o["momentum"], centered=o["centered"],
-            maximize=o["maximize"], lr_tensor=lr_tensor)
+            t.params, t.grads, *lists, t.steps, t.masters, lr=o["lr"], alpha=o["alpha"],
+            eps=o["eps"], weight_decay=o["weight_decay"], momentum=o["momentum"],
+            centered=o["centered"], maximize=o["maximize"], lr_tensor=lr_tensor, **scaling)
     else:
         torch.ops.fused_opt.adagrad_(
-            t.params, t.grads, *lists, t.steps, lr=o["lr"], lr_decay=o["lr_decay"],
+            t.params, t.grads, *lists, t.steps, t.masters, lr=o["lr"], lr_decay=o["lr_decay"],
             weight_decay=o["weight_decay"], eps=o["eps"], maximize=o["maximize"],
-            lr_tensor=lr_tensor)
+            lr_tensor=lr_tensor, **scaling)
 
 
 def assert_close(actual: Tensor, expected: Tensor, what: str, scale: float = 1.0) -> None:
@@ -240,16 +258,55 @@ def assert_ops_agree(actual: OpTensors, expected: OpTensors, when: str) -> None:
             assert_close(a, e, f"{kind}[{index}] {tuple(e.shape)} {e.dtype}, {when}", scale)
 
 
+# GradScaler's kind of scale: a power of two, so that scaling the grads and unscaling them in the
+# kernels are exact, and small enough for fp16 grads up to 1.5.
+GRAD_SCALE = 2.0**12
+# Which of the op's scaling arguments a call gets ("all": loss scale, found_inf and clipping).
+SCALINGS = ("grad_scale", "found_inf", "clip", "all")
+
+
+def scaled(grads: Sequence[Tensor], scaling: str | None) -> list[Tensor]:
+    """The grads as the op receives them: multiplied by the loss scale when the call has one."""
+    if scaling not in ("grad_scale", "all"):
+        return list(grads)
+    return [(g.double() * GRAD_SCALE).to(g.dtype) for g in grads]
+
+
+def scaling_args(scaling: str | None, grads: Sequence[Tensor], device: torch.device | str
+                 ) -> dict[str, Any]:
+    """The op's scaling arguments on `device` for the unscaled `grads`; a step that proceeds
+    (found_inf zero), and a clipping threshold of half the grads' global norm, so that it clips."""
+    args: dict[str, Any] = {}
+    if scaling in ("grad_scale", "all"):
+        args["grad_scale"] = torch.tensor(GRAD_SCALE, device=device)
+    if scaling in ("found_inf", "all"):
+        args["found_inf"] = torch.zeros((), device=device)
+    if scaling in ("clip", "all"):
+        norm = math.sqrt(sum(g.double().square().sum().item() for g in grads))
+        args["grad_norm"] = torch.tensor(norm, dtype=torch.float32, device=device)
+        args["max_grad_norm"] = norm / 2
+    return args
+
+
+def assert_params_round_masters(t: OpTensors, when: str) -> None:
+    for index, (p, m) in enumerate(zip(t.params, t.masters)):
+        assert torch.equal(p, m.to(p.dtype)), f"params[{index}] is not its master rounded, {when}"
+
+
 def run_cuda_and_cpu(op: str, options: dict[str, Any], cpu: OpTensors, cuda: OpTensors,
-                     steps: int = 3, seed: int = 0) -> None:
-    """Steps both sets with the same grads and compares every tensor after every step."""
+                     steps: int = 3, seed: int = 0, scaling: str | None = None) -> None:
+    """Steps both sets with the same grads (and scaling arguments) and compares every tensor after
+    every step."""
     generator = torch.Generator().manual_seed(seed)
+    device = cuda.params[0].device if cuda.params else DEVICE
     for step in range(steps):
-        cpu.grads = random_grads(cpu.params, generator)
+        grads = random_grads(cpu.params, generator)
+        cpu.grads = scaled(grads, scaling)
         cuda.grads = [g.to(p.device) for g, p in zip(cpu.grads, cuda.params)]
-        call_op(op, cpu, options)
-        call_op(op, cuda, options)
+        call_op(op, cpu, options, **scaling_args(scaling, grads, "cpu"))
+        call_op(op, cuda, options, **scaling_args(scaling, grads, device))
         assert_ops_agree(cuda, cpu, f"after step {step + 1}")
+        assert_params_round_masters(cuda, f"after step {step + 1}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -295,13 +352,18 @@ def test_storage_offsets_that_break_alignment(op, offset, dtype):
         call_op(op, cpu, OP_RICH[op])
         call_op(op, cuda, OP_RICH[op])
         assert_ops_agree(cuda, cpu, f"after step {step + 1}")
-    for kind, tensors in cuda.all_tensors().items():
+    assert_nothing_written_around(cuda, offset)
+
+
+def assert_nothing_written_around(t: OpTensors, offset: int) -> None:
+    """The zeroed buffers around tensors placed `offset` elements into them are still zero."""
+    for kind, tensors in t.all_tensors().items():
         if kind == "steps":
             continue
-        for t in tensors:
-            base = t._base
+        for view in tensors:
+            base = view._base
             assert base is not None and not base[:offset].any(), f"{kind}: a write before the view"
-            assert not base[offset + t.numel():].any(), f"{kind}: a write past the view"
+            assert not base[offset + view.numel():].any(), f"{kind}: a write past the view"
 
 
 @pytest.mark.parametrize("op", list(OP_RICH))
@@ -328,12 +390,12 @@ def test_hundred_thousand_tiny_tensors():
         {"exp_avgs": split(torch.randn(total, generator=generator) * 0.1),
          "exp_avg_sqs": split(torch.rand(total, generator=generator) * 0.01 + 0.02),
          "max_exp_avg_sqs": split(torch.rand(total, generator=generator) * 0.02 + 0.01)},
-        [torch.full((), 3.0) for _ in sizes], [])
+        [torch.full((), 3.0) for _ in sizes])
     flat_cuda = {kind: torch.cat(ts).to(DEVICE) for kind, ts in
                  {"params": cpu.params, **cpu.states}.items()}
     cuda = OpTensors(list(flat_cuda["params"].split(sizes)),
                      {k: list(v.split(sizes)) for k, v in flat_cuda.items() if k != "params"},
-                     [s.to(DEVICE, copy=True) for s in cpu.steps], [])
+                     [s.to(DEVICE, copy=True) for s in cpu.steps])
     for _ in range(2):
         grads = torch.randn(total, generator=generator)
         cpu.grads = split(grads)
@@ -363,7 +425,7 @@ def test_tensor_past_two_to_the_31_elements():
         [torch.randn(7, dtype=dtype, device=DEVICE), torch.randn(n, dtype=dtype, device=DEVICE),
          torch.randn(9, dtype=dtype, device=DEVICE)],
         {"exp_avgs": [], "exp_avg_sqs": [], "max_exp_avg_sqs": []},
-        [torch.full((), 3.0, device=DEVICE) for _ in range(3)], [])
+        [torch.full((), 3.0, device=DEVICE) for _ in range(3)])
     big.states["exp_avgs"] = [torch.randn_like(p) * 0.1 for p in big.params]
     big.states["exp_avg_sqs"] = [torch.rand_like(p) * 0.01 + 0.02 for p in big.params]
     big.grads = [torch.randn_like(p) for p in big.params]
@@ -381,6 +443,215 @@ def test_tensor_past_two_to_the_31_elements():
     call_op(op, expected, options)
     call_op(op, big, options)
     assert_ops_agree(pieces(big), expected, "after one step")
+
+
+# ------------------------------------------------------------------------------------------------
+# Op level: loss scaling, clipping, skipped steps and master weights, against the CPU kernels
+
+HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_scaled_step_matches_cpu_kernel(op, dtype, scaling):
+    cpu = make_op_tensors(op, OP_RICH[op], [(s, dtype) for s in SHAPES], seed=20)
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE), scaling=scaling)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("op, options", OP_CASES)
+def test_master_params_match_cpu_kernel(op, options, dtype):
+    cpu = make_op_tensors(op, options, [(s, dtype) for s in SHAPES], seed=21, masters=True)
+    run_cuda_and_cpu(op, options, cpu, copy_to(cpu, DEVICE))
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_master_params_of_both_16bit_dtypes_scaled_and_misaligned(op, offset):
+    """fp16 and bf16 params in one call with masters, loss scale and clipping, every tensor a view
+    `offset` elements into its own buffer (the grads aligned): 0 and 4 keep the vectors of the
+    master path aligned (16 bytes of float32, 8 of 16-bit), 1 to 3 break them."""
+    specs = [(shape, (torch.float16, torch.bfloat16)[i % 2]) for i, shape in enumerate(SHAPES * 2)]
+    cpu = make_op_tensors(op, OP_RICH[op], specs, seed=22, masters=True)
+    cuda = copy_to(cpu, DEVICE, offset)
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, cuda, scaling="all")
+    if offset:
+        assert_nothing_written_around(cuda, offset)
+
+
+def poisoned_grads(params: Sequence[Tensor]) -> list[Tensor]:
+    """Grads of inf and NaN: an update that read them would leave no tensor as it was."""
+    return [torch.full_like(p, math.inf if index % 2 else math.nan)
+            for index, p in enumerate(params)]
+
+
+@pytest.mark.parametrize("masters", BOOLS, ids=["plain", "masters"])
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_skipped_step_changes_nothing(op, masters):
+    """A nonzero found_inf leaves every tensor bit for bit as it was, step counters included; the
+    steps after it match the CPU kernel's, which never saw the skipped one."""
+    options = OP_RICH[op]
+    dtype = torch.bfloat16 if masters else torch.float32
+    cpu = make_op_tensors(op, options, [(s, dtype) for s in SHAPES], seed=23, masters=masters)
+    cuda = copy_to(cpu, DEVICE)
+    before = {kind: [t.clone() for t in ts] for kind, ts in cuda.all_tensors().items()}
+    cuda.grads = poisoned_grads(cuda.params)
+    call_op(op, cuda, options, grad_scale=torch.tensor(GRAD_SCALE, device=DEVICE),
+            found_inf=torch.ones((), device=DEVICE),
+            grad_norm=torch.tensor(math.inf, device=DEVICE), max_grad_norm=1.0)
+    for kind, tensors in cuda.all_tensors().items():
+        for index, (t, b) in enumerate(zip(tensors, before[kind])):
+            assert torch.equal(t, b), f"{kind}[{index}] changed on a skipped step"
+    run_cuda_and_cpu(op, options, cpu, cuda, steps=2, scaling="all")
+
+
+@pytest.mark.parametrize("nesterov", BOOLS)
+def test_sgd_buffer_starts_on_the_first_step_that_is_not_skipped(nesterov):
+    """The counter, not the host, says whether a momentum buffer holds anything: skipped steps
+    leave it at 0, and the first step taken starts each buffer from the grad as is."""
+    options = {"momentum": 0.9, "dampening": 0.3, "nesterov": nesterov, "weight_decay": 0.0,
+               "maximize": False}
+    cpu = make_op_tensors("sgd", options, [(s, torch.float32) for s in SHAPES], seed=24)
+    cuda = copy_to(cpu, DEVICE)
+    found_inf = torch.ones((), device=DEVICE)
+    buffers = [b.clone() for b in cuda.states["momentum_buffers"]]
+    for _ in range(2):
+        cuda.grads = poisoned_grads(cuda.params)
+        call_op("sgd", cuda, options, found_inf=found_inf)
+    assert all(s.item() == 0.0 for s in cuda.steps)
+    assert all(torch.equal(a, b) for a, b in zip(cuda.states["momentum_buffers"], buffers))
+
+    found_inf.zero_()
+    cpu.grads = random_grads(cpu.params, torch.Generator().manual_seed(25))
+    cuda.grads = [g.to(DEVICE) for g in cpu.grads]
+    call_op("sgd", cpu, options)
+    call_op("sgd", cuda, options, found_inf=found_inf)
+    assert all(s.item() == 1.0 for s in cuda.steps)
+    for index, (buffer, grad) in enumerate(zip(cuda.states["momentum_buffers"], cuda.grads)):
+        assert torch.equal(buffer, grad), f"momentum_buffers[{index}] did not start from the grad"
+    assert_ops_agree(cuda, cpu, "after the first step taken")
+    run_cuda_and_cpu("sgd", options, cpu, cuda, steps=2, scaling="found_inf")
+
+
+# ------------------------------------------------------------------------------------------------
+# Op level: grad_norm_
+
+# Shapes and dtypes of a mixed model's grads: vector tails, a chunk boundary crossed, an empty one.
+NORM_SPECS = [((1,), torch.float32), ((1031,), torch.float16), ((3, 7, 5), torch.bfloat16),
+              ((65543,), torch.float32), ((0,), torch.float32), ((70001,), torch.float64),
+              ((2, 40000), torch.bfloat16), ((33,), torch.float16)]
+
+
+@dataclass
+class NormBuffers:
+    """grad_norm_'s outputs and workspace on one device; the outputs start at values that the op
+    must overwrite."""
+
+    norm: Tensor
+    found_inf: Tensor
+    workspace: Tensor
+
+    @classmethod
+    def on(cls, device: torch.device | str) -> NormBuffers:
+        return cls(torch.full((), -1.0, device=device), torch.full((), -1.0, device=device),
+                   torch.zeros(fused_opt._ops.GRAD_NORM_WORKSPACE_NUMEL, device=device))
+
+
+def grad_norm(grads: Sequence[Tensor], buffers: NormBuffers, grad_scale: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """grad_norm_'s (norm, found_inf), copied."""
+    torch.ops.fused_opt.grad_norm_(list(grads), buffers.norm, buffers.found_inf, buffers.workspace,
+                                   grad_scale=grad_scale)
+    return buffers.norm.clone(), buffers.found_inf.clone()
+
+
+def random_grads_of(specs: Sequence[tuple[tuple[int, ...], torch.dtype]], seed: int
+                    ) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+            for shape, dtype in specs]
+
+
+def exact_norm(grads: Sequence[Tensor]) -> float:
+    return math.sqrt(sum(g.double().square().sum().item() for g in grads))
+
+
+def bits(t: Tensor) -> Tensor:
+    return t.detach().cpu().view(torch.int32)
+
+
+@pytest.mark.parametrize("scale", [None, GRAD_SCALE], ids=["unscaled", "scaled"])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_grad_norm_matches_cpu_and_repeats_bit_for_bit(offset, scale):
+    """The norm of grads of every dtype, views `offset` elements into their buffers: the same bits
+    from a second call on the same workspace (left ready by the first) and from a fresh one, close
+    to the CPU kernel's and to the float64 norm; found_inf overwritten with 0."""
+    unscaled = random_grads_of(NORM_SPECS, seed=26)
+    grads = scaled(unscaled, None if scale is None else "grad_scale")
+    device_grads = [placed(g, DEVICE, offset) for g in grads]
+
+    def scale_on(device: str) -> Tensor | None:
+        return None if scale is None else torch.tensor(scale, device=device)
+
+    cpu_norm, cpu_found_inf = grad_norm(grads, NormBuffers.on("cpu"), scale_on("cpu"))
+    buffers = NormBuffers.on(DEVICE)
+    first = grad_norm(device_grads, buffers, scale_on(DEVICE))
+    again = grad_norm(device_grads, buffers, scale_on(DEVICE))
+    fresh = grad_norm(device_grads, NormBuffers.on(DEVICE), scale_on(DEVICE))
+    for other in (again, fresh):
+        assert torch.equal(bits(first[0]), bits(other[0])) and torch.equal(first[1], other[1])
+    norm = first[0].cpu()
+    # Sums in double in another order: the float32 results are at most an ulp or two apart.
+    torch.testing.assert_close(norm, cpu_norm, rtol=2.5e-7, atol=0)
+    exact = torch.tensor(exact_norm(unscaled), dtype=torch.float64)
+    torch.testing.assert_close(norm.double(), exact, rtol=2.5e-7, atol=0)
+    assert first[1].item() == 0.0 and cpu_found_inf.item() == 0.0
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_norm_flags_inf_and_nan(dtype, bad):
+    """One bad element deep inside one grad sets found_inf, as on the CPU, and the norm follows
+    it (inf, or NaN); the next call on finite grads clears the flag."""
+    specs = [((5,), torch.float32), ((70001,), dtype), ((3,), torch.bfloat16)]
+    grads = random_grads_of(specs, seed=27)
+    finite = [g.clone() for g in grads]
+    grads[1][40000] = bad
+    cpu_norm, cpu_found_inf = grad_norm(grads, NormBuffers.on("cpu"))
+    buffers = NormBuffers.on(DEVICE)
+    norm, found_inf = grad_norm([g.to(DEVICE) for g in grads], buffers)
+    assert found_inf.item() == 1.0 and cpu_found_inf.item() == 1.0
+    torch.testing.assert_close(norm.cpu(), cpu_norm, equal_nan=True)
+    assert math.isnan(norm.item()) == math.isnan(bad)
+    norm, found_inf = grad_norm([g.to(DEVICE) for g in finite], buffers)
+    assert found_inf.item() == 0.0 and math.isfinite(norm.item())
+
+
+@pytest.mark.parametrize("shapes", [[], [(0,)], [(0,), (0, 4)]], ids=["none", "one", "two"])
+def test_grad_norm_of_no_elements_is_zero(shapes):
+    norm, found_inf = grad_norm([torch.zeros(s, device=DEVICE) for s in shapes],
+                                NormBuffers.on(DEVICE))
+    assert norm.item() == 0.0 and found_inf.item() == 0.0
+
+
+def test_grad_norm_over_more_grads_than_one_launch_holds():
+    """5000 grads of 0 to 99 elements and a large one among them, of every dtype: more grads than
+    one kernel's parameters hold, so the partial sums carry across launches."""
+    sizes = np.random.default_rng(28).integers(0, 100, 5000).tolist()
+    sizes[2500] = 300_000
+    sizes[4000] = 7
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    grads = random_grads_of([((n,), dtypes[i % 4]) for i, n in enumerate(sizes)], seed=29)
+    grads[4000][0] = 1e4  # a large term late in the order
+    device_grads = [g.to(DEVICE) for g in grads]
+    cpu_norm, _ = grad_norm(grads, NormBuffers.on("cpu"))
+    buffers = NormBuffers.on(DEVICE)
+    first = grad_norm(device_grads, buffers)
+    again = grad_norm(device_grads, buffers)
+    assert torch.equal(bits(first[0]), bits(again[0]))
+    torch.testing.assert_close(first[0].cpu(), cpu_norm, rtol=2.5e-7, atol=0)
+    assert first[1].item() == 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -492,7 +763,8 @@ def test_one_main_launch_per_step_for_gpt2_small(name, options, dtypes):
     others = [n for n in names if MAIN_KERNEL not in n and STEP_KERNEL not in n]
     assert len(main) == 1, names
     assert others == [], f"unexpected GPU work (copies, fills, other kernels): {others}"
-    assert len(names) == (1 if name == "SGD" else 2), names
+    # Every optimizer but SGD without momentum keeps step counters.
+    assert len(names) == (1 if name == "SGD" and not options.get("momentum") else 2), names
 
 
 @pytest.mark.parametrize("name, options", STEP_CASES)
@@ -530,6 +802,54 @@ def test_step_runs_on_the_current_stream(name, options):
     assert all(torch.equal(s, b) for s, b in zip(snapshot, before)), "the step ran too early"
     side.synchronize()
     assert not all(torch.equal(p, b) for p, b in zip(params, before)), "the step did not run"
+
+
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_scaled_step_with_masters_is_one_main_launch_without_sync_or_allocation(op):
+    """Loss scale, found_inf, clipping and masters add no launch, no sync, no allocation: the
+    kernels read them on the device."""
+    cpu = make_op_tensors(op, OP_RICH[op], [(s, torch.bfloat16) for s in SHAPES], seed=30,
+                          masters=True)
+    t = copy_to(cpu, "cuda")
+    grads = random_grads(cpu.params, torch.Generator().manual_seed(31))
+    t.grads = [g.cuda() for g in scaled(grads, "all")]
+    scaling = scaling_args("all", grads, "cuda")
+    call_op(op, t, OP_RICH[op], **scaling)
+    names = cuda_kernels_of(lambda: call_op(op, t, OP_RICH[op], **scaling))
+    assert sorted(MAIN_KERNEL in n for n in names) == [False, True], names
+    assert sum(STEP_KERNEL in n for n in names) == 1, names
+    allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            call_op(op, t, OP_RICH[op], **scaling)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
+
+
+def test_grad_norm_is_one_launch_without_sync_or_allocation():
+    """GPT-2 small's 148 grads: one kernel, nothing else on the GPU, nothing allocated, no sync."""
+    torch.manual_seed(32)
+    grads = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in gpt2_small_shapes()]
+    buffers = NormBuffers.on("cuda")
+    grad_norm(grads, buffers)
+
+    def call() -> None:
+        torch.ops.fused_opt.grad_norm_(grads, buffers.norm, buffers.found_inf, buffers.workspace)
+
+    names = cuda_kernels_of(call)
+    assert len(names) == 1 and NORM_KERNEL in names[0], names
+    allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -622,6 +942,69 @@ def test_graph_replay_is_bitwise_equal_to_eager_with_the_same_tensor_lr():
         assert torch.equal(gp, ep)
         for key, value in eager_opt.state[ep].items():
             assert torch.equal(graph_opt.state[gp][key], value), key
+
+
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_graph_of_grad_norm_and_a_scaled_clipped_step_matches_eager_calls(op):
+    """grad_norm_ and a step that reads its norm and flag, with a loss scale and 16-bit params
+    with masters, captured once: replays with fresh grads equal the same calls made eagerly bit
+    for bit, a replay whose grads hold an inf changes nothing, and a scale changed in place between
+    replays takes effect. Every replay reuses the workspace that the last one left."""
+    options = OP_RICH[op]
+    specs = [((257, 31), torch.bfloat16), ((1,), torch.float16), ((0,), torch.bfloat16),
+             ((70001,), torch.float16)]
+    cpu = make_op_tensors(op, options, specs, seed=33, masters=True)
+    graph_t, eager_t = copy_to(cpu, "cuda"), copy_to(cpu, "cuda")
+    graph_t.grads = [torch.zeros_like(p) for p in graph_t.params]  # the buffers the graph reads
+    graph_buffers, eager_buffers = NormBuffers.on("cuda"), NormBuffers.on("cuda")
+    graph_scale = torch.tensor(GRAD_SCALE, device="cuda")
+    eager_scale = graph_scale.clone()
+    generator = torch.Generator(device="cuda").manual_seed(34)
+
+    def new_grads(with_inf: bool) -> None:
+        for index, (gp, ep) in enumerate(zip(graph_t.params, eager_t.params)):
+            grad = torch.randn(gp.shape, generator=generator, device="cuda") * graph_scale
+            if with_inf and index == 3:
+                grad[12345] = math.inf
+            graph_t.grads[index].copy_(grad)
+            eager_t.grads[index] = grad.to(ep.dtype)
+
+    def step(t: OpTensors, buffers: NormBuffers, scale: Tensor) -> None:
+        torch.ops.fused_opt.grad_norm_(t.grads, buffers.norm, buffers.found_inf, buffers.workspace,
+                                       grad_scale=scale)
+        call_op(op, t, options, grad_scale=scale, found_inf=buffers.found_inf,
+                grad_norm=buffers.norm, max_grad_norm=1.0)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            new_grads(with_inf=False)
+            step(graph_t, graph_buffers, graph_scale)
+            step(eager_t, eager_buffers, eager_scale)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graph_t, graph_buffers, graph_scale)
+
+    for replay in range(6):
+        if replay == 4:
+            graph_scale.fill_(GRAD_SCALE / 2)
+            eager_scale.fill_(GRAD_SCALE / 2)
+        with_inf = replay == 2
+        new_grads(with_inf)
+        before = {kind: [t.clone() for t in ts] for kind, ts in graph_t.all_tensors().items()}
+        graph.replay()
+        step(eager_t, eager_buffers, eager_scale)
+        torch.cuda.synchronize()
+        where = f"replay {replay + 1}"
+        assert graph_buffers.found_inf.item() == (1.0 if with_inf else 0.0), where
+        assert torch.equal(bits(graph_buffers.norm), bits(eager_buffers.norm)), where
+        for kind, tensors in graph_t.all_tensors().items():
+            for index, (g, e) in enumerate(zip(tensors, eager_t.all_tensors()[kind])):
+                assert torch.equal(g, e), f"{kind}[{index}], {where}"
+                if with_inf:
+                    assert torch.equal(g, before[kind][index]), f"{kind}[{index}] changed, {where}"
 
 
 def test_tensor_lr_of_every_float_dtype():

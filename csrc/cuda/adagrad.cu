@@ -25,14 +25,11 @@ struct AdagradOp {
 
 }  // namespace
 
-void adagrad_step(const TensorArgs* tensors, size_t count, const math::AdagradHyper& hyper,
-                  DeviceScalar lr, bool maximize, void* stream) {
-  const auto cuda_stream = static_cast<cudaStream_t>(stream);
-  increment_steps(tensors, count, cuda_stream);
+void adagrad_step(const StepCall& call, const math::AdagradHyper& hyper, bool maximize) {
+  increment_steps(call);
   with_bool(maximize, [&](auto kMaximize) {
     with_bool(hyper.weight_decay != 0.0, [&](auto kWeightDecay) {
-      launch_multi_tensor(tensors, count, AdagradOp<kMaximize, kWeightDecay>{hyper, lr},
-                          cuda_stream);
+      launch_multi_tensor(call, AdagradOp<kMaximize, kWeightDecay>{hyper, call.lr});
     });
   });
 }

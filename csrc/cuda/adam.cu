@@ -27,19 +27,16 @@ struct AdamOp {
 
 }  // namespace
 
-void adam_step(const TensorArgs* tensors, size_t count, const math::AdamHyper& hyper,
-               DeviceScalar lr, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-               void* stream) {
-  const auto cuda_stream = static_cast<cudaStream_t>(stream);
-  increment_steps(tensors, count, cuda_stream);
+void adam_step(const StepCall& call, const math::AdamHyper& hyper, bool amsgrad, bool maximize,
+               bool decoupled_weight_decay) {
+  increment_steps(call);
   const WeightDecay mode =
       math::adam_weight_decay_mode(hyper.weight_decay, decoupled_weight_decay);
   with_bool(amsgrad, [&](auto kAmsgrad) {
     with_bool(maximize, [&](auto kMaximize) {
       with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
           mode, [&](auto kMode) {
-            launch_multi_tensor(tensors, count, AdamOp<kAmsgrad, kMaximize, kMode>{hyper, lr},
-                                cuda_stream);
+            launch_multi_tensor(call, AdamOp<kAmsgrad, kMaximize, kMode>{hyper, call.lr});
           });
     });
   });

@@ -9,26 +9,31 @@
 
 #include "fused_opt/math/adagrad.h"
 #include "fused_opt/math/adam.h"
+#include "fused_opt/math/grad_scaling.h"
 #include "fused_opt/math/rmsprop.h"
 #include "fused_opt/math/sgd.h"
 
 namespace fused_opt::cuda {
 
-// Storage dtype of one param and all of its tensors (the validation makes them agree).
+// Storage dtype of one param and all of its tensors (the validation makes them agree); with
+// master weights, the dtype of the 16-bit param and its grad.
 enum class DType : uint8_t { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 constexpr int kMaxStates = 3;
 
 // One param's tensors. All of them cover the same numel elements in the same flat order; states
-// beyond the optimizer's count are ignored; step is null for optimizers without a counter.
+// beyond the optimizer's count are ignored; step is null for optimizers without a counter. With
+// master weights, param is the float32 master that the update math updates (states are float32
+// too), and param_copy the float16/bfloat16 param that receives its rounding; otherwise
+// param_copy is null.
 struct TensorArgs {
   void* param;
   const void* grad;
   void* states[kMaxStates];
+  void* param_copy;
   float* step;
   int64_t numel;
   DType dtype;
-  bool first_step;  // SGD: the momentum buffer has never been written
 };
 
 // A one-element tensor the kernels read on the device when ptr is set, so that a value changed
@@ -38,21 +43,57 @@ struct DeviceScalar {
   DType dtype;
 };
 
-// Each call updates every tensor of the list in place on `stream`, without synchronizing with the
-// host and without allocating memory. Modes that select a compiled kernel are explicit arguments;
-// the rest (weight decay on or off, momentum on or off) follow from the hyperparameters as in the
-// CPU kernels. Failures to launch throw std::runtime_error.
-void adam_step(const TensorArgs* tensors, size_t count, const math::AdamHyper& hyper,
-               DeviceScalar lr, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-               void* stream);
+// What every step call has besides its optimizer's hyperparameters and modes.
+struct StepCall {
+  const TensorArgs* tensors;
+  size_t count;
+  DeviceScalar lr;
+  // Device pointers, read by the kernels: a step whose found_inf is nonzero changes nothing,
+  // step counters included, without the host ever reading the flag.
+  math::GradScaling scaling;
+  bool master_weights;  // every TensorArgs has a param_copy
+  void* stream;
+};
 
-void sgd_step(const TensorArgs* tensors, size_t count, const math::SgdHyper& hyper, DeviceScalar lr,
-              bool nesterov, bool maximize, void* stream);
+// Each call updates every tensor of the list in place on the call's stream, without
+// synchronizing with the host and without allocating memory. Modes that select a compiled kernel
+// are explicit arguments; the rest (weight decay on or off, momentum on or off) follow from the
+// hyperparameters as in the CPU kernels. Failures to launch throw std::runtime_error.
+void adam_step(const StepCall& call, const math::AdamHyper& hyper, bool amsgrad, bool maximize,
+               bool decoupled_weight_decay);
 
-void rmsprop_step(const TensorArgs* tensors, size_t count, const math::RmspropHyper& hyper,
-                  DeviceScalar lr, bool centered, bool maximize, void* stream);
+// With momentum, every tensor has a step counter, which decides on the device whether its
+// momentum buffer starts on this step (math::sgd_first_step).
+void sgd_step(const StepCall& call, const math::SgdHyper& hyper, bool nesterov, bool maximize);
 
-void adagrad_step(const TensorArgs* tensors, size_t count, const math::AdagradHyper& hyper,
-                  DeviceScalar lr, bool maximize, void* stream);
+void rmsprop_step(const StepCall& call, const math::RmspropHyper& hyper, bool centered,
+                  bool maximize);
+
+void adagrad_step(const StepCall& call, const math::AdagradHyper& hyper, bool maximize);
+
+// One gradient tensor of grad_norm, read as numel elements from data on.
+struct GradArgs {
+  const void* data;
+  int64_t numel;
+  DType dtype;
+};
+
+// The reduction keeps one partial per block of its grid in the workspace. The grid is the blocks
+// the device keeps resident (264 on an H100), fewer for small grads, and never more than this,
+// so that one workspace size, fixed before any device is seen, serves every GPU.
+constexpr int kMaxNormBlocks = 1000;
+// float32 elements of the workspace that grad_norm uses: two doubles per block and an unsigned
+// counter after them. The workspace starts zeroed, and every call leaves it fit for the next
+// (a CUDA graph replay included), so one zeroed buffer per device serves every call; calls
+// sharing a workspace must not run concurrently.
+constexpr int64_t kGradNormWorkspaceNumel = 4 * kMaxNormBlocks + 1;
+
+// Writes *norm = sqrt(sum of squares of every element of every grad) * (1 / *grad_scale, when
+// grad_scale is not null), and *found_inf = 1 if any element is inf or NaN, else 0. The workspace
+// must be 8-byte aligned. The sums are in double and in an order fixed by the grads' sizes and
+// the device, so equal grads give equal bits on every run. One launch, unless the grads
+// outnumber a kernel's parameter space (over a thousand tensors), then one per table of them.
+void grad_norm(const GradArgs* grads, size_t count, float* norm, float* found_inf,
+               float* workspace, const float* grad_scale, void* stream);
 
 }  // namespace fused_opt::cuda

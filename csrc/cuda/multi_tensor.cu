@@ -7,10 +7,10 @@
 namespace fused_opt::cuda {
 namespace {
 
-// As many counters per launch as the kernel parameter space holds.
+// As many counters per launch as the kernel parameter space holds beside the scaling.
 struct StepList {
-  static constexpr int kCapacity =
-      static_cast<int>((kKernelParamBytes - sizeof(int) - 8) / sizeof(float*));
+  static constexpr int kCapacity = static_cast<int>(
+      (kKernelParamBytes - sizeof(math::GradScaling) - sizeof(int) - 8) / sizeof(float*));
   int count;
   float* steps[kCapacity];
 };
@@ -18,7 +18,9 @@ struct StepList {
 constexpr int kStepBlockSize = 256;
 
 __global__ void __launch_bounds__(kStepBlockSize)
-    increment_steps_kernel(const __grid_constant__ StepList list) {
+    increment_steps_kernel(const __grid_constant__ StepList list,
+                           const __grid_constant__ math::GradScaling scaling) {
+  if (math::skips_step(scaling)) return;
   const int i = blockIdx.x * kStepBlockSize + threadIdx.x;
   if (i < list.count) *list.steps[i] += 1.0f;
 }
@@ -36,25 +38,26 @@ void throw_on_launch_error(const char* kernel) {
   throw_on_error(cudaGetLastError(), (std::string("launching ") + kernel).c_str());
 }
 
-void increment_steps(const TensorArgs* tensors, size_t count, cudaStream_t stream) {
+void increment_steps(const StepCall& call) {
+  const auto stream = static_cast<cudaStream_t>(call.stream);
   StepList list;
   list.count = 0;
   const auto flush = [&] {
     if (list.count == 0) return;
     const int blocks = (list.count + kStepBlockSize - 1) / kStepBlockSize;
-    increment_steps_kernel<<<blocks, kStepBlockSize, 0, stream>>>(list);
+    increment_steps_kernel<<<blocks, kStepBlockSize, 0, stream>>>(list, call.scaling);
     throw_on_launch_error("fused_opt::cuda::increment_steps_kernel");
     list.count = 0;
   };
-  for (size_t i = 0; i < count; ++i) {
-    if (tensors[i].step == nullptr) continue;
+  for (size_t i = 0; i < call.count; ++i) {
+    if (call.tensors[i].step == nullptr) continue;
     if (list.count == StepList::kCapacity) flush();
-    list.steps[list.count++] = tensors[i].step;
+    list.steps[list.count++] = call.tensors[i].step;
   }
   flush();
 }
 
-int resident_blocks(const void* kernel, std::atomic<int>* cache, int cache_size) {
+int resident_blocks(const void* kernel, int block_size, std::atomic<int>* cache, int cache_size) {
   int device = 0;
   throw_on_error(cudaGetDevice(&device), "cudaGetDevice");
   if (device < cache_size) {
@@ -66,7 +69,7 @@ int resident_blocks(const void* kernel, std::atomic<int>* cache, int cache_size)
   throw_on_error(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
                  "querying the SM count");
   throw_on_error(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kBlockSize, 0),
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, block_size, 0),
       "querying the kernel occupancy");
   const int blocks = sms * std::max(blocks_per_sm, 1);
   // Racing first launches on other threads compute the same value.

@@ -7,9 +7,9 @@
 //   static constexpr bool kReadsStep;   // whether with_element reads TensorInfo::step
 //   template <typename T, typename Run>
 //   __device__ void with_element(const TensorInfo& tensor, const Run& run) const;
-// with_element builds the element functor for opmath type T and one tensor (its step, its flags)
-// and calls run(functor). Passing the functor to a continuation lets a per-tensor fact (SGD's
-// first step) pick a different compiled loop, as on the CPU.
+// with_element builds the element functor for opmath type T and one tensor (its step) and calls
+// run(functor). Passing the functor to a continuation lets a per-tensor fact (SGD's first step,
+// read from the tensor's counter) pick a different compiled loop, as on the CPU.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,8 +19,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/launch.h"
+#include "fused_opt/math/grad_scaling.h"
 #include "fused_opt/math/macros.h"
 
 namespace fused_opt::cuda {
@@ -37,20 +39,28 @@ constexpr int kMinBlocksPerSm = 2;
 // chunks inside a tensor are int64.
 constexpr int kChunkElems = 1 << 15;
 constexpr int kVectorBytes = 16;
-// Loads in flight per thread and per tensor: one 16-byte vector (4 to 8 elements) on the aligned
-// path, two elements on the scalar path. More of either costs registers beyond the 128 and spills.
+// With master weights a vector holds this many elements of every tensor: 16 bytes of the float32
+// master and states, 8 of the 16-bit grad and param, so that one aligned load or store covers the
+// same elements of each.
+constexpr int kMasterVectorElems = 4;
+// Loads in flight per thread and per tensor: one vector (2 to 8 elements) on the aligned path,
+// two elements on the scalar path. More of either costs registers beyond the 128 and spills.
 constexpr int kVectorsInFlight = 1;
 constexpr int kScalarsInFlight = 2;
 // Kernel parameter space since CUDA 12.1 (Volta and newer). The table of tensors fills all of it
-// but what the Op (hyperparameters, the lr pointer) may take, so that a whole model usually goes
-// in one launch.
+// but what the Op (hyperparameters, the lr pointer) and the gradient scaling may take, so that a
+// whole model usually goes in one launch.
 constexpr size_t kKernelParamBytes = 32764;
 constexpr size_t kOpParamBytes = 256;
+
+// Elements per vector for storage of `storage_bytes` bytes per element.
+__host__ __device__ constexpr int vector_elems(int storage_bytes, bool master_weights) {
+  return master_weights ? kMasterVectorElems : kVectorBytes / storage_bytes;
+}
 
 // What an Op may know about the tensor whose chunk it is about to update.
 struct TensorInfo {
   const float* step;  // null unless the Op reads steps
-  bool first_step;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -83,6 +93,15 @@ struct FromOpmath<__nv_bfloat16> {
   }
 };
 
+// The gradient as the update math sees it. An explicitly rounded product, as the CPU kernels
+// compute it: left to itself, nvcc would fuse it into the math's first multiply-add.
+__device__ __forceinline__ float scale_grad(float grad, float factor) {
+  return __fmul_rn(grad, factor);
+}
+__device__ __forceinline__ double scale_grad(double grad, double factor) {
+  return __dmul_rn(grad, factor);
+}
+
 template <typename Storage>
 struct StorageTag {
   using type = Storage;
@@ -100,6 +119,17 @@ __device__ __forceinline__ void with_storage(DType dtype, const Fn& fn) {
   }
 }
 
+// As with_storage, for the params that have float32 masters: float16 and bfloat16 only, so the
+// master-weight kernels carry no loops for the other dtypes.
+template <typename Fn>
+__device__ __forceinline__ void with_16bit_storage(DType dtype, const Fn& fn) {
+  if (dtype == DType::kBFloat16) {
+    fn(StorageTag<__nv_bfloat16>{});
+  } else {
+    fn(StorageTag<__half>{});
+  }
+}
+
 __device__ __forceinline__ double value_or(const DeviceScalar& scalar, double host_value) {
   if (scalar.ptr == nullptr) return host_value;
   double value = host_value;
@@ -110,18 +140,52 @@ __device__ __forceinline__ double value_or(const DeviceScalar& scalar, double ho
   return value;
 }
 
+// The tensor holding `chunk`, given the first chunk of each of `count` tensors (strictly
+// increasing): the last t with first_chunk[t] <= chunk.
+__device__ __forceinline__ int find_tensor(const int64_t* first_chunk, int count, int64_t chunk) {
+  int lo = 0;
+  int hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (first_chunk[mid] <= chunk) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+inline int64_t chunks_of(int64_t numel) { return (numel + kChunkElems - 1) / kChunkElems; }
+
+inline bool is_aligned(const void* p, int bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+inline int storage_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat64: return 8;
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat32: break;
+  }
+  return 4;
+}
+
 // ------------------------------------------------------------------------------------------------
 // The tensor table: everything a launch needs to know about its tensors, passed by value in the
 // kernel parameters (no device allocation, no host-to-device copy, nothing to keep alive for a
 // captured graph). Struct of arrays, with only the pointer lists the optimizer uses, so that as
 // many tensors as possible fit in one launch.
 
-constexpr uint8_t kAligned = 1;    // every pointer of the tensor is 16-byte aligned
-constexpr uint8_t kFirstStep = 2;  // TensorArgs::first_step
-
-template <int kListCount, bool kWithSteps>
+template <int kStateCount, bool kWithSteps, bool kMasterWeights>
 struct TensorTable {
-  static constexpr int kLists = kListCount;  // param, grad, states
+  static constexpr int kStates = kStateCount;
+  static constexpr bool kMaster = kMasterWeights;
+  // param (the master with master weights), grad, states, then the 16-bit param with master
+  // weights.
+  static constexpr int kLists = 2 + kStates + (kMaster ? 1 : 0);
+  static constexpr int kCopyList = 2 + kStates;
   static constexpr size_t kHeaderBytes = sizeof(int64_t) + sizeof(int64_t);  // count, padded
   static constexpr size_t kBytesPerTensor = kLists * sizeof(void*) + 2 * sizeof(int64_t) +
                                             (kWithSteps ? sizeof(float*) : 0) + 2;
@@ -135,7 +199,7 @@ struct TensorTable {
   int64_t numel[kCapacity];
   const float* steps[kWithSteps ? kCapacity : 1];
   DType dtype[kCapacity];
-  uint8_t flags[kCapacity];
+  bool aligned[kCapacity];  // every pointer of the tensor is aligned to its vector
 
   void clear() {
     total_chunks = 0;
@@ -145,85 +209,88 @@ struct TensorTable {
   // Host side; the caller keeps count < kCapacity and numel > 0.
   void add(const TensorArgs& tensor) {
     const int t = count++;
+    const int elems = vector_elems(storage_bytes(tensor.dtype), kMaster);
+    const int storage_vector = elems * storage_bytes(tensor.dtype);
+    const int update_vector = kMaster ? elems * static_cast<int>(sizeof(float)) : storage_vector;
     lists[0][t] = tensor.param;
     lists[1][t] = const_cast<void*>(tensor.grad);
-    bool aligned = is_aligned(tensor.param) && is_aligned(tensor.grad);
-    for (int s = 0; s < kLists - 2; ++s) {
+    bool all_aligned =
+        is_aligned(tensor.param, update_vector) && is_aligned(tensor.grad, storage_vector);
+    for (int s = 0; s < kStates; ++s) {
       lists[2 + s][t] = tensor.states[s];
-      aligned = aligned && is_aligned(tensor.states[s]);
+      all_aligned = all_aligned && is_aligned(tensor.states[s], update_vector);
+    }
+    if constexpr (kMaster) {
+      lists[kCopyList][t] = tensor.param_copy;
+      all_aligned = all_aligned && is_aligned(tensor.param_copy, storage_vector);
     }
     first_chunk[t] = total_chunks;
-    total_chunks += (tensor.numel + kChunkElems - 1) / kChunkElems;
+    total_chunks += chunks_of(tensor.numel);
     numel[t] = tensor.numel;
     if constexpr (kWithSteps) steps[t] = tensor.step;
     dtype[t] = tensor.dtype;
-    flags[t] = (aligned ? kAligned : 0) | (tensor.first_step ? kFirstStep : 0);
-  }
-
-  // The tensor holding `chunk`: the last t with first_chunk[t] <= chunk.
-  __device__ __forceinline__ int find_tensor(int64_t chunk) const {
-    int lo = 0;
-    int hi = count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (first_chunk[mid] <= chunk) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    return lo;
+    aligned[t] = all_aligned;
   }
 
   __device__ __forceinline__ TensorInfo info(int t) const {
     if constexpr (kWithSteps) {
-      return {steps[t], (flags[t] & kFirstStep) != 0};
+      return {steps[t]};
     } else {
-      return {nullptr, (flags[t] & kFirstStep) != 0};
+      return {nullptr};
     }
-  }
-
- private:
-  static bool is_aligned(const void* p) {
-    return reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0;
   }
 };
 
 // ------------------------------------------------------------------------------------------------
-// The generic element functor: loads a pack of each tensor, runs the optimizer's element math in
-// opmath, stores param and states back (never the grad).
+// The generic element loop: loads a pack of each tensor, runs the optimizer's element math in
+// opmath on the scaled gradient, stores param and states back (never the grad) and, with master
+// weights, the rounded param.
 
 template <typename S, int kWidth>
 struct alignas(sizeof(S) * kWidth) Pack {
   S v[kWidth];
 };
 
-// Updates the first n / kWidth * kWidth elements behind `lists`, which must be aligned to
-// kWidth * sizeof(S) bytes. Thread i takes packs i, i + kBlockSize, ...: each warp reads whole
-// contiguous segments, and kInFlight packs per list are loaded before any is used.
-template <typename S, int kWidth, int kInFlight, int kLists, typename Element>
-__device__ __forceinline__ void update_packs(S* const (&lists)[kLists], int n,
+// Updates the first n / kWidth * kWidth elements behind the pointers, each aligned to kWidth of
+// its elements. M is the storage of param and states (the float32 master and states with master
+// weights), S that of the grad and of `copy`, which with kCopy receives the param rounded to S.
+// Thread i takes packs i, i + kBlockSize, ...: each warp reads whole contiguous segments, and
+// kInFlight packs per tensor are loaded before any is used.
+template <typename M, typename S, int kWidth, int kInFlight, bool kCopy, typename Element>
+__device__ __forceinline__ void update_packs(M* param, const S* grad,
+                                             M* const (&states)[kMaxStates], S* copy, int n,
+                                             typename Element::opmath grad_factor,
                                              const Element& element) {
   using T = typename Element::opmath;
   constexpr int kStates = Element::kNumStates;
-  constexpr int kUsed = 2 + kStates;
-  static_assert(kUsed <= kLists, "the table carries fewer lists than the element functor uses");
-  using P = Pack<S, kWidth>;
+  constexpr int kStateSlots = kStates > 0 ? kStates : 1;
+  using UpdatePack = Pack<M, kWidth>;
+  using StoragePack = Pack<S, kWidth>;
 
-  // One pointer per list, advanced per iteration; the packs in flight sit at constant offsets
+  // One pointer per tensor, advanced per iteration; the packs in flight sit at constant offsets
   // from it, which the loads and stores encode as immediates.
-  P* next[kUsed];
+  UpdatePack* next_param = reinterpret_cast<UpdatePack*>(param) + threadIdx.x;
+  const StoragePack* next_grad = reinterpret_cast<const StoragePack*>(grad) + threadIdx.x;
+  UpdatePack* next_state[kStateSlots];
 #pragma unroll
-  for (int l = 0; l < kUsed; ++l) next[l] = reinterpret_cast<P*>(lists[l]) + threadIdx.x;
+  for (int s = 0; s < kStates; ++s) {
+    next_state[s] = reinterpret_cast<UpdatePack*>(states[s]) + threadIdx.x;
+  }
+  StoragePack* next_copy = nullptr;
+  if constexpr (kCopy) next_copy = reinterpret_cast<StoragePack*>(copy) + threadIdx.x;
   const int packs = n / kWidth;
 #pragma unroll 1
   for (int first = threadIdx.x; first < packs; first += kBlockSize * kInFlight) {
-    P data[kUsed][kInFlight];
+    UpdatePack p[kInFlight];
+    StoragePack g[kInFlight];
+    UpdatePack st[kStateSlots][kInFlight];
 #pragma unroll
     for (int j = 0; j < kInFlight; ++j) {
       if (first + j * kBlockSize < packs) {
+        p[j] = next_param[j * kBlockSize];
+        g[j] = next_grad[j * kBlockSize];
 #pragma unroll
-        for (int l = 0; l < kUsed; ++l) data[l][j] = next[l][j * kBlockSize];
+        for (int s = 0; s < kStates; ++s) st[s][j] = next_state[s][j * kBlockSize];
       }
     }
 #pragma unroll
@@ -231,63 +298,98 @@ __device__ __forceinline__ void update_packs(S* const (&lists)[kLists], int n,
       if (first + j * kBlockSize >= packs) break;
 #pragma unroll
       for (int e = 0; e < kWidth; ++e) {
-        T param = to_opmath(data[0][j].v[e]);
-        T states[kStates > 0 ? kStates : 1];
+        T value = to_opmath(p[j].v[e]);
+        T state_values[kStateSlots];
 #pragma unroll
-        for (int s = 0; s < kStates; ++s) states[s] = to_opmath(data[2 + s][j].v[e]);
-        element(param, to_opmath(data[1][j].v[e]), states);
-        data[0][j].v[e] = FromOpmath<S>::convert(param);
+        for (int s = 0; s < kStates; ++s) state_values[s] = to_opmath(st[s][j].v[e]);
+        element(value, scale_grad(to_opmath(g[j].v[e]), grad_factor), state_values);
+        p[j].v[e] = FromOpmath<M>::convert(value);
 #pragma unroll
-        for (int s = 0; s < kStates; ++s) data[2 + s][j].v[e] = FromOpmath<S>::convert(states[s]);
+        for (int s = 0; s < kStates; ++s) st[s][j].v[e] = FromOpmath<M>::convert(state_values[s]);
       }
-      next[0][j * kBlockSize] = data[0][j];
+      next_param[j * kBlockSize] = p[j];
 #pragma unroll
-      for (int s = 0; s < kStates; ++s) next[2 + s][j * kBlockSize] = data[2 + s][j];
+      for (int s = 0; s < kStates; ++s) next_state[s][j * kBlockSize] = st[s][j];
+      if constexpr (kCopy) {
+        // The master is float32, so p holds the updated values exactly.
+        StoragePack rounded;
+#pragma unroll
+        for (int e = 0; e < kWidth; ++e) rounded.v[e] = FromOpmath<S>::convert(p[j].v[e]);
+        next_copy[j * kBlockSize] = rounded;
+      }
     }
+    next_param += kBlockSize * kInFlight;
+    next_grad += kBlockSize * kInFlight;
 #pragma unroll
-    for (int l = 0; l < kUsed; ++l) next[l] += kBlockSize * kInFlight;
+    for (int s = 0; s < kStates; ++s) next_state[s] += kBlockSize * kInFlight;
+    if constexpr (kCopy) next_copy += kBlockSize * kInFlight;
   }
 }
 
-// Updates elements [begin, begin + n) of table tensor t, stored as S.
-template <typename S, typename Op, typename Table>
+// Updates elements [begin, begin + n) of table tensor t, whose grad is stored as S and whose
+// param and states as M (S itself, or float32 with master weights).
+template <typename M, typename S, typename Op, typename Table>
 __device__ __forceinline__ void update_chunk(const Table& table, const Op& op, int t,
-                                             int64_t begin, int n) {
-  constexpr int kLists = Table::kLists;
-  constexpr int kWidth = kVectorBytes / sizeof(S);
-  S* lists[kLists];
+                                             int64_t begin, int n, float grad_factor) {
+  constexpr bool kCopy = Table::kMaster;
+  constexpr int kWidth = vector_elems(sizeof(S), kCopy);
+  M* param = static_cast<M*>(table.lists[0][t]) + begin;
+  const S* grad = static_cast<const S*>(table.lists[1][t]) + begin;
+  M* states[kMaxStates] = {};
 #pragma unroll
-  for (int l = 0; l < kLists; ++l) lists[l] = static_cast<S*>(table.lists[l][t]) + begin;
+  for (int s = 0; s < Table::kStates; ++s) {
+    states[s] = static_cast<M*>(table.lists[2 + s][t]) + begin;
+  }
+  S* copy = nullptr;
+  if constexpr (kCopy) copy = static_cast<S*>(table.lists[Table::kCopyList][t]) + begin;
   // Aligned tensors take vectors up to their last whole vector; the scalar loop takes the rest:
   // all of a misaligned tensor, the few trailing elements of an aligned one (only a tensor's last
   // chunk can end inside a vector).
-  const int vectorized = (table.flags[t] & kAligned) ? n / kWidth * kWidth : 0;
+  const int vectorized = table.aligned[t] ? n / kWidth * kWidth : 0;
 
-  op.template with_element<math::opmath_t<S>>(table.info(t), [&](const auto& element) {
-    update_packs<S, kWidth, kVectorsInFlight>(lists, vectorized, element);
+  using T = math::opmath_t<M>;
+  op.template with_element<T>(table.info(t), [&](const auto& element) {
+    static_assert(std::decay_t<decltype(element)>::kNumStates == Table::kStates,
+                  "the table carries other state lists than the element functor uses");
+    const T factor = static_cast<T>(grad_factor);
+    update_packs<M, S, kWidth, kVectorsInFlight, kCopy>(param, grad, states, copy, vectorized,
+                                                        factor, element);
     if (vectorized < n) {
-      S* rest[kLists];
+      M* rest_states[kMaxStates] = {};
 #pragma unroll
-      for (int l = 0; l < kLists; ++l) rest[l] = lists[l] + vectorized;
-      update_packs<S, 1, kScalarsInFlight>(rest, n - vectorized, element);
+      for (int s = 0; s < Table::kStates; ++s) rest_states[s] = states[s] + vectorized;
+      update_packs<M, S, 1, kScalarsInFlight, kCopy>(
+          param + vectorized, grad + vectorized, rest_states,
+          kCopy ? copy + vectorized : nullptr, n - vectorized, factor, element);
     }
   });
 }
 
 // A persistent grid: each block strides over the chunks of all tensors of the table, so a launch
 // is sized to the GPU, not to the work. __grid_constant__ keeps the table in parameter space
-// while it is indexed at run time (no copy to local memory).
+// while it is indexed at run time (no copy to local memory). Every block reads found_inf and the
+// scale itself: a skipped step is decided on the device, with no host sync.
 template <typename Op, typename Table>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
-    multi_tensor_kernel(const __grid_constant__ Table table, const __grid_constant__ Op op) {
+    multi_tensor_kernel(const __grid_constant__ Table table, const __grid_constant__ Op op,
+                        const __grid_constant__ math::GradScaling scaling) {
+  if (math::skips_step(scaling)) return;
+  const float grad_factor = math::grad_factor(scaling);
   for (int64_t chunk = blockIdx.x; chunk < table.total_chunks; chunk += gridDim.x) {
-    const int t = table.find_tensor(chunk);
+    const int t = find_tensor(table.first_chunk, table.count, chunk);
     const int64_t begin = (chunk - table.first_chunk[t]) * kChunkElems;
     const int n = static_cast<int>(
         table.numel[t] - begin < kChunkElems ? table.numel[t] - begin : kChunkElems);
-    with_storage(table.dtype[t], [&](auto tag) {
-      update_chunk<typename decltype(tag)::type>(table, op, t, begin, n);
-    });
+    if constexpr (Table::kMaster) {
+      with_16bit_storage(table.dtype[t], [&](auto tag) {
+        update_chunk<float, typename decltype(tag)::type>(table, op, t, begin, n, grad_factor);
+      });
+    } else {
+      with_storage(table.dtype[t], [&](auto tag) {
+        using S = typename decltype(tag)::type;
+        update_chunk<S, S>(table, op, t, begin, n, grad_factor);
+      });
+    }
   }
 }
 
@@ -297,44 +399,55 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
 void throw_on_launch_error(const char* kernel);
 
 // Adds one to the step counter of every tensor that has one, zero-element tensors included, in
-// launches ordered on `stream` before the multi-tensor kernels that read the counters.
-void increment_steps(const TensorArgs* tensors, size_t count, cudaStream_t stream);
+// launches ordered on the call's stream before the multi-tensor kernels that read the counters.
+// Like them, it changes nothing when the call's found_inf is set.
+void increment_steps(const StepCall& call);
 
 // Blocks of `kernel` the current device keeps resident at once (SM count times blocks per SM of
-// kBlockSize threads), queried on the first launch on each device and kept in cache[device].
-int resident_blocks(const void* kernel, std::atomic<int>* cache, int cache_size);
+// block_size threads), queried on the first launch on each device and kept in cache[device].
+int resident_blocks(const void* kernel, int block_size, std::atomic<int>* cache, int cache_size);
 
-// Runs op over every element of every tensor, in as few launches as the table capacity allows
-// (one for typical models: hundreds of tensors per launch).
-template <typename Op>
-void launch_multi_tensor(const TensorArgs* tensors, size_t count, const Op& op,
-                         cudaStream_t stream) {
-  using Table = TensorTable<2 + Op::kNumStates, Op::kReadsStep>;
-  static_assert(sizeof(Op) <= kOpParamBytes, "the Op outgrew its share of the kernel parameters");
-  static_assert(sizeof(Table) + sizeof(Op) <= kKernelParamBytes,
+template <typename Op, bool kMaster>
+void launch_tables(const StepCall& call, const Op& op) {
+  using Table = TensorTable<Op::kNumStates, Op::kReadsStep, kMaster>;
+  static_assert(sizeof(Op) + sizeof(math::GradScaling) <= kOpParamBytes,
+                "the Op outgrew its share of the kernel parameters");
+  static_assert(sizeof(Table) + sizeof(Op) + sizeof(math::GradScaling) <= kKernelParamBytes,
                 "the tensor table exceeds the kernel parameter space");
 
   constexpr int kCachedDevices = 64;
   static std::atomic<int> cached_blocks[kCachedDevices];
   const int max_blocks =
-      resident_blocks(reinterpret_cast<const void*>(&multi_tensor_kernel<Op, Table>),
+      resident_blocks(reinterpret_cast<const void*>(&multi_tensor_kernel<Op, Table>), kBlockSize,
                       cached_blocks, kCachedDevices);
+  const auto stream = static_cast<cudaStream_t>(call.stream);
 
   Table table;
   table.clear();
   const auto flush = [&] {
     if (table.count == 0) return;
     const auto blocks = static_cast<unsigned>(std::min<int64_t>(table.total_chunks, max_blocks));
-    multi_tensor_kernel<Op, Table><<<blocks, kBlockSize, 0, stream>>>(table, op);
+    multi_tensor_kernel<Op, Table><<<blocks, kBlockSize, 0, stream>>>(table, op, call.scaling);
     throw_on_launch_error("fused_opt::cuda::multi_tensor_kernel");
     table.clear();
   };
-  for (size_t i = 0; i < count; ++i) {
-    if (tensors[i].numel == 0) continue;
+  for (size_t i = 0; i < call.count; ++i) {
+    if (call.tensors[i].numel == 0) continue;
     if (table.count == Table::kCapacity) flush();
-    table.add(tensors[i]);
+    table.add(call.tensors[i]);
   }
   flush();
+}
+
+// Runs op over every element of every tensor of the call, in as few launches as the table
+// capacity allows (one for typical models: hundreds of tensors per launch).
+template <typename Op>
+void launch_multi_tensor(const StepCall& call, const Op& op) {
+  if (call.master_weights) {
+    launch_tables<Op, true>(call, op);
+  } else {
+    launch_tables<Op, false>(call, op);
+  }
 }
 
 }  // namespace fused_opt::cuda

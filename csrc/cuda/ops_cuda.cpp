@@ -6,6 +6,7 @@
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <optional>
 #include <string_view>
@@ -47,20 +48,21 @@ DeviceScalar device_lr(std::string_view op, const std::optional<at::Tensor>& lr_
   return {lr_tensor->const_data_ptr(), dtype_code(op, "lr_tensor", lr_tensor->scalar_type())};
 }
 
-// The kernels' view of the lists: one entry per param, with its used states packed in the order
-// the element functor expects (empty lists are the states of modes that are off). The buffer is
-// reused across calls, so a step allocates no host memory after the first. first_step is SGD's
-// is_first_step, null for the other ops.
-const std::vector<TensorArgs>& gather(std::string_view op, at::TensorList params,
-                                      at::TensorList grads,
-                                      std::initializer_list<at::TensorList> state_lists,
-                                      at::TensorList steps,
-                                      const c10::List<bool>* first_step = nullptr) {
+// The kernels' view of one step call: one entry per param, with its used states packed in the
+// order the element functor expects (empty lists are the states of modes that are off). With
+// master_params the update runs on the master and the param receives its rounding. The buffer is
+// reused across calls, so a step allocates no host memory after the first.
+StepCall step_call(std::string_view op, at::TensorList params, at::TensorList grads,
+                   at::TensorList master_params,
+                   std::initializer_list<at::TensorList> state_lists, at::TensorList steps,
+                   const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling) {
   thread_local std::vector<TensorArgs> args;
   args.clear();
+  const bool master_weights = !master_params.empty();
   for (size_t i = 0; i < params.size(); ++i) {
     TensorArgs arg{};
-    arg.param = params[i].data_ptr();
+    arg.param = master_weights ? master_params[i].data_ptr() : params[i].data_ptr();
+    arg.param_copy = master_weights ? params[i].data_ptr() : nullptr;
     arg.grad = grads[i].const_data_ptr();
     int used = 0;
     for (const auto& list : state_lists) {
@@ -69,74 +71,109 @@ const std::vector<TensorArgs>& gather(std::string_view op, at::TensorList params
     arg.step = steps.empty() ? nullptr : steps[i].data_ptr<float>();
     arg.numel = params[i].numel();
     arg.dtype = dtype_code(op, "params", params[i].scalar_type());
-    arg.first_step = first_step != nullptr && !first_step->empty() && first_step->get(i);
     args.push_back(arg);
   }
-  return args;
+  return {args.data(),    args.size(),    device_lr(op, lr_tensor),
+          scaling.view(), master_weights, current_stream(params[0].device())};
 }
 
 void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-               double lr, double beta1, double beta2, double weight_decay, double eps,
-               bool amsgrad, bool maximize, bool decoupled_weight_decay,
-               const std::optional<at::Tensor>& lr_tensor) {
+               at::TensorList master_params, double lr, double beta1, double beta2,
+               double weight_decay, double eps, bool amsgrad, bool maximize,
+               bool decoupled_weight_decay, const std::optional<at::Tensor>& lr_tensor,
+               const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf,
+               const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
   constexpr std::string_view kOp = "fused_opt::adam_";
-  check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
-                  lr_tensor);
+  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+  check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
+                  amsgrad, lr_tensor, scaling);
   if (params.empty()) return;
-  const at::Device device = params[0].device();
 
-  const c10::DeviceGuard guard(device);
-  const auto& args = gather(kOp, params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps);
-  adam_step(args.data(), args.size(), {lr, beta1, beta2, eps, weight_decay},
-            device_lr(kOp, lr_tensor), amsgrad, maximize, decoupled_weight_decay,
-            current_stream(device));
+  const c10::DeviceGuard guard(params[0].device());
+  adam_step(step_call(kOp, params, grads, master_params,
+                      {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps, lr_tensor, scaling),
+            {lr, beta1, beta2, eps, weight_decay}, amsgrad, maximize, decoupled_weight_decay);
 }
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-              const c10::List<bool>& is_first_step, double lr, double momentum, double dampening,
-              double weight_decay, bool nesterov, bool maximize,
-              const std::optional<at::Tensor>& lr_tensor) {
+              at::TensorList steps, at::TensorList master_params, double lr, double momentum,
+              double dampening, double weight_decay, bool nesterov, bool maximize,
+              const std::optional<at::Tensor>& lr_tensor,
+              const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
   constexpr std::string_view kOp = "fused_opt::sgd_";
-  check_sgd_args(params, grads, momentum_buffers, is_first_step, momentum, nesterov, lr_tensor);
+  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+  check_sgd_args(params, grads, momentum_buffers, steps, master_params, momentum, nesterov,
+                 lr_tensor, scaling);
   if (params.empty()) return;
-  const at::Device device = params[0].device();
 
-  const c10::DeviceGuard guard(device);
-  const auto& args = gather(kOp, params, grads, {momentum_buffers}, {}, &is_first_step);
-  sgd_step(args.data(), args.size(), {lr, momentum, dampening, weight_decay},
-           device_lr(kOp, lr_tensor), nesterov, maximize, current_stream(device));
+  const c10::DeviceGuard guard(params[0].device());
+  sgd_step(step_call(kOp, params, grads, master_params, {momentum_buffers}, steps, lr_tensor,
+                     scaling),
+           {lr, momentum, dampening, weight_decay}, nesterov, maximize);
 }
 
 void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                   at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
-                  double lr, double alpha, double eps, double weight_decay, double momentum,
-                  bool centered, bool maximize, const std::optional<at::Tensor>& lr_tensor) {
+                  at::TensorList master_params, double lr, double alpha, double eps,
+                  double weight_decay, double momentum, bool centered, bool maximize,
+                  const std::optional<at::Tensor>& lr_tensor,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& grad_norm,
+                  std::optional<double> max_grad_norm) {
   constexpr std::string_view kOp = "fused_opt::rmsprop_";
-  check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, momentum,
-                     centered, lr_tensor);
+  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+  check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
+                     master_params, momentum, centered, lr_tensor, scaling);
   if (params.empty()) return;
-  const at::Device device = params[0].device();
 
-  const c10::DeviceGuard guard(device);
-  const auto& args =
-      gather(kOp, params, grads, {square_avgs, grad_avgs, momentum_buffers}, steps);
-  rmsprop_step(args.data(), args.size(), {lr, alpha, eps, weight_decay, momentum},
-               device_lr(kOp, lr_tensor), centered, maximize, current_stream(device));
+  const c10::DeviceGuard guard(params[0].device());
+  rmsprop_step(step_call(kOp, params, grads, master_params,
+                         {square_avgs, grad_avgs, momentum_buffers}, steps, lr_tensor, scaling),
+               {lr, alpha, eps, weight_decay, momentum}, centered, maximize);
 }
 
 void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                  at::TensorList steps, double lr, double lr_decay, double weight_decay,
-                  double eps, bool maximize, const std::optional<at::Tensor>& lr_tensor) {
+                  at::TensorList steps, at::TensorList master_params, double lr, double lr_decay,
+                  double weight_decay, double eps, bool maximize,
+                  const std::optional<at::Tensor>& lr_tensor,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& grad_norm,
+                  std::optional<double> max_grad_norm) {
   constexpr std::string_view kOp = "fused_opt::adagrad_";
-  check_adagrad_args(params, grads, state_sums, steps, lr_tensor);
+  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+  check_adagrad_args(params, grads, state_sums, steps, master_params, lr_tensor, scaling);
   if (params.empty()) return;
-  const at::Device device = params[0].device();
 
-  const c10::DeviceGuard guard(device);
-  const auto& args = gather(kOp, params, grads, {state_sums}, steps);
-  adagrad_step(args.data(), args.size(), {lr, lr_decay, weight_decay, eps},
-               device_lr(kOp, lr_tensor), maximize, current_stream(device));
+  const c10::DeviceGuard guard(params[0].device());
+  adagrad_step(step_call(kOp, params, grads, master_params, {state_sums}, steps, lr_tensor,
+                         scaling),
+               {lr, lr_decay, weight_decay, eps}, maximize);
+}
+
+void grad_norm_cuda(at::TensorList grads, const at::Tensor& norm, const at::Tensor& found_inf,
+                    const at::Tensor& workspace, const std::optional<at::Tensor>& grad_scale) {
+  constexpr std::string_view kOp = "fused_opt::grad_norm_";
+  check_grad_norm_args(grads, norm, found_inf, workspace, grad_scale, kGradNormWorkspaceNumel);
+  // The kernel keeps doubles in the workspace.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(workspace.const_data_ptr()) % alignof(double) == 0, kOp,
+              ": workspace must be 8-byte aligned (a fresh tensor is)");
+
+  const c10::DeviceGuard guard(norm.device());
+  thread_local std::vector<GradArgs> args;
+  args.clear();
+  for (const at::Tensor& grad : grads) {
+    args.push_back(
+        {grad.const_data_ptr(), grad.numel(), dtype_code(kOp, "grads", grad.scalar_type())});
+  }
+  grad_norm(args.data(), args.size(), norm.data_ptr<float>(), found_inf.data_ptr<float>(),
+            workspace.data_ptr<float>(), grad_scale ? grad_scale->const_data_ptr<float>() : nullptr,
+            current_stream(norm.device()));
 }
 
 }  // namespace
@@ -146,6 +183,7 @@ TORCH_LIBRARY_IMPL(fused_opt, CUDA, m) {
   m.impl("sgd_", &sgd_cuda);
   m.impl("rmsprop_", &rmsprop_cuda);
   m.impl("adagrad_", &adagrad_cuda);
+  m.impl("grad_norm_", &grad_norm_cuda);
 }
 
 }  // namespace fused_opt::cuda

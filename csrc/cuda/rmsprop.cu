@@ -25,18 +25,16 @@ struct RmspropOp {
 
 }  // namespace
 
-void rmsprop_step(const TensorArgs* tensors, size_t count, const math::RmspropHyper& hyper,
-                  DeviceScalar lr, bool centered, bool maximize, void* stream) {
-  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+void rmsprop_step(const StepCall& call, const math::RmspropHyper& hyper, bool centered,
+                  bool maximize) {
   // The update never reads the counter; torch.optim.RMSprop keeps it, and so does the state.
-  increment_steps(tensors, count, cuda_stream);
+  increment_steps(call);
   with_bool(maximize, [&](auto kMaximize) {
     with_bool(hyper.weight_decay != 0.0, [&](auto kWeightDecay) {
       with_bool(centered, [&](auto kCentered) {
         with_bool(hyper.momentum > 0.0, [&](auto kMomentum) {
           launch_multi_tensor(
-              tensors, count,
-              RmspropOp<kMaximize, kWeightDecay, kCentered, kMomentum>{hyper, lr}, cuda_stream);
+              call, RmspropOp<kMaximize, kWeightDecay, kCentered, kMomentum>{hyper, call.lr});
         });
       });
     });

@@ -11,7 +11,8 @@ using math::Momentum;
 template <bool kMaximize, bool kWeightDecay, Momentum kMomentum>
 struct SgdOp {
   static constexpr int kNumStates = kMomentum == Momentum::kNone ? 0 : 1;
-  static constexpr bool kReadsStep = false;
+  // With momentum, the counter says whether the buffer has been started.
+  static constexpr bool kReadsStep = kMomentum != Momentum::kNone;
 
   math::SgdHyper hyper;
   DeviceScalar lr;
@@ -23,7 +24,7 @@ struct SgdOp {
     const auto scalars = math::sgd_tensor_scalars<T>(h);
     if constexpr (kMomentum == Momentum::kNone) {
       run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, false>{scalars});
-    } else if (tensor.first_step) {
+    } else if (math::sgd_first_step(*tensor.step)) {
       run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, true>{scalars});
     } else {
       run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, false>{scalars});
@@ -33,15 +34,15 @@ struct SgdOp {
 
 }  // namespace
 
-void sgd_step(const TensorArgs* tensors, size_t count, const math::SgdHyper& hyper, DeviceScalar lr,
-              bool nesterov, bool maximize, void* stream) {
+void sgd_step(const StepCall& call, const math::SgdHyper& hyper, bool nesterov, bool maximize) {
+  // Only the tensors of a call with momentum have counters; without, this launches nothing.
+  increment_steps(call);
   const Momentum mode = math::sgd_momentum_mode(hyper.momentum, nesterov);
   with_bool(maximize, [&](auto kMaximize) {
     with_bool(hyper.weight_decay != 0.0, [&](auto kWeightDecay) {
       with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(
           mode, [&](auto kMode) {
-            launch_multi_tensor(tensors, count, SgdOp<kMaximize, kWeightDecay, kMode>{hyper, lr},
-                                static_cast<cudaStream_t>(stream));
+            launch_multi_tensor(call, SgdOp<kMaximize, kWeightDecay, kMode>{hyper, call.lr});
           });
     });
   });

@@ -8,10 +8,19 @@ empty ``state`` means the first step.
 
 from .adagrad import adagrad_step
 from .adam import adam_step, adamw_step
+from .mixed_precision import unscale_and_clip
 from .rmsprop import rmsprop_step
 from .sgd import sgd_step
 
-__all__ = ["REFERENCES", "adagrad_step", "adam_step", "adamw_step", "rmsprop_step", "sgd_step"]
+__all__ = [
+    "REFERENCES",
+    "adagrad_step",
+    "adam_step",
+    "adamw_step",
+    "rmsprop_step",
+    "sgd_step",
+    "unscale_and_clip",
+]
 
 REFERENCES = {
     "Adam": adam_step,

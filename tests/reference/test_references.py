@@ -140,3 +140,31 @@ def test_rejects_non_float64(name):
 def test_rejects_mismatched_grad_shape(name):
     with pytest.raises(ValueError):
         REFERENCES[name](np.zeros(3), np.ones(1), {}, lr=0.1)
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.0, 0.5, 1e6])
+@pytest.mark.parametrize("bad", [None, "inf", "nan"])
+def test_unscale_and_clip_matches_torch_pipeline(max_norm, bad):
+    from . import unscale_and_clip
+
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in SHAPES]
+    scale = 1024.0
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale
+    if bad is not None:
+        params[1].grad[3, 4] = float(bad)
+    expected = unscale_and_clip([p.grad.numpy().copy() for p in params], scale, max_norm)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    scaler.scale(torch.ones((), dtype=torch.float64))
+    opt = torch.optim.SGD(params, lr=1.0)
+    scaler.unscale_(opt)
+    found_inf = sum(v.item() for v in scaler._found_inf_per_device(opt).values())
+    assert (expected is None) == (found_inf > 0)
+    if expected is None:
+        return
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    for p, e in zip(params, expected):
+        np.testing.assert_allclose(p.grad.numpy(), e, rtol=RTOL, atol=ATOL)
