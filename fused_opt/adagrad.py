@@ -66,27 +66,18 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             "sum": torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format),
         }
 
-    def _launch(
-        self,
-        group: dict[str, Any],
-        bucket: DeviceBucket,
-        lr: float,
-        lr_tensor: Tensor | None,
-        scaling: dict[str, Any],
-    ) -> None:
+    def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
         torch.ops.fused_opt.adagrad_(
             bucket.params,
             bucket.grads,
             bucket.states["sum"],
             bucket.steps,
             bucket.masters,
-            lr=lr,
             lr_decay=hyper(group["lr_decay"]),
             weight_decay=hyper(group["weight_decay"]),
             eps=hyper(group["eps"]),
             maximize=group["maximize"],
-            lr_tensor=lr_tensor,
-            **scaling,
+            **common,
         )
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:

@@ -68,14 +68,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
-    def _launch(
-        self,
-        group: dict[str, Any],
-        bucket: DeviceBucket,
-        lr: float,
-        lr_tensor: Tensor | None,
-        scaling: dict[str, Any],
-    ) -> None:
+    def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
         torch.ops.fused_opt.adam_(
             bucket.params,
@@ -85,7 +78,6 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             bucket.states.get("max_exp_avg_sq", []),
             bucket.steps,
             bucket.masters,
-            lr=lr,
             beta1=hyper(beta1),
             beta2=hyper(beta2),
             weight_decay=hyper(group["weight_decay"]),
@@ -93,8 +85,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
-            lr_tensor=lr_tensor,
-            **scaling,
+            **common,
         )
 
 

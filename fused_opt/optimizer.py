@@ -67,8 +67,9 @@ class FusedOptimizer(Optimizer):
       * ``_keeps_step(group)``: whether the state keeps a ``step`` counter (all but plain SGD);
       * ``_new_state(p, group, dtype)``: the state of a param on its first step, when it is not
         zeros; state tensors take ``dtype`` (float32 under master weights, else the param's);
-      * ``_launch(group, bucket, lr, lr_tensor, scaling)``: the one op call for a bucket, which
-        passes ``bucket.masters`` and the ``scaling`` keyword arguments on to the op;
+      * ``_launch(group, bucket, common)``: the one op call for a bucket, which passes
+        ``bucket.masters`` and the keyword arguments every step op shares (``common``: lr,
+        lr_tensor, loss scaling and clipping) on to the op;
       * ``_sparse_grad_error``: torch.optim's message for sparse grads, or None when the
         optimizer accepts them, in which case ``_step_sparse(group, params)`` handles them;
       * ``_sparse_weight_decay_error``: torch.optim's message for a sparse grad in a group with
@@ -156,14 +157,7 @@ class FusedOptimizer(Optimizer):
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
 
-    def _launch(
-        self,
-        group: dict[str, Any],
-        bucket: DeviceBucket,
-        lr: float,
-        lr_tensor: Tensor | None,
-        scaling: dict[str, Any],
-    ) -> None:
+    def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -362,7 +356,7 @@ class FusedOptimizer(Optimizer):
 
         lr, lr_tensor = _split_lr(group["lr"])
         for (device, _), bucket in buckets.items():
-            self._launch(group, bucket, lr, lr_tensor, scaling[device])
+            self._launch(group, bucket, {"lr": lr, "lr_tensor": lr_tensor, **scaling[device]})
         if sparse_params:
             self._step_sparse(group, sparse_params)
 

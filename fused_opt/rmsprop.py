@@ -61,14 +61,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             keys += ("momentum_buffer",)
         return keys
 
-    def _launch(
-        self,
-        group: dict[str, Any],
-        bucket: DeviceBucket,
-        lr: float,
-        lr_tensor: Tensor | None,
-        scaling: dict[str, Any],
-    ) -> None:
+    def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
         torch.ops.fused_opt.rmsprop_(
             bucket.params,
             bucket.grads,
@@ -77,13 +70,11 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             bucket.states.get("momentum_buffer", []),
             bucket.steps,
             bucket.masters,
-            lr=lr,
             alpha=hyper(group["alpha"]),
             eps=hyper(group["eps"]),
             weight_decay=hyper(group["weight_decay"]),
             momentum=hyper(group["momentum"]),
             centered=group["centered"],
             maximize=group["maximize"],
-            lr_tensor=lr_tensor,
-            **scaling,
+            **common,
         )

@@ -88,28 +88,19 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             }
         return {}
 
-    def _launch(
-        self,
-        group: dict[str, Any],
-        bucket: DeviceBucket,
-        lr: float,
-        lr_tensor: Tensor | None,
-        scaling: dict[str, Any],
-    ) -> None:
+    def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
         torch.ops.fused_opt.sgd_(
             bucket.params,
             bucket.grads,
             bucket.states.get("momentum_buffer", []),
             bucket.steps,
             bucket.masters,
-            lr=lr,
             momentum=hyper(group["momentum"]),
             dampening=hyper(group["dampening"]),
             weight_decay=hyper(group["weight_decay"]),
             nesterov=group["nesterov"],
             maximize=group["maximize"],
-            lr_tensor=lr_tensor,
-            **scaling,
+            **common,
         )
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
