@@ -594,23 +594,23 @@ def test_last_grad_norm_and_skip_flag_are_device_tensors():
 # A real training loop
 
 
-def _autocast_run(module, scaler_cls, steps: int, clip: float) -> tuple[list[Tensor], list[float]]:
+def _autocast_run(module, scaler_cls, device: str, dtype: torch.dtype, steps: int, clip: float):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8)
-    )
+    ).to(device)
     if module is fused_opt:
         optimizer = fused_opt.AdamW(model.parameters(), lr=1e-3, max_grad_norm=clip)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = scaler_cls("cpu", init_scale=2.0**10, growth_interval=20)
+    scaler = scaler_cls(device, init_scale=2.0**10, growth_interval=20)
     data = torch.Generator().manual_seed(1)
     losses = []
     for step in range(steps):
-        x = torch.randn(16, 32, generator=data)
-        y = torch.randn(16, 8, generator=data)
+        x = torch.randn(16, 32, generator=data).to(device)
+        y = torch.randn(16, 8, generator=data).to(device)
         optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             loss = torch.nn.functional.mse_loss(model(x).float(), y)
         if step == 40:
             loss = loss * math.inf  # one overflowing step: skipped by both
@@ -621,16 +621,37 @@ def _autocast_run(module, scaler_cls, steps: int, clip: float) -> tuple[list[Ten
         scaler.step(optimizer)
         scaler.update()
         losses.append(loss.item())
-    return [p.detach() for p in model.parameters()], losses
+    return [p.detach().cpu() for p in model.parameters()], losses
 
 
-def test_bf16_autocast_loop_tracks_torch_over_100_steps():
-    fused_params, fused_losses = _autocast_run(fused_opt, fused_opt.GradScaler, 100, clip=0.5)
-    torch_params, torch_losses = _autocast_run(torch.optim, torch.amp.GradScaler, 100, clip=0.5)
+CUDA_KERNELS = torch.cuda.is_available() and fused_opt.built_with_cuda()
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+        pytest.param(
+            "cuda",
+            torch.float16,
+            id="cuda-fp16",
+            marks=pytest.mark.skipif(
+                not CUDA_KERNELS, reason="needs a CUDA GPU and fused_opt built with CUDA kernels"
+            ),
+        ),
+    ],
+)
+def test_autocast_loop_tracks_torch_over_100_steps(device, dtype):
+    fused_params, fused_losses = _autocast_run(
+        fused_opt, fused_opt.GradScaler, device, dtype, 100, clip=0.5
+    )
+    torch_params, torch_losses = _autocast_run(
+        torch.optim, torch.amp.GradScaler, device, dtype, 100, clip=0.5
+    )
     for a, b in zip(fused_params, torch_params):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(fused_losses[-10:], torch_losses[-10:], rtol=1e-3)
-    assert fused_losses[-1] < fused_losses[0]
+    assert math.isinf(fused_losses[40]) and fused_losses[-1] < fused_losses[0]
 
 
 @pytest.mark.parametrize("name", NAMES)
