@@ -15,18 +15,18 @@ import pytest
 import torch
 
 from fused_opt.bench import harness, implementations, peers, plot, report
-from fused_opt.bench.__main__ import main
+from fused_opt.bench.__main__ import main, parse_args
 from fused_opt.bench.implementations import CASES, Case, Unsupported, select_cases, step_bytes_per_param
 from fused_opt.bench.progress import ProgressBar
 from fused_opt.bench.workloads import (MANY_SMALL_MAX_NUMEL, gpt2_shapes, llama_shapes, make_workload,
                                        many_small_shapes)
+from fused_opt.optimizer import MASTER_KEY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 CORE = "fused_opt,torch-forloop,torch-foreach,torch-fused"
 
-# From the field notes' table: each tensor counted once per read and once per write; the AMP pipeline with a
-# separate unscale_ and clip_grad_norm_ around the fused step moves ~48 B.
+# From the field notes' table: each tensor counted once per read and once per write, by the step alone.
 FIELD_NOTES_BYTES = {
     ("adam", "fp32"): 28,
     ("adam-amsgrad", "fp32"): 36,
@@ -37,8 +37,25 @@ FIELD_NOTES_BYTES = {
     ("rmsprop", "fp32"): 20,
     ("rmsprop-centered-momentum", "fp32"): 36,
     ("adamw", "bf16"): 14,
-    ("adamw-amp-clip", "fp32"): 48,
+    ("adamw-amp-clip", "fp32"): 28,
+    ("adamw-scaled", "fp32"): 28,
+    ("adamw-bf16-master", "bf16"): 28,
 }
+
+# With each implementation's way of running the case's pipeline (field notes): AMP with a separate unscale_ and
+# clip_grad_norm_ around the fused step ~48 B, fused one read-only grad pass + the step 32 B; torch's fused
+# kernel writes the unscaled grads back (+4 B); torch's master copies: fp32 grads written and read, masters
+# read again (+12 B). A case's baseline row is its bare step: the step's bytes alone.
+PIPELINE_BYTES = {
+    ("adamw-amp-clip", "fused_opt"): 32,
+    ("adamw-amp-clip", "torch-fused"): 48,
+    ("adamw-scaled", "fused_opt"): 28,
+    ("adamw-scaled", "torch-fused"): 32,
+    ("adamw-bf16-master", "fused_opt"): 28,
+    ("adamw-bf16-master", "torch-foreach"): 40,
+    ("adamw-bf16-master", "torch-fused"): 40,
+}
+NEW_CASES = "adamw-amp-clip,adamw-scaled,adamw-bf16-master"
 
 OPTIONAL_STR = (str, type(None))
 OPTIONAL_FLOAT = (float, type(None))
@@ -48,12 +65,15 @@ ROW_TYPES = {
     "fused_opt_version": OPTIONAL_STR, "git_commit": OPTIONAL_STR, "command": str,
     "load_average": OPTIONAL_FLOAT,
     "workload": str, "workload_note": str, "num_tensors": int, "case": str, "case_note": str, "optimizer": str,
-    "implementation": str, "status": str, "note": str, "dtype": str, "numel": int, "bytes_per_param": int,
+    "implementation": str, "variant": str, "status": str, "note": str, "dtype": str, "numel": int,
+    "bytes_per_param": int,
     "rounds": int, "steps_per_round": int, "warmup_steps": int,
     "launches_per_step": OPTIONAL_INT, "launches_counted": str, "state_bytes_per_param": OPTIONAL_FLOAT,
     "ms_median": OPTIONAL_FLOAT, "ms_min": OPTIONAL_FLOAT, "ms_max": OPTIONAL_FLOAT, "floor_ms": OPTIONAL_FLOAT,
     "gbps": OPTIONAL_FLOAT, "frac_of_probe": OPTIONAL_FLOAT, "speedup_vs_fused_opt_median": OPTIONAL_FLOAT,
     "speedup_vs_fused_opt_min": OPTIONAL_FLOAT, "speedup_vs_fused_opt_max": OPTIONAL_FLOAT,
+    "time_vs_baseline_median": OPTIONAL_FLOAT, "time_vs_baseline_min": OPTIONAL_FLOAT,
+    "time_vs_baseline_max": OPTIONAL_FLOAT,
 }
 
 
@@ -61,8 +81,33 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def case_named(name: str, dtype: str = "fp32") -> Case:
-    return next(case for case in CASES if case.name == name and case.dtype == dtype)
+def case_named(name: str) -> Case:
+    """The case of that name; "adamw" is in two dtypes, "adamw:bf16" names the second."""
+    name, _, dtype = name.partition(":")
+    return next(case for case in CASES if case.name == name and (not dtype or case.dtype == dtype))
+
+
+def expected_bytes(row: dict) -> int:
+    if row["variant"]:
+        return FIELD_NOTES_BYTES[(row["case"], row["dtype"])]
+    return PIPELINE_BYTES.get((row["case"], row["implementation"]), FIELD_NOTES_BYTES[(row["case"], row["dtype"])])
+
+
+def expected_state_bytes(case: Case, implementation: str) -> float:
+    if case.pipeline == implementations.MASTER_WEIGHTS:
+        # fp32 states and a master copy; torch's loop also keeps the masters' fp32 grads.
+        return case.n_states * 4 + 4 + (0 if implementation == implementations.REFERENCE else 4)
+    return case.n_states * case.torch_dtype.itemsize
+
+
+def core(names: str = CORE) -> dict[str, implementations.Implementation]:
+    wanted = names.split(",")
+    return {impl.name: impl for impl in implementations.core_implementations(implementations.load_fused_opt())
+            if impl.name in wanted}
+
+
+def tiny_tensors(dtype: torch.dtype = torch.float32):
+    return implementations.make_tensors(make_workload("gpt2", "cpu", tiny=True), dtype, CPU, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,8 +121,8 @@ def test_step_bytes_count_each_tensor_read_and_written():
     assert step_bytes_per_param(n_states=2, element_size=2) == 14
     # Stateless SGD moves what the a.add_(b) probe moves: read p and g, write p.
     assert step_bytes_per_param(n_states=0, element_size=4) == 12
-    # unscale_ (read + write) and clip_grad_norm_ (read for the norm, read + write to scale): 5 grad passes.
-    assert step_bytes_per_param(n_states=2, element_size=4, grad_passes=5) == 48
+    # Master weights: read g (2), read and write the fp32 master (8) and states (16), write p (2).
+    assert step_bytes_per_param(n_states=2, element_size=2, master_weights=True) == 28
     # States of another element size: bf16 params with fp32 states, fp32 params with 8-bit states.
     assert step_bytes_per_param(n_states=2, element_size=2, state_size=4) == 22
     assert step_bytes_per_param(n_states=2, element_size=4, state_size=1) == 16
@@ -87,8 +132,16 @@ def test_cases_carry_the_field_notes_byte_counts():
     assert {(case.name, case.dtype): case.bytes_per_param for case in CASES} == FIELD_NOTES_BYTES
 
 
+def test_implementations_count_their_own_way_of_running_the_pipeline():
+    implementations_found = core()
+    for (case_name, name), expected in PIPELINE_BYTES.items():
+        case = case_named(case_name)
+        assert implementations_found[name].bytes_per_param(case) == expected, (case_name, name)
+        assert implementations_found[name].bytes_per_param(case, bare=True) == case.bytes_per_param
+
+
 def test_implementations_count_their_own_state_format():
-    adamw = case_named("adamw", "bf16")
+    adamw = case_named("adamw:bf16")
     assert implementations.Implementation("x", torch.optim.AdamW).bytes_per_param(adamw) == 14
     assert implementations.Implementation("x", torch.optim.AdamW, state_size=4).bytes_per_param(adamw) == 22
 
@@ -132,32 +185,99 @@ def test_select_cases_by_optimizer_class_case_name_dtype_and_default():
     assert [case.name for case in select_cases(["sgd"], ["fp32"], full=False)] == ["sgd-momentum", "sgd-nesterov"]
     assert [case.name for case in select_cases(["sgd-nesterov"], ["fp32", "bf16"], full=False)] == ["sgd-nesterov"]
     bf16_adamw = select_cases(["adamw"], ["bf16"], full=False)
-    assert [(case.name, case.dtype) for case in bf16_adamw] == [("adamw", "bf16")]
+    assert [(case.name, case.dtype) for case in bf16_adamw] == [("adamw", "bf16"), ("adamw-bf16-master", "bf16")]
+    named = select_cases(["adamw"], ["fp32", "bf16"], full=False, names=NEW_CASES.split(","))
+    assert [case.name for case in named] == NEW_CASES.split(",")
+    assert select_cases(["sgd"], ["fp32", "bf16"], full=False, names=["adamw-scaled"]) == []
+    assert [case.name for case in select_cases(None, ["fp32"], full=False, names=["sgd-nesterov"])] == [
+        "sgd-nesterov"]
     default = {(case.name, case.dtype) for case in select_cases(None, ["fp32", "bf16"], full=False)}
     assert {("adamw", "fp32"), ("adamw", "bf16"), ("adamw-amp-clip", "fp32")} <= default
     assert ("sgd-nesterov", "fp32") not in default
     assert len(select_cases(None, ["fp32", "bf16"], full=True)) == len(CASES)
 
 
-def test_amp_pipeline_runs_only_fused_opt_and_torch_fused():
-    amp = case_named("adamw-amp-clip")
-    names = [impl.name for impl in implementations.core_implementations(implementations.load_fused_opt())
-             if impl.runs(amp)]
-    assert names == ["fused_opt", "torch-fused"]
+def test_pipeline_cases_run_fused_opt_and_torch_equivalents():
+    runs = {name: [impl.name for impl in core().values() if impl.runs(case_named(name))]
+            for name in NEW_CASES.split(",")}
+    assert runs == {"adamw-amp-clip": ["fused_opt", "torch-fused"], "adamw-scaled": ["fused_opt", "torch-fused"],
+                    "adamw-bf16-master": ["fused_opt", "torch-foreach", "torch-fused"]}
 
 
-def test_amp_pipeline_keeps_grads_and_steps_the_params():
+def test_amp_pipelines_keep_grads_and_step_as_the_bare_step_does():
     amp = case_named("adamw-amp-clip")
-    fused = next(impl for impl in implementations.core_implementations(None) if impl.name == "torch-fused")
-    params, grads = implementations.make_tensors(make_workload("gpt2", "cpu", tiny=True), torch.float32, CPU, 0)
-    prepared = implementations.prepare(fused, amp, params, grads)
-    own = prepared.optimizer.param_groups[0]["params"]
-    before = [p.detach().clone() for p in own]
-    for _ in range(3):
+    params, grads = tiny_tensors()
+    for name, impl in core("fused_opt,torch-fused").items():
+        prepared = implementations.prepare(impl, amp, params, grads)
+        bare = implementations.prepare(impl, amp, params, grads, bare=True)
+        own = prepared.optimizer.param_groups[0]["params"]
+        for _ in range(3):
+            prepared.step()
+            bare.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(own, grads)), "scale 1.0 and no clipping keep the grads"
+        # torch's unscale_ and clip write the grads, so it has its own; fused_opt's pipeline only reads them.
+        assert all((p.grad is g) == (name == "fused_opt") for p, g in zip(own, grads)), name
+        assert not torch.equal(own[0], params[0])
+        for stepped, bare_stepped in zip(own, bare.optimizer.param_groups[0]["params"]):
+            torch.testing.assert_close(stepped, bare_stepped)
+
+
+def test_fused_amp_pipeline_is_one_grad_pass_and_the_step():
+    prepared = implementations.prepare(core("fused_opt")["fused_opt"], case_named("adamw-amp-clip"),
+                                       *tiny_tensors())
+    prepared.step()
+    assert prepared.optimizer.defaults["max_grad_norm"] == implementations.CLIP_MAX_NORM
+    # fused_opt.GradScaler leaves the norm of its read-only pass; torch's unscale_ path would not.
+    assert prepared.optimizer.last_grad_norm is not None
+    from torch.profiler import profile
+    with harness._native_stderr_silenced(), profile() as profiler:
         prepared.step()
-    assert all(torch.equal(p.grad, g) for p, g in zip(own, grads)), "scale 1.0 and no clipping keep the grads"
-    assert all(p.grad is not g for p, g in zip(own, grads)), "the pipeline writes its own copy of the grads"
-    assert not torch.equal(own[0], before[0])
+    names = [event.name for event in profiler.events()]
+    assert names.count("fused_opt::grad_norm_") == 1 and names.count("fused_opt::adam_") == 1
+    assert not any("clip" in name or "_foreach_mul" in name or "unscale" in name for name in names)
+
+
+def test_scaled_case_hands_the_scaler_tensors_and_its_baseline_does_not():
+    scaled = case_named("adamw-scaled")
+    assert scaled.variants == ("", "no grad_scale/found_inf")
+    params, grads = tiny_tensors()
+    for impl in core("fused_opt,torch-fused").values():
+        with_scaler = implementations.prepare(impl, scaled, params, grads)
+        bare = implementations.prepare(impl, scaled, params, grads, bare=True)
+        assert float(with_scaler.optimizer.grad_scale) == 1.0 and float(with_scaler.optimizer.found_inf) == 0.0
+        assert not hasattr(bare.optimizer, "grad_scale") and not hasattr(bare.optimizer, "found_inf")
+        for _ in range(2):
+            with_scaler.step()
+            bare.step()
+        own = with_scaler.optimizer.param_groups[0]["params"]
+        for ours, theirs in zip(own, bare.optimizer.param_groups[0]["params"]):
+            torch.testing.assert_close(ours, theirs)
+        assert all(torch.equal(p.grad, g) for p, g in zip(own, grads)), "scale 1.0 keeps the grads"
+
+
+def test_master_weights_case_matches_torch_master_copies():
+    master = case_named("adamw-bf16-master")
+    params, grads = tiny_tensors(torch.bfloat16)
+    numel = sum(p.numel() for p in params)
+    stepped = {}
+    for name, impl in core("fused_opt,torch-fused,torch-foreach").items():
+        prepared = implementations.prepare(impl, master, params, grads)
+        for _ in range(3):
+            prepared.step()
+        held = sum(tensor.nbytes for tensor in prepared.held)
+        state = harness.state_bytes_per_param(prepared.optimizer, numel, held)
+        assert state == pytest.approx(expected_state_bytes(master, name), abs=0.05), name
+        stepped[name] = prepared.optimizer
+    fused_opt_params = stepped["fused_opt"].param_groups[0]["params"]
+    assert all(p.dtype == torch.bfloat16 for p in fused_opt_params)
+    assert not torch.equal(fused_opt_params[0], params[0])
+    # torch's optimizer steps the fp32 masters, the same math as fused_opt's (torch-fused took one more step,
+    # its maker's trial).
+    masters = stepped["torch-foreach"].param_groups[0]["params"]
+    assert all(m.dtype == torch.float32 for m in masters)
+    for ours, theirs in zip(fused_opt_params, masters):
+        torch.testing.assert_close(stepped["fused_opt"].state[ours][MASTER_KEY], theirs)
+        torch.testing.assert_close(ours, theirs.to(torch.bfloat16))
 
 
 def test_rounds_rotate_so_each_contender_takes_each_position():
@@ -176,7 +296,7 @@ def test_one_input_set_on_cpu_and_probe_beyond_the_caches():
 
 
 def test_launches_and_state_bytes_of_one_step():
-    params, grads = implementations.make_tensors(make_workload("gpt2", "cpu", tiny=True), torch.float32, CPU, 0)
+    params, grads = tiny_tensors()
     adam = case_named("adam")
     counts, states = {}, {}
     for impl in implementations.core_implementations(implementations.load_fused_opt()):
@@ -194,6 +314,24 @@ def test_launches_and_state_bytes_of_one_step():
 
 def test_a_library_that_calls_past_the_dispatcher_counts_as_unknown():
     assert harness.count_launches(lambda: None, CPU) is None
+
+
+def test_baselines_and_speed_ups_are_per_round_ratios_within_a_variant():
+    def timed(name, variant, round_ms, bytes_per_param=28):
+        return harness.Contender(name, "fp32", 1000, bytes_per_param, step=None, variant=variant,
+                                 round_ms=round_ms)
+
+    contenders = [timed("fused_opt", "", [10.0, 20.0, 30.0]), timed("fused_opt", "bare", [10.0, 10.0, 25.0]),
+                  timed("torch-fused", "", [30.0, 60.0, 60.0]), timed("torch-fused", "bare", [20.0, 20.0, 30.0])]
+    probe = timed("probe-inplace-add", "", [1.0, 2.0, 3.0], bytes_per_param=12)
+    results = {(r.implementation, r.variant): r for r in harness.summarize(contenders + [probe], probe)}
+    ours, theirs = results[("fused_opt", "")], results[("torch-fused", "")]
+    assert (ours.time_vs_baseline_median, ours.time_vs_baseline_min, ours.time_vs_baseline_max) == (1.2, 1.0, 2.0)
+    assert (theirs.time_vs_baseline_median, theirs.time_vs_baseline_max) == (2.0, 3.0)
+    assert results[("torch-fused", "bare")].speedup_vs_fused_opt_median == 2.0  # against fused_opt's bare step
+    assert theirs.speedup_vs_fused_opt_median == 3.0
+    assert results[("fused_opt", "bare")].time_vs_baseline_median is None
+    assert results[("probe-inplace-add", "")].speedup_vs_fused_opt_median is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,16 +409,21 @@ def test_tiny_run_rows_follow_the_schema(tiny_run):
 
 def test_tiny_run_covers_every_case_workload_and_implementation(tiny_run):
     _, rows = tiny_run
-    measured = {(row["workload"], row["case"], row["dtype"], row["implementation"]) for row in rows}
+    measured = {(row["workload"], row["case"], row["dtype"], row["implementation"], row["variant"]) for row in rows}
     names = CORE.split(",")
     for workload in ("large", "gpt2"):
         for case in CASES:
             expected = [name for name in names if case.implementations is None or name in case.implementations]
             for name in expected:
-                assert (workload, case.name, case.dtype, name) in measured
-            assert (workload, case.name, "fp32", "probe-inplace-add") in measured
+                for variant in case.variants:
+                    assert (workload, case.name, case.dtype, name, variant) in measured
+            assert (workload, case.name, "fp32", "probe-inplace-add", "") in measured
     amp_rows = {row["implementation"] for row in rows if row["case"] == "adamw-amp-clip"}
     assert amp_rows == {"fused_opt", "torch-fused", "probe-inplace-add"}
+    scaled_rows = {(row["implementation"], row["variant"]) for row in rows
+                   if row["case"] == "adamw-scaled" and row["workload"] == "gpt2"}
+    assert scaled_rows == {("fused_opt", ""), ("fused_opt", "no grad_scale/found_inf"), ("torch-fused", ""),
+                           ("torch-fused", "no grad_scale/found_inf"), ("probe-inplace-add", "")}
 
 
 def test_tiny_run_values_are_sensible(tiny_run):
@@ -293,7 +436,7 @@ def test_tiny_run_values_are_sensible(tiny_run):
             assert row["bytes_per_param"] == 12 and row["frac_of_probe"] == 1.0
             assert row["state_bytes_per_param"] is None
         else:
-            assert row["bytes_per_param"] == FIELD_NOTES_BYTES[(row["case"], row["dtype"])]
+            assert row["bytes_per_param"] == expected_bytes(row), row
             assert row["numel"] == make_workload(row["workload"], "cpu", tiny=True).numel
         if row["status"] != "ok":
             assert row["note"] and row["ms_median"] is None
@@ -309,15 +452,21 @@ def test_tiny_run_values_are_sensible(tiny_run):
         elif row["speedup_vs_fused_opt_median"] is not None:
             assert (0 < row["speedup_vs_fused_opt_min"] <= row["speedup_vs_fused_opt_median"]
                     <= row["speedup_vs_fused_opt_max"])
+        has_baseline = row["case"] == "adamw-scaled" and not row["variant"] and row["implementation"] != \
+            "probe-inplace-add"
+        assert (row["time_vs_baseline_median"] is not None) == has_baseline, row
+        if has_baseline:
+            assert (0 < row["time_vs_baseline_min"] <= row["time_vs_baseline_median"]
+                    <= row["time_vs_baseline_max"])
 
 
 def test_tiny_run_state_bytes_match_the_case(tiny_run):
     _, rows = tiny_run
     for row in rows:
         if row["status"] == "ok" and not row["implementation"].startswith("probe"):
-            case = case_named(row["case"], row["dtype"])
-            element = case.torch_dtype.itemsize
-            assert row["state_bytes_per_param"] == pytest.approx(case.n_states * element, abs=0.01), row
+            case = case_named(f"{row['case']}:{row['dtype']}")
+            assert row["state_bytes_per_param"] == pytest.approx(expected_state_bytes(case, row["implementation"]),
+                                                                 abs=0.05), row
 
 
 def test_tiny_run_skips_torch_fused_only_where_torch_has_no_fused_kernel(tiny_run):
@@ -335,8 +484,11 @@ def test_tiny_run_writes_the_markdown_tables(tiny_run):
     assert "| case | dtype | implementation | B/param |" in markdown and "| ops/step |" in markdown
     assert "peers found:" in markdown
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(table_lines) == len(rows) + 2  # one header per workload
+    # Per workload: the main table's header, the baseline table's header and its two lines (adamw-scaled).
+    assert len(table_lines) == len(rows) + 2 * (1 + 1 + 2)
     assert "- adamw bf16: bf16 params, grads and states" in markdown
+    assert "| torch-fused (no grad_scale/found_inf) |" in markdown
+    assert "| adamw-scaled | fp32 | fused_opt |" in markdown and "| time / baseline [min-max] |" in markdown
 
 
 def test_tiny_run_draws_the_plot_when_matplotlib_is_there(tiny_run):
@@ -444,6 +596,18 @@ def test_help_says_what_quick_and_full_run(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert "quick default (no --full): workloads large, gpt2" in text and "--full: workloads" in text
+
+
+def test_cases_flag_picks_cases_by_name_among_the_optimizers(capsys):
+    args = parse_args(["--device", "cpu", "--optimizers", "adamw", "--cases", NEW_CASES])
+    assert [(case.name, case.dtype) for case in args.cases] == [
+        ("adamw-amp-clip", "fp32"), ("adamw-scaled", "fp32"), ("adamw-bf16-master", "bf16")]
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--optimizers", "sgd", "--cases", "adamw-scaled"])
+    assert "no case has optimizer in ['sgd'], name in ['adamw-scaled']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--cases", "adamw-unknown"])
+    assert "unknown adamw-unknown" in capsys.readouterr().err
 
 
 def test_command_line_entry_point(tmp_path):

@@ -69,7 +69,8 @@ def _epilog() -> str:
         item(f"--full: workloads {', '.join(WORKLOAD_NAMES)} (llama-1b scaled down to fit half the device's "
              f"memory where it must); cases {all_cases}; every implementation found; "
              f"{FULL_DEFAULTS['rounds']} rounds."),
-        item("--workloads, --optimizers, --implementations given explicitly replace the default's choice."),
+        item("--workloads, --optimizers, --cases, --implementations given explicitly replace the default's "
+             "choice; --optimizers and --cases together run the cases that both name."),
         "peers (measured when importable, else named in a one-line note):",
         item("apex FusedAdam/FusedSGD and DeepSpeed FusedAdam (CUDA), DeepSpeed CPUAdam (CPU), bitsandbytes "
              "32-bit and 8-bit (both)."),
@@ -97,6 +98,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--optimizers", type=_name_list(set(implementations.OPTIMIZER_NAMES) | case_names),
                         help="comma-separated optimizer classes (adam,adamw,sgd,adagrad,rmsprop) or case "
                              "names (e.g. sgd-nesterov, adamw-amp-clip); all their cases run")
+    parser.add_argument("--cases", dest="case_names", type=_name_list(case_names),
+                        help=f"comma-separated case names, from {','.join(sorted(case_names))}")
     parser.add_argument("--dtypes", type=_name_list(implementations.DTYPES), default=list(implementations.DTYPES),
                         help="comma-separated param dtypes, from fp32,bf16 (default: both)")
     parser.add_argument("--implementations", type=_name_list(IMPLEMENTATION_NAMES),
@@ -130,9 +133,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.device.type == "cuda" and args.device.index is None:
         # torch.cuda.set_device and the events need a numbered device.
         args.device = torch.device("cuda", torch.cuda.current_device())
-    args.cases = implementations.select_cases(args.optimizers, args.dtypes, args.full)
+    args.cases = implementations.select_cases(args.optimizers, args.dtypes, args.full, args.case_names)
     if not args.cases:
-        parser.error(f"no case has optimizer in {args.optimizers} and dtype in {args.dtypes}")
+        parser.error(f"no case has optimizer in {args.optimizers}, name in {args.case_names} and dtype in "
+                     f"{args.dtypes}")
     return args
 
 
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(workload, [(case, [impl for impl in candidates if impl.runs(case)]) for case in args.cases])
             for workload in workloads]
     # Weighted by the bytes each case moves, times its contenders: a rough share of the run's time.
-    bar = ProgressBar([workload.numel * case.bytes_per_param * (len(chosen) + 1)
+    bar = ProgressBar([workload.numel * case.bytes_per_param * (len(chosen) * len(case.variants) + 1)
                        for workload, cases in plan for case, chosen in cases])
 
     jsonl_path = args.output / "results.jsonl"

@@ -41,13 +41,17 @@ ProgressCallback = Callable[[str, int, int], None]
 
 @dataclass
 class Contender:
-    """Something timed in the rounds: an implementation's step or the probe."""
+    """Something timed in the rounds: an implementation's step or the probe. `variant` is "" for the case
+    itself and the case's baseline label for an implementation's bare step; `held_bytes` are those of the
+    tensors its pipeline keeps beside the optimizer's state."""
     name: str
     dtype: str
     numel: int
     bytes_per_param: int
     step: Callable[[], object] | None
+    variant: str = ""
     optimizer: torch.optim.Optimizer | None = None
+    held_bytes: int = 0
     status: str = "ok"
     note: str = ""
     round_ms: list[float] = field(default_factory=list)
@@ -57,6 +61,10 @@ class Contender:
     @property
     def bytes_per_step(self) -> int:
         return self.numel * self.bytes_per_param
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.variant})" if self.variant else self.name
 
     def drop(self, status: str, exc: Exception) -> None:
         """Takes the contender out of the measurement; releasing `step` lets its tensors be freed now."""
@@ -72,6 +80,7 @@ class Contender:
 class Result:
     """One contender's statistics over the rounds; None where it failed or has nothing to compare with."""
     implementation: str
+    variant: str
     status: str
     note: str
     dtype: str
@@ -88,6 +97,9 @@ class Result:
     speedup_vs_fused_opt_median: float | None = None
     speedup_vs_fused_opt_min: float | None = None
     speedup_vs_fused_opt_max: float | None = None
+    time_vs_baseline_median: float | None = None
+    time_vs_baseline_min: float | None = None
+    time_vs_baseline_max: float | None = None
 
 
 def probe_numel(workload_numel: int) -> int:
@@ -204,11 +216,12 @@ def count_launches(step: Callable[[], object], device: torch.device) -> int | No
     return sum(1 for event in events if _is_top_level_op(event)) or None
 
 
-def state_bytes_per_param(optimizer: torch.optim.Optimizer, numel: int) -> float:
-    """Bytes of every tensor in the optimizer's state (step counters included) per parameter."""
+def state_bytes_per_param(optimizer: torch.optim.Optimizer, numel: int, held_bytes: int = 0) -> float:
+    """Bytes of every tensor in the optimizer's state (step counters included), plus `held_bytes` a pipeline
+    keeps beside it, per parameter."""
     total = sum(value.nbytes for state in optimizer.state.values() for value in state.values()
                 if isinstance(value, torch.Tensor))
-    return total / numel
+    return (total + held_bytes) / numel
 
 
 def rotated(items: list, shift: int) -> list:
@@ -235,25 +248,30 @@ def _in_turn(steps: list[Callable[[], object]]) -> Callable[[], object]:
 def build_contenders(case: Case, workload: Workload, device: torch.device,
                      candidates: list[Implementation], seed: int,
                      progress: Callable[[str], None]) -> list[Contender]:
-    """The case's implementations, each over its own copies of the same seeded params (and grads, where
-    the step writes them), as many copies as input_set_count asks for."""
+    """The case's implementations (each also as its bare step when the case has a baseline), each over its
+    own copies of the same seeded params (and grads, where the step writes them), as many copies as
+    input_set_count asks for."""
     sets = input_set_count(device, workload.numel * case.bytes_per_param)
     tensor_sets = [implementations.make_tensors(workload, case.torch_dtype, device, seed + index)
                    for index in range(sets)]
     contenders = []
     for candidate in candidates:
-        progress(f"building {candidate.name}")
-        contender = Contender(candidate.name, case.dtype, workload.numel, candidate.bytes_per_param(case),
-                              step=None)
-        try:
-            prepared = [implementations.prepare(candidate, case, params, grads) for params, grads in tensor_sets]
-            contender.step = _in_turn([p.step for p in prepared])
-            contender.optimizer = prepared[0].optimizer
-        except implementations.Unsupported as exc:
-            contender.drop("skipped", exc)
-        except Exception as exc:
-            contender.drop("error", exc)
-        contenders.append(contender)
+        for variant in case.variants:
+            bare = variant != ""
+            contender = Contender(candidate.name, case.dtype, workload.numel,
+                                  candidate.bytes_per_param(case, bare=bare), step=None, variant=variant)
+            progress(f"building {contender.label}")
+            try:
+                prepared = [implementations.prepare(candidate, case, params, grads, bare=bare)
+                            for params, grads in tensor_sets]
+                contender.step = _in_turn([p.step for p in prepared])
+                contender.optimizer = prepared[0].optimizer
+                contender.held_bytes = sum(tensor.nbytes for tensor in prepared[0].held)
+            except implementations.Unsupported as exc:
+                contender.drop("skipped", exc)
+            except Exception as exc:
+                contender.drop("error", exc)
+            contenders.append(contender)
     return contenders
 
 
@@ -264,7 +282,7 @@ def warm_up(contenders: list[Contender], clock: Clock, warmup: int, device: torc
     for contender in contenders:
         if contender.status != "ok":
             continue
-        progress(f"warming up {contender.name}")
+        progress(f"warming up {contender.label}")
         try:
             for _ in range(warmup):
                 contender.step()
@@ -274,7 +292,8 @@ def warm_up(contenders: list[Contender], clock: Clock, warmup: int, device: torc
             contender.drop("error", exc)
             continue
         if contender.optimizer is not None:
-            contender.state_bytes_per_param = state_bytes_per_param(contender.optimizer, contender.numel)
+            contender.state_bytes_per_param = state_bytes_per_param(contender.optimizer, contender.numel,
+                                                                    contender.held_bytes)
 
 
 def run_rounds(contenders: list[Contender], clock: Clock, rounds: int, steps: int,
@@ -288,23 +307,33 @@ def run_rounds(contenders: list[Contender], clock: Clock, rounds: int, steps: in
         for contender in rotated(active, round_index):
             if contender.status != "ok":
                 continue
-            progress(f"round {round_index + 1}/{rounds}: {contender.name}")
+            progress(f"round {round_index + 1}/{rounds}: {contender.label}")
             try:
                 contender.round_ms.append(statistics.median(clock.step_ms(contender.step, steps)))
             except Exception as exc:
                 contender.drop("error", exc)
 
 
+def _spread(ratios: list[float]) -> tuple[float | None, float | None, float | None]:
+    """Median, min and max of per-round ratios; Nones when there are none."""
+    if not ratios:
+        return None, None, None
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def summarize(contenders: list[Contender], probe: Contender) -> list[Result]:
     """Statistics over rounds. GB/s comes from the median time; the floor (this contender's bytes at the
-    probe's bandwidth), the fraction of the probe's bandwidth and the speed-up of fused_opt (this
-    contender's time / fused_opt's time) are medians of per-round values."""
-    reference = next((c for c in contenders if c.name == implementations.REFERENCE and c.status == "ok"), None)
+    probe's bandwidth), the fraction of the probe's bandwidth, the speed-up of fused_opt (this contender's
+    time / fused_opt's time in the same variant) and the time against the baseline (this contender's time
+    / its own bare step's time) are medians of per-round values."""
+    ok = [c for c in contenders if c.status == "ok"]
+    references = {c.variant: c for c in ok if c.name == implementations.REFERENCE}
+    baselines = {c.name: c for c in ok if c.variant}
     results = []
     for contender in contenders:
-        identity = dict(implementation=contender.name, status=contender.status, note=contender.note,
-                        dtype=contender.dtype, numel=contender.numel, bytes_per_param=contender.bytes_per_param,
-                        launches_per_step=contender.launches_per_step,
+        identity = dict(implementation=contender.name, variant=contender.variant, status=contender.status,
+                        note=contender.note, dtype=contender.dtype, numel=contender.numel,
+                        bytes_per_param=contender.bytes_per_param, launches_per_step=contender.launches_per_step,
                         state_bytes_per_param=contender.state_bytes_per_param)
         if contender.status != "ok":
             results.append(Result(**identity))
@@ -316,25 +345,31 @@ def summarize(contenders: list[Contender], probe: Contender) -> list[Result]:
             floors = [probe_ms * contender.bytes_per_step / probe.bytes_per_step for probe_ms in probe.round_ms]
             floor_ms = statistics.median(floors)
             frac_of_probe = statistics.median(floor / ms for floor, ms in zip(floors, times))
-        speedups = None
-        if reference is not None and contender is not probe:
-            speedups = [ms / reference_ms for ms, reference_ms in zip(times, reference.round_ms)]
+        reference = references.get(contender.variant) if contender is not probe else None
+        speedups = [] if reference is None else [ms / reference_ms
+                                                 for ms, reference_ms in zip(times, reference.round_ms)]
+        baseline = baselines.get(contender.name) if not contender.variant and contender is not probe else None
+        against_baseline = [] if baseline is None else [ms / baseline_ms
+                                                        for ms, baseline_ms in zip(times, baseline.round_ms)]
+        speedup_median, speedup_min, speedup_max = _spread(speedups)
+        baseline_median, baseline_min, baseline_max = _spread(against_baseline)
         results.append(Result(
             **identity,
             ms_median=ms_median, ms_min=min(times), ms_max=max(times), floor_ms=floor_ms,
             gbps=contender.bytes_per_step / ms_median / 1e6,
             frac_of_probe=frac_of_probe,
-            speedup_vs_fused_opt_median=statistics.median(speedups) if speedups else None,
-            speedup_vs_fused_opt_min=min(speedups) if speedups else None,
-            speedup_vs_fused_opt_max=max(speedups) if speedups else None,
+            speedup_vs_fused_opt_median=speedup_median, speedup_vs_fused_opt_min=speedup_min,
+            speedup_vs_fused_opt_max=speedup_max,
+            time_vs_baseline_median=baseline_median, time_vs_baseline_min=baseline_min,
+            time_vs_baseline_max=baseline_max,
         ))
     return results
 
 
-def case_units(candidates: int, rounds: int) -> int:
-    """Units of progress a case reports: a build and a warm-up per implementation, a warm-up of the probe,
-    and one unit per contender per round."""
-    return 2 * candidates + 1 + rounds * (candidates + 1)
+def case_units(contenders: int, rounds: int) -> int:
+    """Units of progress a case reports: a build and a warm-up per contender (the probe aside), a warm-up of
+    the probe, and one unit per contender per round."""
+    return 2 * contenders + 1 + rounds * (contenders + 1)
 
 
 def measure_case(case: Case, workload: Workload, device: torch.device, probe: Probe,
@@ -346,7 +381,7 @@ def measure_case(case: Case, workload: Workload, device: torch.device, probe: Pr
     `progress(label, done, total)` is called before each unit of work (see case_units); units skipped
     because an implementation dropped out are not reported, so `done` may end below `total`.
     """
-    total = case_units(len(candidates), rounds)
+    total = case_units(len(candidates) * len(case.variants), rounds)
     done = itertools.count()
 
     def step_progress(label: str) -> None:

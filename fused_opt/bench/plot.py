@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .implementations import REFERENCE, TORCH_IMPLEMENTATIONS
-from .report import significant, table_title
+from .report import implementation_label, significant, table_title
 
 # fused_opt stands out; torch.optim's three share a hue, darkest for its fastest kind; peers get their own.
 _COLORS = {
@@ -77,7 +77,7 @@ def _lines(rows: list[dict]) -> list[tuple[str, dict | None]]:
         if case != previous:
             lines.append((case, None))
             previous = case
-        lines.append((row["implementation"], row))
+        lines.append((implementation_label(row), row))
     return lines
 
 

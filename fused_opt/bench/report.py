@@ -21,11 +21,13 @@ from .implementations import REFERENCE
 ROW_KEYS = (
     "timestamp", "device", "device_name", "torch_version", "fused_opt_version", "git_commit", "command",
     "load_average",
-    "workload", "workload_note", "num_tensors", "case", "case_note", "optimizer", "implementation", "status",
+    "workload", "workload_note", "num_tensors", "case", "case_note", "optimizer", "implementation", "variant",
+    "status",
     "note", "dtype", "numel", "bytes_per_param", "rounds", "steps_per_round", "warmup_steps",
     "launches_per_step", "launches_counted", "state_bytes_per_param",
     "ms_median", "ms_min", "ms_max", "floor_ms", "gbps", "frac_of_probe",
     "speedup_vs_fused_opt_median", "speedup_vs_fused_opt_min", "speedup_vs_fused_opt_max",
+    "time_vs_baseline_median", "time_vs_baseline_min", "time_vs_baseline_max",
 )
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +110,17 @@ def significant(value: float) -> str:
     return f"{value:.{decimals}f}"
 
 
+def implementation_label(row: dict) -> str:
+    """The implementation, and which variant of it when it is a case's baseline; rows stored before
+    variants existed have none."""
+    variant = row.get("variant")
+    return f"{row['implementation']} ({variant})" if variant else row["implementation"]
+
+
+def _ratio_cell(row: dict, key: str) -> str:
+    return f"{row[key + '_median']:.2f}x [{row[key + '_min']:.2f}-{row[key + '_max']:.2f}]"
+
+
 def _columns(rows: list[dict]) -> tuple[str, ...]:
     launches = "kernels/step" if rows[0]["device"] == "cuda" else "ops/step"
     return ("case", "dtype", "implementation", "B/param", "ms/step median [min-max]", "GB/s", "% of ceiling",
@@ -125,14 +138,13 @@ def _cells(row: dict, first_of_case: bool) -> list[str]:
     elif row["implementation"] == REFERENCE:
         speedup_cell = f"{speedup:.2f}x"
     else:
-        speedup_cell = (f"{speedup:.2f}x [{row['speedup_vs_fused_opt_min']:.2f}-"
-                        f"{row['speedup_vs_fused_opt_max']:.2f}]")
+        speedup_cell = _ratio_cell(row, "speedup_vs_fused_opt")
     launches = row["launches_per_step"]
     state = row["state_bytes_per_param"]
     return [
         row["case"] if first_of_case else "",
         row["dtype"] if first_of_case else "",
-        row["implementation"],
+        implementation_label(row),
         str(row["bytes_per_param"]),
         f"{significant(row['ms_median'])} [{significant(row['ms_min'])}-{significant(row['ms_max'])}]"
         if ok else "-",
@@ -154,6 +166,27 @@ def _table_cells(rows: list[dict]) -> list[list[str]]:
         identity = None if _is_probe(row) else (row["case"], row["dtype"])
         cells.append(_cells(row, identity is not None and identity != previous))
         previous = identity
+    return cells
+
+
+BASELINE_COLUMNS = ("case", "dtype", "implementation", "ms/step median", "baseline", "baseline ms/step median",
+                    "time / baseline [min-max]")
+_BASELINE_NUMERIC_COLUMNS = {3, 5, 6}
+BASELINE_TITLE = ("cost of the pipeline: each implementation's time against its own bare step (the baseline), "
+                  "timed in the same rounds; median [min-max] of per-round ratios")
+
+
+def _baseline_cells(rows: list[dict]) -> list[list[str]]:
+    """A line per implementation measured against its baseline."""
+    cells = []
+    for row in rows:
+        if row.get("time_vs_baseline_median") is None:
+            continue
+        baseline = next(other for other in rows if other.get("variant") and other["case"] == row["case"]
+                        and other["dtype"] == row["dtype"] and other["implementation"] == row["implementation"])
+        cells.append([row["case"], row["dtype"], row["implementation"], significant(row["ms_median"]),
+                      baseline["variant"], significant(baseline["ms_median"]),
+                      _ratio_cell(row, "time_vs_baseline")])
     return cells
 
 
@@ -185,23 +218,33 @@ def notes(rows: list[dict]) -> list[str]:
     return lines
 
 
-def format_table(rows: list[dict], max_note: int = 50) -> str:
-    """A plain-text table of one workload's rows, then its notes."""
-    columns = _columns(rows)
-    cells = [[cell if len(cell) <= max_note else cell[:max_note - 3] + "..." for cell in line]
-             for line in _table_cells(rows)]
-    widths = [max(len(line[i]) for line in [list(columns)] + cells) for i in range(len(columns))]
+def _render_table(columns: tuple[str, ...], cells: list[list[str]], numeric: set[int]) -> list[str]:
+    """A plain-text table's lines, columns padded to their widest cell, numbers right-aligned; a None in
+    `cells` stands for an empty line between blocks."""
+    filled = [line for line in cells if line is not None]
+    widths = [max(len(line[i]) for line in [list(columns)] + filled) for i in range(len(columns))]
 
     def render(line):
-        return "  ".join(cell.rjust(width) if i in _NUMERIC_COLUMNS else cell.ljust(width)
+        return "  ".join(cell.rjust(width) if i in numeric else cell.ljust(width)
                          for i, (cell, width) in enumerate(zip(line, widths))).rstrip()
 
-    lines = [table_title(rows), render(columns), render(["-" * width for width in widths])]
-    for row, line in zip(rows, cells):
-        lines.append(render(line))
+    return ([render(columns), render(["-" * width for width in widths])]
+            + ["" if line is None else render(line) for line in cells])
+
+
+def format_table(rows: list[dict], max_note: int = 50) -> str:
+    """A plain-text table of one workload's rows, the cost of each pipeline measured against a baseline,
+    then the notes."""
+    cells = []
+    for row, line in zip(rows, _table_cells(rows)):
+        cells.append([cell if len(cell) <= max_note else cell[:max_note - 3] + "..." for cell in line])
         # Each case lists its probe row last, so the probe closes the case's block.
         if _is_probe(row) and row is not rows[-1]:
-            lines.append("")
+            cells.append(None)
+    lines = [table_title(rows)] + _render_table(_columns(rows), cells, _NUMERIC_COLUMNS)
+    baseline_cells = _baseline_cells(rows)
+    if baseline_cells:
+        lines += ["", BASELINE_TITLE] + _render_table(BASELINE_COLUMNS, baseline_cells, _BASELINE_NUMERIC_COLUMNS)
     lines += [f"  note: {line}" for line in notes(rows)]
     return "\n".join(lines)
 
@@ -214,12 +257,20 @@ def _explanations(rows: list[dict]) -> list[str]:
     return [
         "- times are the median over rounds of each round's median step time, implementations interleaved "
         "round by round; % of ceiling and speed-up are medians of per-round ratios (speed-up > 1: fused_opt "
-        "is faster)",
-        f"- ceiling: {ceiling}, timed in the same rounds (the probe rows); B/param: bytes one step must move "
-        "per parameter (each tensor read once and written once), from which GB/s and % of ceiling follow",
+        "is faster; a baseline row is compared with fused_opt's baseline row)",
+        f"- ceiling: {ceiling}, timed in the same rounds (the probe rows); B/param: bytes the implementation's "
+        "step moves per parameter, with the passes over grads or copies its way of running the case's "
+        "pipeline adds (each tensor counted once per read and once per write), from which GB/s, % of ceiling "
+        "and the floor follow",
         f"- {launches}: {first['launches_counted']} in one step (torch.profiler); state B/param: bytes of the "
-        "optimizer's state tensors per parameter",
+        "optimizer's state tensors per parameter, and of the fp32 copies a pipeline keeps beside them",
     ]
+
+
+def _markdown_table(columns: tuple[str, ...], cells: list[list[str]], numeric: set[int]) -> list[str]:
+    return (["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---:" if i in numeric else "---" for i in range(len(columns))) + "|"]
+            + ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in cells])
 
 
 def format_markdown(rows: list[dict], peers: str = "", plot_name: str | None = None) -> str:
@@ -240,14 +291,14 @@ def format_markdown(rows: list[dict], peers: str = "", plot_name: str | None = N
     lines += _explanations(rows)
     if plot_name:
         lines += ["", f"![time per step against the byte floor]({plot_name})"]
-    columns = _columns(rows)
     for workload in dict.fromkeys(row["workload"] for row in rows):
         workload_rows = [row for row in rows if row["workload"] == workload]
-        lines += ["", f"## {table_title(workload_rows)}", "",
-                  "| " + " | ".join(columns) + " |",
-                  "|" + "|".join("---:" if i in _NUMERIC_COLUMNS else "---" for i in range(len(columns))) + "|"]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |"
-                  for line in _table_cells(workload_rows)]
+        lines += ["", f"## {table_title(workload_rows)}", ""]
+        lines += _markdown_table(_columns(workload_rows), _table_cells(workload_rows), _NUMERIC_COLUMNS)
+        baseline_cells = _baseline_cells(workload_rows)
+        if baseline_cells:
+            lines += ["", f"{BASELINE_TITLE}:", ""]
+            lines += _markdown_table(BASELINE_COLUMNS, baseline_cells, _BASELINE_NUMERIC_COLUMNS)
         workload_notes = notes(workload_rows)
         if workload_notes:
             lines += [""] + [f"- {line}" for line in workload_notes]
