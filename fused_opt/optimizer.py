@@ -292,17 +292,19 @@ class FusedOptimizer(Optimizer):
     def _check_dense_grad(
         self, group_index: int, param_index: int, group: dict[str, Any], p: Tensor, grad: Tensor
     ) -> None:
-        for what, got, want in (
-            ("dtype", grad.dtype, p.dtype),
-            ("device", grad.device, p.device),
-            ("shape", tuple(grad.shape), tuple(p.shape)),
-        ):
-            if got != want:
-                raise RuntimeError(
-                    f"{type(self).__name__}: the grad of "
-                    f"{self._describe_param(group_index, param_index, group, p)} has {what} "
-                    f"{got} but the param has {what} {want}"
-                )
+        # One cheap test per step and param; the message is built only for a mismatch.
+        if grad.dtype != p.dtype or grad.device != p.device or grad.shape != p.shape:
+            for what, got, want in (
+                ("dtype", grad.dtype, p.dtype),
+                ("device", grad.device, p.device),
+                ("shape", tuple(grad.shape), tuple(p.shape)),
+            ):
+                if got != want:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: the grad of "
+                        f"{self._describe_param(group_index, param_index, group, p)} has {what} "
+                        f"{got} but the param has {what} {want}"
+                    )
         if not _is_dense(p):
             raise RuntimeError(
                 f"{type(self).__name__}: "
@@ -328,8 +330,9 @@ class FusedOptimizer(Optimizer):
     ) -> None:
         keys = self._state_keys(group)
         keeps_step = self._keeps_step(group)
+        needed = (*keys, "step") if keeps_step else tuple(keys)
         # Plain SGD keeps no state at all, and its params get no (empty) state entries, as in torch.
-        stateful = bool(keys) or keeps_step
+        stateful = bool(needed)
         buckets: dict[tuple[torch.device, bool], DeviceBucket] = {}
         for p in group["params"]:
             grad = p.grad
@@ -337,18 +340,29 @@ class FusedOptimizer(Optimizer):
                 continue
             with_master = uses_master(group, p)
             state = self.state[p] if stateful else {}
-            if stateful:
+            if stateful and (
+                (with_master and state.get(MASTER_KEY) is None)
+                or any(state.get(key) is None for key in needed)
+            ):
                 self._ensure_state(p, state, group, keys, with_master)
-            bucket = buckets.setdefault((p.device, with_master), DeviceBucket())
+            bucket = buckets.get((p.device, with_master))
+            if bucket is None:
+                bucket = buckets[p.device, with_master] = DeviceBucket(
+                    states={key: [] for key in keys}
+                )
             # The kernels walk param, grad and states as one flat range; autograd gives grads the
             # param's layout, and the rare grad that differs is copied into it.
             if p.numel() > 1 and grad.stride() != p.stride():
                 grad = torch.empty_like(p).copy_(grad)
-            as_real = torch.view_as_real if p.is_complex() else _identity
-            bucket.params.append(as_real(p))
-            bucket.grads.append(as_real(grad))
+            if p.is_complex():
+                p, grad = torch.view_as_real(p), torch.view_as_real(grad)
+                state = {key: torch.view_as_real(state[key]) for key in keys} | {
+                    key: state[key] for key in ("step", MASTER_KEY) if key in state
+                }
+            bucket.params.append(p)
+            bucket.grads.append(grad)
             for key in keys:
-                bucket.states.setdefault(key, []).append(as_real(state[key]))
+                bucket.states[key].append(state[key])
             if keeps_step:
                 bucket.steps.append(state["step"])
             if with_master:
@@ -522,10 +536,6 @@ def _is_dense(t: Tensor) -> bool:
             return False
         expected_stride *= size
     return True
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
 
 
 def _split_lr(lr: float | Tensor) -> tuple[float, Tensor | None]:
