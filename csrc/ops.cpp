@@ -4,7 +4,8 @@
 // Every step op ends with the same arguments:
 //   master_params: empty, or one float32 master per float16/bfloat16 param. The update then
 //     runs on the master (and float32 states) and writes its rounding into the param.
-//   lr_tensor: a one-element tensor read on the device instead of lr.
+//   lr_tensor (Adam: beta1_tensor, beta2_tensor too): a one-element tensor read on the device
+//     instead of the float beside it, so a value changed in place needs no new call.
 //   grad_scale / found_inf: GradScaler's tensors. Gradients are divided by grad_scale in
 //     registers; a nonzero found_inf makes the step change nothing, step counters included.
 //   grad_norm / max_grad_norm: the unscaled global gradient norm (from grad_norm_) and the
@@ -35,7 +36,7 @@ TORCH_LIBRARY(fused_opt, m) {
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps",
       "float beta1, float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, "
-      "bool decoupled_weight_decay")
+      "bool decoupled_weight_decay, Tensor? beta1_tensor=None, Tensor? beta2_tensor=None")
             .c_str());
   m.def(step_schema(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "

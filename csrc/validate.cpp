@@ -102,11 +102,11 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
   }
 }
 
-void check_lr_tensor(std::string_view op, const std::optional<at::Tensor>& lr_tensor,
-                     const at::Device& device) {
-  if (!lr_tensor) return;
-  TORCH_CHECK(lr_tensor->numel() == 1, op, ": lr_tensor must have one element");
-  TORCH_CHECK(lr_tensor->device() == device, op, ": lr_tensor is on ", lr_tensor->device(),
+void check_hyper_tensor(std::string_view op, std::string_view name,
+                        const std::optional<at::Tensor>& tensor, const at::Device& device) {
+  if (!tensor) return;
+  TORCH_CHECK(tensor->numel() == 1, op, ": ", name, " must have one element");
+  TORCH_CHECK(tensor->device() == device, op, ": ", name, " is on ", tensor->device(),
               " but the params are on ", device);
 }
 
@@ -128,7 +128,7 @@ namespace {
 void check_step_scalars(std::string_view op, at::TensorList params,
                         const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling) {
   if (params.empty()) return;
-  check_lr_tensor(op, lr_tensor, params[0].device());
+  check_hyper_tensor(op, "lr_tensor", lr_tensor, params[0].device());
   check_scaling(op, scaling, params[0].device());
 }
 
@@ -137,7 +137,9 @@ void check_step_scalars(std::string_view op, at::TensorList params,
 void check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                      at::TensorList steps, at::TensorList master_params, bool amsgrad,
-                     const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling) {
+                     const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& beta1_tensor,
+                     const std::optional<at::Tensor>& beta2_tensor, const ScalingArgs& scaling) {
   constexpr std::string_view kOp = "fused_opt::adam_";
   check_tensor_lists(kOp, params, grads, master_params,
                      {{"exp_avgs", exp_avgs, true},
@@ -147,6 +149,10 @@ void check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList
   TORCH_CHECK(amsgrad == !max_exp_avg_sqs.empty() || params.empty(), kOp,
               ": max_exp_avg_sqs must be given exactly when amsgrad is set");
   check_step_scalars(kOp, params, lr_tensor, scaling);
+  if (!params.empty()) {
+    check_hyper_tensor(kOp, "beta1_tensor", beta1_tensor, params[0].device());
+    check_hyper_tensor(kOp, "beta2_tensor", beta2_tensor, params[0].device());
+  }
 }
 
 void check_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,

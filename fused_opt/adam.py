@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper, split_hyper
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
@@ -69,7 +69,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         return ("exp_avg", "exp_avg_sq")
 
     def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
+        beta1, beta1_tensor = split_hyper(group["betas"][0])
+        beta2, beta2_tensor = split_hyper(group["betas"][1])
         torch.ops.fused_opt.adam_(
             bucket.params,
             bucket.grads,
@@ -78,13 +79,15 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             bucket.states.get("max_exp_avg_sq", []),
             bucket.steps,
             bucket.masters,
-            beta1=hyper(beta1),
-            beta2=hyper(beta2),
+            beta1=beta1,
+            beta2=beta2,
             weight_decay=hyper(group["weight_decay"]),
             eps=hyper(group["eps"]),
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
+            beta1_tensor=beta1_tensor,
+            beta2_tensor=beta2_tensor,
             **common,
         )
 

@@ -368,7 +368,7 @@ class FusedOptimizer(Optimizer):
             if with_master:
                 bucket.masters.append(state[MASTER_KEY])
 
-        lr, lr_tensor = _split_lr(group["lr"])
+        lr, lr_tensor = split_hyper(group["lr"])
         for (device, _), bucket in buckets.items():
             self._launch(group, bucket, {"lr": lr, "lr_tensor": lr_tensor, **scaling[device]})
         if sparse_params:
@@ -538,11 +538,12 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
-def _split_lr(lr: float | Tensor) -> tuple[float, Tensor | None]:
-    """A tensor lr is read by the kernel itself, so changing it in place needs no new call."""
-    if torch.is_tensor(lr):
-        return 0.0, lr
-    return float(lr), None
+def split_hyper(value: float | Tensor) -> tuple[float, Tensor | None]:
+    """A tensor hyperparameter (lr, betas) is read by the kernel itself, on the device, so
+    changing it in place needs no new call and reading it needs no host sync."""
+    if torch.is_tensor(value):
+        return 0.0, value
+    return float(value), None
 
 
 def hyper(value: float | Tensor) -> float:

@@ -655,6 +655,18 @@ CPU_KERNEL_CASES = {
         _replace("grad_scale", lambda _: torch.ones(2)),
         "grad_scale must be a one-element float32 tensor",
     ),
+    "adam-beta2_tensor-on-another-device": (
+        "adam_",
+        {},
+        _replace("beta2_tensor", lambda _: torch.tensor(0.99, device="meta")),
+        "beta2_tensor is on meta but the params are on cpu",
+    ),
+    "adam-beta1_tensor-two-elements": (
+        "adam_",
+        {},
+        _replace("beta1_tensor", lambda _: torch.tensor([0.9, 0.9])),
+        "beta1_tensor must have one element",
+    ),
     "sgd-found_inf-on-another-device": (
         "sgd_",
         {},

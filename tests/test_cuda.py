@@ -912,6 +912,48 @@ def test_graph_replays_match_eager_steps_and_follow_a_tensor_lr(name, options):
                              magnitude([value.double()]))
 
 
+def test_graph_follows_tensor_betas_changed_between_replays():
+    """Tensor betas are read on the device: capturing a step with them works (a host read would
+    fail inside the capture), and a change in place reaches the next replay."""
+    shapes, dtypes = [(257, 31), (1,), (70001,)], [torch.float32, torch.bfloat16]
+    graph_params = cuda_model(shapes, dtypes, seed=15)
+    eager_params = [torch.nn.Parameter(p.detach().clone()) for p in graph_params]
+    betas = (torch.tensor(0.9, device="cuda"), torch.tensor(0.99, device="cuda"))
+    graph_opt = fused_opt.AdamW(graph_params, lr=1e-2, betas=betas)
+    eager_opt = fused_opt.AdamW(eager_params, lr=1e-2, betas=(0.9, 0.99))
+    generator = torch.Generator(device="cuda").manual_seed(16)
+
+    def new_grads() -> None:
+        for gp, ep in zip(graph_params, eager_params):
+            grad = torch.randn(gp.shape, generator=generator, device="cuda").to(gp.dtype)
+            gp.grad.copy_(grad)
+            ep.grad = grad.clone()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        new_grads()
+        graph_opt.step()
+        eager_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+
+    for replay in range(4):
+        if replay == 2:
+            betas[0].fill_(0.8)
+            betas[1].fill_(0.95)
+            eager_opt.param_groups[0]["betas"] = (0.8, 0.95)
+        new_grads()
+        graph.replay()
+        eager_opt.step()
+        torch.cuda.synchronize()
+        for index, (gp, ep) in enumerate(zip(graph_params, eager_params)):
+            where = f"param {index} after replay {replay + 1}"
+            assert_close(gp, ep, where, magnitude([ep.double()]))
+
+
 def test_graph_replay_is_bitwise_equal_to_eager_with_the_same_tensor_lr():
     """The same kernels on the same inputs: a replay and an eager step agree exactly."""
     shapes, dtypes = [(1000, 3), (5,), (0,)], [torch.float32, torch.float16]

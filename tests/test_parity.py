@@ -295,8 +295,16 @@ def single_group_run(name: str, params: Sequence[Tensor], **options: Any) -> Par
 
 
 def clone_tensor_values(options: dict[str, Any]) -> dict[str, Any]:
-    """torch's optimizer must not share a tensor hyperparameter (lr) with fused_opt's."""
-    return {k: v.clone() if torch.is_tensor(v) else v for k, v in options.items()}
+    """torch's optimizer must not share a tensor hyperparameter (lr, betas) with fused_opt's."""
+
+    def clone(value: Any) -> Any:
+        if torch.is_tensor(value):
+            return value.clone()
+        if isinstance(value, tuple):
+            return tuple(clone(v) for v in value)
+        return value
+
+    return {k: clone(v) for k, v in options.items()}
 
 
 def run_and_check(run: ParityRun, seed: int) -> None:
@@ -476,6 +484,26 @@ def test_tensor_lr_changed_in_place(name, dtype):
         run.random_step(generator)
         run.check(f"after step {step}")
     assert run.fused.param_groups[0]["lr"] is group_lr, "the lr tensor was replaced"
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_tensor_betas_changed_in_place(name):
+    # The kernel reads tensor betas itself (on CUDA: on the device, with no sync), so a change in
+    # place between steps must take effect, in the bias corrections as in the moments.
+    betas = (torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.99, dtype=torch.float64))
+    params = random_params(SMALL_SHAPES, torch.float64, seed=15)
+    run = single_group_run(name, params, lr=LR[name], betas=betas, amsgrad=True)
+    run.ref_options[0]["betas"] = (0.8, 0.99)
+    generator = torch.Generator().manual_seed(16)
+    for step in range(1, STEPS + 1):
+        if step == STEPS // 2 + 1:
+            for optimizer in (run.fused, run.torch):
+                beta1, beta2 = optimizer.param_groups[0]["betas"]
+                beta1.fill_(0.7)
+                beta2.fill_(0.95)
+            run.ref_options[0]["betas"] = (0.7, 0.95)
+        run.random_step(generator)
+        run.check(f"after step {step}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   if (!grad_factor) return;
 
   increment_steps(steps);
-  const math::AdagradHyper hyper{effective_lr(lr, lr_tensor), lr_decay, weight_decay, eps};
+  const math::AdagradHyper hyper{host_value(lr, lr_tensor), lr_decay, weight_decay, eps};
   with_bool(maximize, [&](auto kMaximize) {
     with_bool(weight_decay != 0.0, [&](auto kWeightDecay) {
       apply_elementwise<1>(params, grads, master_params, {state_sums}, *grad_factor,

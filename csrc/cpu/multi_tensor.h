@@ -179,8 +179,9 @@ inline void increment_steps(at::TensorList steps) {
 
 inline double step_value(const at::Tensor& step) { return *step.data_ptr<float>(); }
 
-inline double effective_lr(double lr, const std::optional<at::Tensor>& lr_tensor) {
-  return lr_tensor ? lr_tensor->item<double>() : lr;
+// A hyperparameter's value: its tensor's when given (host memory here, so no sync).
+inline double host_value(double value, const std::optional<at::Tensor>& tensor) {
+  return tensor ? tensor->item<double>() : value;
 }
 
 // The factor every gradient of this step is multiplied by, or nullopt when found_inf says the

@@ -25,7 +25,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
   const bool has_momentum = momentum > 0.0;
 
   increment_steps(steps);
-  const math::RmspropHyper hyper{effective_lr(lr, lr_tensor), alpha, eps, weight_decay, momentum};
+  const math::RmspropHyper hyper{host_value(lr, lr_tensor), alpha, eps, weight_decay, momentum};
   with_bool(maximize, [&](auto kMaximize) {
     with_bool(weight_decay != 0.0, [&](auto kWeightDecay) {
       with_bool(centered, [&](auto kCentered) {

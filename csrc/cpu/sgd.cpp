@@ -25,7 +25,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   if (!grad_factor) return;
 
   increment_steps(steps);
-  const math::SgdHyper hyper{effective_lr(lr, lr_tensor), momentum, dampening, weight_decay};
+  const math::SgdHyper hyper{host_value(lr, lr_tensor), momentum, dampening, weight_decay};
   const Momentum mode = math::sgd_momentum_mode(momentum, nesterov);
   with_bool(maximize, [&](auto kMaximize) {
     with_bool(weight_decay != 0.0, [&](auto kWeightDecay) {

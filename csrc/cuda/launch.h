@@ -59,8 +59,9 @@ struct StepCall {
 // synchronizing with the host and without allocating memory. Modes that select a compiled kernel
 // are explicit arguments; the rest (weight decay on or off, momentum on or off) follow from the
 // hyperparameters as in the CPU kernels. Failures to launch throw std::runtime_error.
-void adam_step(const StepCall& call, const math::AdamHyper& hyper, bool amsgrad, bool maximize,
-               bool decoupled_weight_decay);
+// beta1/beta2, when set, are read on the device in place of hyper.beta1/beta2.
+void adam_step(const StepCall& call, const math::AdamHyper& hyper, DeviceScalar beta1,
+               DeviceScalar beta2, bool amsgrad, bool maximize, bool decoupled_weight_decay);
 
 // With momentum, every tensor has a step counter, which decides on the device whether its
 // momentum buffer starts on this step (math::sgd_first_step).

@@ -43,9 +43,10 @@ void* current_stream(const at::Device& device) {
   return stream;
 }
 
-DeviceScalar device_lr(std::string_view op, const std::optional<at::Tensor>& lr_tensor) {
-  if (!lr_tensor) return {nullptr, DType::kFloat32};
-  return {lr_tensor->const_data_ptr(), dtype_code(op, "lr_tensor", lr_tensor->scalar_type())};
+DeviceScalar device_scalar(std::string_view op, std::string_view name,
+                           const std::optional<at::Tensor>& tensor) {
+  if (!tensor) return {nullptr, DType::kFloat32};
+  return {tensor->const_data_ptr(), dtype_code(op, name, tensor->scalar_type())};
 }
 
 // The kernels' view of one step call: one entry per param, with its used states packed in the
@@ -73,7 +74,7 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
     arg.dtype = dtype_code(op, "params", params[i].scalar_type());
     args.push_back(arg);
   }
-  return {args.data(),    args.size(),    device_lr(op, lr_tensor),
+  return {args.data(),    args.size(),    device_scalar(op, "lr_tensor", lr_tensor),
           scaling.view(), master_weights, current_stream(params[0].device())};
 }
 
@@ -81,20 +82,24 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                at::TensorList master_params, double lr, double beta1, double beta2,
                double weight_decay, double eps, bool amsgrad, bool maximize,
-               bool decoupled_weight_decay, const std::optional<at::Tensor>& lr_tensor,
+               bool decoupled_weight_decay, const std::optional<at::Tensor>& beta1_tensor,
+               const std::optional<at::Tensor>& beta2_tensor,
+               const std::optional<at::Tensor>& lr_tensor,
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf,
                const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
   constexpr std::string_view kOp = "fused_opt::adam_";
   const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
-                  amsgrad, lr_tensor, scaling);
+                  amsgrad, lr_tensor, beta1_tensor, beta2_tensor, scaling);
   if (params.empty()) return;
 
   const c10::DeviceGuard guard(params[0].device());
   adam_step(step_call(kOp, params, grads, master_params,
                       {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps, lr_tensor, scaling),
-            {lr, beta1, beta2, eps, weight_decay}, amsgrad, maximize, decoupled_weight_decay);
+            {lr, beta1, beta2, eps, weight_decay}, device_scalar(kOp, "beta1_tensor", beta1_tensor),
+            device_scalar(kOp, "beta2_tensor", beta2_tensor), amsgrad, maximize,
+            decoupled_weight_decay);
 }
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,

@@ -36,8 +36,9 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
                         at::TensorList master_params, std::initializer_list<NamedList> states,
                         std::optional<at::TensorList> steps);
 
-void check_lr_tensor(std::string_view op, const std::optional<at::Tensor>& lr_tensor,
-                     const at::Device& device);
+// A hyperparameter given as a tensor (lr_tensor, ...): one element, on the params' device.
+void check_hyper_tensor(std::string_view op, std::string_view name,
+                        const std::optional<at::Tensor>& tensor, const at::Device& device);
 
 // grad_scale, found_inf and grad_norm are one-element float32 tensors on `device`; grad_norm is
 // given exactly when max_grad_norm is.
@@ -48,7 +49,9 @@ void check_scaling(std::string_view op, const ScalingArgs& scaling, const at::De
 void check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                      at::TensorList steps, at::TensorList master_params, bool amsgrad,
-                     const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling);
+                     const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& beta1_tensor,
+                     const std::optional<at::Tensor>& beta2_tensor, const ScalingArgs& scaling);
 void check_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                     at::TensorList steps, at::TensorList master_params, double momentum,
                     bool nesterov, const std::optional<at::Tensor>& lr_tensor,
