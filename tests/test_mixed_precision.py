@@ -671,3 +671,23 @@ def test_opcheck_with_master_weights_scaling_and_clipping(name):
     for op, args, kwargs in recorder.calls:
         results = torch.library.opcheck(op, args, kwargs)
         assert all(outcome == "SUCCESS" for outcome in results.values()), (op, results)
+
+
+def test_fused_scaler_with_a_torch_optimizer_is_torchs_scaler():
+    results = []
+    for scaler_cls in (fused_opt.GradScaler, torch.amp.GradScaler):
+        params = make_params(torch.float32)
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        scaler = scaler_cls("cpu", init_scale=INIT_SCALE, growth_interval=GROWTH_INTERVAL)
+        scaler.scale(torch.ones(()))
+        generator = torch.Generator().manual_seed(9)
+        for index in range(STEPS):
+            grads = [random_grad(p, generator) for p in params]
+            for p, g in zip(params, scaled_grads(grads, scaler.get_scale(), BAD_STEPS.get(index))):
+                p.grad = g
+            scaler.step(optimizer)
+            scaler.update()
+        results.append((_snapshot(optimizer, params), scaler.get_scale(), scaler.state_dict()))
+    (fused_state, fused_scale, fused_dict), (torch_state, torch_scale, torch_dict) = results
+    _assert_bits_equal(fused_state, torch_state, "fused_opt.GradScaler with torch.optim.AdamW")
+    assert fused_scale == torch_scale and fused_dict == torch_dict
