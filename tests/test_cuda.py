@@ -863,6 +863,37 @@ def test_params_on_a_device_that_is_not_current():
 # ------------------------------------------------------------------------------------------------
 # CUDA graphs
 
+def paired_grads(graph_params, eager_params, seed: int):
+    """A function giving both param lists the same fresh random grads; the graph's in place,
+    since a captured step reads the grad buffers it was captured with."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+
+    def new_grads() -> None:
+        for gp, ep in zip(graph_params, eager_params):
+            grad = torch.randn(gp.shape, generator=generator, device="cuda").to(gp.dtype)
+            gp.grad.copy_(grad)
+            ep.grad = grad.clone()
+
+    return new_grads
+
+
+def capture(graph_opt, eager_opt, new_grads, warm_up_steps: int) -> torch.cuda.CUDAGraph:
+    """Steps both optimizers on a side stream first, as capture requires (the states are created
+    there), then captures graph_opt.step()."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warm_up_steps):
+            new_grads()
+            graph_opt.step()
+            eager_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    return graph
+
+
 @pytest.mark.parametrize("name, options", STEP_CASES)
 def test_graph_replays_match_eager_steps_and_follow_a_tensor_lr(name, options):
     """A captured step replayed with fresh grads matches the same steps taken eagerly with a float
@@ -873,27 +904,8 @@ def test_graph_replays_match_eager_steps_and_follow_a_tensor_lr(name, options):
     lr = torch.tensor(1e-2, device="cuda")
     graph_opt = getattr(fused_opt, name)(graph_params, lr=lr, **options)
     eager_opt = getattr(fused_opt, name)(eager_params, lr=1e-2, **options)
-    generator = torch.Generator(device="cuda").manual_seed(14)
-
-    def new_grads() -> None:
-        for gp, ep in zip(graph_params, eager_params):
-            grad = torch.randn(gp.shape, generator=generator, device="cuda").to(gp.dtype)
-            gp.grad.copy_(grad)  # in place: the graph reads these buffers
-            ep.grad = grad.clone()
-
-    # Warm up on a side stream, as capture requires; the states are created here.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            new_grads()
-            graph_opt.step()
-            eager_opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_opt.step()
+    new_grads = paired_grads(graph_params, eager_params, seed=14)
+    graph = capture(graph_opt, eager_opt, new_grads, warm_up_steps=2)
 
     for replay in range(6):
         if replay == 3:
@@ -921,24 +933,8 @@ def test_graph_follows_tensor_betas_changed_between_replays():
     betas = (torch.tensor(0.9, device="cuda"), torch.tensor(0.99, device="cuda"))
     graph_opt = fused_opt.AdamW(graph_params, lr=1e-2, betas=betas)
     eager_opt = fused_opt.AdamW(eager_params, lr=1e-2, betas=(0.9, 0.99))
-    generator = torch.Generator(device="cuda").manual_seed(16)
-
-    def new_grads() -> None:
-        for gp, ep in zip(graph_params, eager_params):
-            grad = torch.randn(gp.shape, generator=generator, device="cuda").to(gp.dtype)
-            gp.grad.copy_(grad)
-            ep.grad = grad.clone()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        new_grads()
-        graph_opt.step()
-        eager_opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_opt.step()
+    new_grads = paired_grads(graph_params, eager_params, seed=16)
+    graph = capture(graph_opt, eager_opt, new_grads, warm_up_steps=1)
 
     for replay in range(4):
         if replay == 2:
