@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.adagrad import adagrad as torch_adagrad
 
-from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper, new_step
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper, new_step, place_step
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -52,6 +52,9 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             fused=fused,
         )
         self._after_torch_init(master_weights, max_grad_norm)
+        for group in self.param_groups:
+            for p in group["params"]:
+                place_step(p, self.state[p])
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)

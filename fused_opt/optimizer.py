@@ -420,13 +420,7 @@ class FusedOptimizer(Optimizer):
                 if not state:
                     continue
                 self._complete_loaded_state(state)
-                step = state.get("step")
-                if step is not None:
-                    if not torch.is_tensor(step):
-                        step = torch.tensor(float(step))
-                    # The kernels keep the counter beside the param, in float32, as torch's fused
-                    # and capturable paths do.
-                    state["step"] = step.to(device=p.device, dtype=torch.float32)
+                place_step(p, state)
                 if uses_master(group, p):
                     self._load_master_state(p, state, saved_state[saved_id], keys)
                 else:
@@ -507,6 +501,18 @@ def uses_master(group: dict[str, Any], p: Tensor) -> bool:
     """Whether the param is updated through an fp32 master copy: 16-bit params of a group with
     master_weights=True. Other params of such a group are their own masters."""
     return group["master_weights"] and p.dtype in _MASTER_DTYPES
+
+
+def place_step(p: Tensor, state: dict[str, Any]) -> None:
+    """Puts the state's step counter (if any) where the kernels keep it: beside the param, in
+    float32, as torch's fused and capturable paths do. torch.optim's non-fused paths keep it on
+    the CPU, in float64 under a float64 default dtype."""
+    step = state.get("step")
+    if step is None:
+        return
+    if not torch.is_tensor(step):
+        step = torch.tensor(float(step))
+    state["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def new_step(p: Tensor) -> Tensor:

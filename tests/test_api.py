@@ -482,3 +482,23 @@ def test_opcheck(name, options, lr_kind):
     assert (kwargs.get("lr_tensor") is not None) == (lr_kind == "tensor-lr")
     results = torch.library.opcheck(op, args, kwargs)
     assert results and all(outcome == "SUCCESS" for outcome in results.values()), results
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float64_default_dtype(name):
+    # torch.optim then keeps Adagrad's step counters in float64 on the CPU; the kernels keep
+    # every counter in float32 beside its param, whatever the default dtype.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        reference_params, reference, fused_params, fused = twins(
+            name, FULL_STATE_OPTIONS[name], dtype=torch.float64
+        )
+        train(fused, fused_params, steps=3)
+        train(reference, reference_params, steps=3)
+    finally:
+        torch.set_default_dtype(previous)
+    assert_params_close(fused_params, reference_params, dtype=torch.float64)
+    for p in fused_params:
+        step = fused.state[p].get("step")
+        assert step is None or step.dtype == torch.float32
