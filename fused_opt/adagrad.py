@@ -8,7 +8,14 @@ import torch
 from torch import Tensor
 from torch.optim.adagrad import adagrad as torch_adagrad
 
-from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper, new_step, place_step
+from fused_opt.optimizer import (
+    DeviceBucket,
+    FusedOptimizer,
+    hyper,
+    new_step,
+    place_step,
+    uses_master,
+)
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -55,6 +62,9 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         for group in self.param_groups:
             for p in group["params"]:
                 place_step(p, self.state[p])
+                # torch made the sum in the param's dtype, which may round its initial value.
+                if uses_master(group, p):
+                    self.state[p].update(self._new_state(p, group, torch.float32))
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)

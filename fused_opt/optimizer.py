@@ -385,12 +385,8 @@ class FusedOptimizer(Optimizer):
         """Creates whatever state the param lacks: all of it on its first step."""
         if with_master and state.get(MASTER_KEY) is None:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
-            # States made before the master move to float32: made afresh when no step has
-            # counted yet (Adagrad's constructor makes them in the param's dtype, which may
-            # have rounded their initial value), converted when training has begun.
-            step = state.get("step")
-            if step is None or float(step) == 0:
-                state.update(self._new_state(p, group, torch.float32))
+            # States made before the master (master_weights switched on during training) move
+            # to float32.
             for key in keys:
                 if torch.is_tensor(state.get(key)):
                     state[key] = state[key].to(torch.float32)
