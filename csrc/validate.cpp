@@ -34,8 +34,7 @@ void check_scalar_tensor(std::string_view op, std::string_view name,
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, op, ": ", name,
               " must be a one-element float32 tensor, got ", t->scalar_type(), " with ",
               t->numel(), " elements");
-  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
-              " but the params are on ", device);
+  check_hyper_tensor(op, name, t, device);
 }
 
 }  // namespace

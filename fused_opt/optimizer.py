@@ -225,16 +225,7 @@ class FusedOptimizer(Optimizer):
         self.last_step_skipped = found_inf
         self.last_grad_norm = next(iter(stats.values())).norm if stats else None
 
-        devices = {p.device for group in self.param_groups for p in group["params"]}
-        scaling = {}
-        for device in devices:
-            scaling[device] = {
-                "grad_scale": _on(grad_scale, device),
-                "found_inf": _on(found_inf, device),
-                "grad_norm": stats[device].norm if max_grad_norm is not None else None,
-                "max_grad_norm": max_grad_norm,
-            }
-        return scaling
+        return _ScalingByDevice(grad_scale, found_inf, stats, max_grad_norm)
 
     @torch.no_grad()
     def _compute_grad_stats(self, grad_scale: Tensor | None) -> dict[torch.device, GradStats]:
@@ -491,6 +482,32 @@ class FusedOptimizer(Optimizer):
     def _lazy_key(self, key: str) -> bool:
         """Whether a saved state may lack `key` (SGD's buffer is created on the first step)."""
         return False
+
+
+class _ScalingByDevice(dict):
+    """The scaling keyword arguments of one step's op calls, per device, each made when its
+    device first asks: a step walks no param list to find its devices."""
+
+    def __init__(
+        self,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        stats: dict[torch.device, GradStats] | None,
+        max_grad_norm: float | None,
+    ) -> None:
+        super().__init__()
+        self._grad_scale, self._found_inf = grad_scale, found_inf
+        self._stats, self._max_grad_norm = stats, max_grad_norm
+
+    def __missing__(self, device: torch.device) -> dict[str, Any]:
+        clipping = self._max_grad_norm is not None
+        kwargs = self[device] = {
+            "grad_scale": _on(self._grad_scale, device),
+            "found_inf": _on(self._found_inf, device),
+            "grad_norm": self._stats[device].norm if clipping else None,
+            "max_grad_norm": self._max_grad_norm,
+        }
+        return kwargs
 
 
 def uses_master(group: dict[str, Any], p: Tensor) -> bool:
