@@ -102,10 +102,12 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
 }
 
 void check_hyper_tensor(std::string_view op, std::string_view name,
-                        const std::optional<at::Tensor>& tensor, const at::Device& device) {
+                        const std::optional<at::Tensor>& tensor, const at::Device& device,
+                        std::optional<size_t> group) {
   if (!tensor) return;
-  TORCH_CHECK(tensor->numel() == 1, op, ": ", name, " must have one element");
-  TORCH_CHECK(tensor->device() == device, op, ": ", name, " is on ", tensor->device(),
+  const auto label = [&] { return group ? c10::str(name, "[", *group, "]") : std::string(name); };
+  TORCH_CHECK(tensor->numel() == 1, op, ": ", label(), " must have one element");
+  TORCH_CHECK(tensor->device() == device, op, ": ", label(), " is on ", tensor->device(),
               " but the params are on ", device);
 }
 
@@ -121,25 +123,79 @@ void check_scaling(std::string_view op, const ScalingArgs& scaling, const at::De
   }
 }
 
+ParamGroups::ParamGroups(std::string_view op, c10::ArrayRef<int64_t> group_sizes,
+                         size_t num_params)
+    : op_(op), sizes_(group_sizes) {
+  int64_t total = 0;
+  for (size_t g = 0; g < group_sizes.size(); ++g) {
+    TORCH_CHECK(group_sizes[g] >= 0, op, ": group_sizes[", g, "] is ", group_sizes[g],
+                "; sizes must be >= 0");
+    total += group_sizes[g];
+  }
+  TORCH_CHECK(total == static_cast<int64_t>(num_params), op, ": group_sizes add up to ", total,
+              " but there are ", num_params, " params");
+}
+
+void ParamGroups::check_entries(std::string_view name, size_t entries) const {
+  TORCH_CHECK(entries == count(), op_, ": got ", count(), " param groups but ", entries, " ",
+              name, " (one per group)");
+}
+
+void ParamGroups::check_hyper_tensors(std::string_view name, const HyperTensors& tensors,
+                                      const at::Device& device) const {
+  check_entries(name, tensors.size());
+  for (size_t g = 0; g < tensors.size(); ++g) {
+    check_hyper_tensor(op_, name, tensors.get(g), device, g);
+  }
+}
+
 namespace {
 
+// A call-wide mode that follows from a per-group hyperparameter (momentum on or off, which
+// decides whether buffers exist) must be the same in every group of the call.
+bool same_in_every_group(std::string_view op, std::string_view name,
+                         c10::ArrayRef<double> values, bool (*is_on)(double)) {
+  const bool on = !values.empty() && is_on(values[0]);
+  for (size_t g = 1; g < values.size(); ++g) {
+    TORCH_CHECK(is_on(values[g]) == on, op, ": ", name, "[", g, "] is ", values[g], " but ",
+                name, "[0] is ", values[0], "; groups with and without ", name,
+                " go in separate calls");
+  }
+  return on;
+}
+
 // The checks every step op ends with, once its lists are known to be consistent.
-void check_step_scalars(std::string_view op, at::TensorList params,
-                        const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling) {
-  if (params.empty()) return;
-  check_hyper_tensor(op, "lr_tensor", lr_tensor, params[0].device());
-  check_scaling(op, scaling, params[0].device());
+void check_step_args(std::string_view op, at::TensorList params, at::TensorList steps,
+                     const StepArgs& step) {
+  step.groups.check_entries("lr", step.lr.size());
+  if (params.empty()) {
+    step.groups.check_entries("lr_tensor", step.lr_tensor.size());
+    return;
+  }
+  const at::Device device = params[0].device();
+  step.groups.check_hyper_tensors("lr_tensor", step.lr_tensor, device);
+  check_scaling(op, step.scaling, device);
+  if (steps.empty()) return;
+  const std::optional<at::Tensor>& workspace = step.workspace;
+  TORCH_CHECK(workspace.has_value(), op,
+              ": a workspace is required with step counters (a zeroed one-element int32 tensor "
+              "on the params' device)");
+  TORCH_CHECK(workspace->scalar_type() == at::kInt && workspace->numel() >= 1 &&
+                  workspace->is_contiguous() && workspace->device() == device,
+              op, ": workspace must be a contiguous int32 tensor of at least one element on ",
+              device, ", got ", workspace->scalar_type(), " with ", workspace->numel(),
+              " elements on ", workspace->device());
 }
 
 }  // namespace
 
 void check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                     at::TensorList steps, at::TensorList master_params, bool amsgrad,
-                     const std::optional<at::Tensor>& lr_tensor,
-                     const std::optional<at::Tensor>& beta1_tensor,
-                     const std::optional<at::Tensor>& beta2_tensor, const ScalingArgs& scaling) {
-  constexpr std::string_view kOp = "fused_opt::adam_";
+                     at::TensorList steps, at::TensorList master_params, const StepArgs& step,
+                     c10::ArrayRef<double> beta1, c10::ArrayRef<double> beta2,
+                     c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps, bool amsgrad,
+                     const HyperTensors& beta1_tensor, const HyperTensors& beta2_tensor) {
+  constexpr std::string_view kOp = kAdamOp;
   check_tensor_lists(kOp, params, grads, master_params,
                      {{"exp_avgs", exp_avgs, true},
                       {"exp_avg_sqs", exp_avg_sqs, true},
@@ -147,19 +203,29 @@ void check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList
                      steps);
   TORCH_CHECK(amsgrad == !max_exp_avg_sqs.empty() || params.empty(), kOp,
               ": max_exp_avg_sqs must be given exactly when amsgrad is set");
-  check_step_scalars(kOp, params, lr_tensor, scaling);
+  const ParamGroups& groups = step.groups;
+  groups.check_entries("beta1", beta1.size());
+  groups.check_entries("beta2", beta2.size());
+  groups.check_entries("weight_decay", weight_decay.size());
+  groups.check_entries("eps", eps.size());
+  check_step_args(kOp, params, steps, step);
   if (!params.empty()) {
-    check_hyper_tensor(kOp, "beta1_tensor", beta1_tensor, params[0].device());
-    check_hyper_tensor(kOp, "beta2_tensor", beta2_tensor, params[0].device());
+    groups.check_hyper_tensors("beta1_tensor", beta1_tensor, params[0].device());
+    groups.check_hyper_tensors("beta2_tensor", beta2_tensor, params[0].device());
   }
 }
 
 void check_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    at::TensorList steps, at::TensorList master_params, double momentum,
-                    bool nesterov, const std::optional<at::Tensor>& lr_tensor,
-                    const ScalingArgs& scaling) {
-  constexpr std::string_view kOp = "fused_opt::sgd_";
-  const bool has_momentum = momentum != 0.0;
+                    at::TensorList steps, at::TensorList master_params, const StepArgs& step,
+                    c10::ArrayRef<double> momentum, c10::ArrayRef<double> dampening,
+                    c10::ArrayRef<double> weight_decay, bool nesterov) {
+  constexpr std::string_view kOp = kSgdOp;
+  const ParamGroups& groups = step.groups;
+  groups.check_entries("momentum", momentum.size());
+  groups.check_entries("dampening", dampening.size());
+  groups.check_entries("weight_decay", weight_decay.size());
+  const bool has_momentum =
+      same_in_every_group(kOp, "momentum", momentum, [](double m) { return m != 0.0; });
   // With momentum, each buffer has a step counter beside it: the kernel starts the buffer when
   // the counter reaches one, so a skipped first step leaves nothing half-initialized.
   check_tensor_lists(kOp, params, grads, master_params,
@@ -168,17 +234,25 @@ void check_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList 
   TORCH_CHECK(params.empty() || (has_momentum == !momentum_buffers.empty() &&
                                  (has_momentum || steps.empty())),
               kOp, ": momentum_buffers and steps must be given exactly when momentum != 0");
-  TORCH_CHECK(!nesterov || has_momentum, kOp, ": nesterov requires momentum");
-  check_step_scalars(kOp, params, lr_tensor, scaling);
+  TORCH_CHECK(!nesterov || has_momentum || groups.count() == 0, kOp,
+              ": nesterov requires momentum");
+  check_step_args(kOp, params, steps, step);
 }
 
 void check_rmsprop_args(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                         at::TensorList grad_avgs, at::TensorList momentum_buffers,
-                        at::TensorList steps, at::TensorList master_params, double momentum,
-                        bool centered, const std::optional<at::Tensor>& lr_tensor,
-                        const ScalingArgs& scaling) {
-  constexpr std::string_view kOp = "fused_opt::rmsprop_";
-  const bool has_momentum = momentum > 0.0;
+                        at::TensorList steps, at::TensorList master_params, const StepArgs& step,
+                        c10::ArrayRef<double> alpha, c10::ArrayRef<double> eps,
+                        c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> momentum,
+                        bool centered) {
+  constexpr std::string_view kOp = kRmspropOp;
+  const ParamGroups& groups = step.groups;
+  groups.check_entries("alpha", alpha.size());
+  groups.check_entries("eps", eps.size());
+  groups.check_entries("weight_decay", weight_decay.size());
+  groups.check_entries("momentum", momentum.size());
+  const bool has_momentum =
+      same_in_every_group(kOp, "momentum", momentum, [](double m) { return m > 0.0; });
   check_tensor_lists(kOp, params, grads, master_params,
                      {{"square_avgs", square_avgs, true},
                       {"grad_avgs", grad_avgs, centered},
@@ -188,23 +262,28 @@ void check_rmsprop_args(at::TensorList params, at::TensorList grads, at::TensorL
                                  has_momentum == !momentum_buffers.empty()),
               kOp, ": grad_avgs must be given exactly when centered, momentum_buffers exactly ",
               "when momentum > 0");
-  check_step_scalars(kOp, params, lr_tensor, scaling);
+  check_step_args(kOp, params, steps, step);
 }
 
 void check_adagrad_args(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                        at::TensorList steps, at::TensorList master_params,
-                        const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling) {
-  constexpr std::string_view kOp = "fused_opt::adagrad_";
+                        at::TensorList steps, at::TensorList master_params, const StepArgs& step,
+                        c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
+                        c10::ArrayRef<double> eps) {
+  constexpr std::string_view kOp = kAdagradOp;
+  const ParamGroups& groups = step.groups;
+  groups.check_entries("lr_decay", lr_decay.size());
+  groups.check_entries("weight_decay", weight_decay.size());
+  groups.check_entries("eps", eps.size());
   check_tensor_lists(kOp, params, grads, master_params, {{"state_sums", state_sums, true}},
                      steps);
-  check_step_scalars(kOp, params, lr_tensor, scaling);
+  check_step_args(kOp, params, steps, step);
 }
 
 void check_grad_norm_args(at::TensorList grads, const at::Tensor& norm,
                           const at::Tensor& found_inf, const at::Tensor& workspace,
                           const std::optional<at::Tensor>& grad_scale,
                           int64_t min_workspace_numel) {
-  constexpr std::string_view kOp = "fused_opt::grad_norm_";
+  constexpr std::string_view kOp = kGradNormOp;
   const at::Device device = norm.device();
   check_scalar_tensor(kOp, "norm", norm, device);
   check_scalar_tensor(kOp, "found_inf", found_inf, device);

@@ -11,7 +11,6 @@ from torch.optim.adagrad import adagrad as torch_adagrad
 from fused_opt.optimizer import (
     DeviceBucket,
     FusedOptimizer,
-    hyper,
     new_step,
     place_step,
     uses_master,
@@ -79,17 +78,21 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             "sum": torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format),
         }
 
-    def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
+    def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
+        return (group["maximize"],)
+
+    def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
+        (maximize,) = self._call_modes(bucket.groups[0])
         torch.ops.fused_opt.adagrad_(
             bucket.params,
             bucket.grads,
             bucket.states["sum"],
             bucket.steps,
             bucket.masters,
-            lr_decay=hyper(group["lr_decay"]),
-            weight_decay=hyper(group["weight_decay"]),
-            eps=hyper(group["eps"]),
-            maximize=group["maximize"],
+            lr_decay=bucket.hypers("lr_decay"),
+            weight_decay=bucket.hypers("weight_decay"),
+            eps=bucket.hypers("eps"),
+            maximize=maximize,
             **common,
         )
 

@@ -1,4 +1,4 @@
-"""Adam and AdamW with every option of torch.optim.Adam, one op call per group and device."""
+"""Adam and AdamW with every option of torch.optim.Adam, one op call per device for all groups."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper, split_hyper
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
@@ -68,9 +68,13 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
-    def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
-        beta1, beta1_tensor = split_hyper(group["betas"][0])
-        beta2, beta2_tensor = split_hyper(group["betas"][1])
+    def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
+        return (group["amsgrad"], group["maximize"], group["decoupled_weight_decay"])
+
+    def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
+        beta1, beta1_tensor = bucket.split_hypers([group["betas"][0] for group in bucket.groups])
+        beta2, beta2_tensor = bucket.split_hypers([group["betas"][1] for group in bucket.groups])
+        amsgrad, maximize, decoupled_weight_decay = self._call_modes(bucket.groups[0])
         torch.ops.fused_opt.adam_(
             bucket.params,
             bucket.grads,
@@ -81,11 +85,11 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             bucket.masters,
             beta1=beta1,
             beta2=beta2,
-            weight_decay=hyper(group["weight_decay"]),
-            eps=hyper(group["eps"]),
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
+            weight_decay=bucket.hypers("weight_decay"),
+            eps=bucket.hypers("eps"),
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
             beta1_tensor=beta1_tensor,
             beta2_tensor=beta2_tensor,
             **common,

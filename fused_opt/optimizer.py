@@ -3,7 +3,8 @@
 A subclass inherits from this class and from its torch.optim twin (``class Adam(FusedOptimizer,
 torch.optim.Adam)``): the twin's constructor supplies the exact signature, defaults, validation
 messages, ``__setstate__`` and state-dict policies, while this class replaces ``step()`` with
-one op call per (param group, device) over all of that group's tensors and dtypes.
+one op call per device over the tensors, dtypes and param groups of every group (more only
+where groups differ in a mode that changes which state tensors exist, or in master weights).
 
 Mixed precision lives here too, for every optimizer alike: fp32 master weights for 16-bit params
 (``master_weights=True``), the loss scale and skip flag of ``torch.amp.GradScaler`` applied inside
@@ -30,14 +31,34 @@ _MASTER_DTYPES = (torch.float16, torch.bfloat16)
 
 @dataclass
 class DeviceBucket:
-    """The tensors of one op call (a param group's params on one device, all with master
-    weights or all without), in the order the op takes them."""
+    """The tensors of one op call: the params of one device that agree in master weights and in
+    the optimizer's call-wide modes, group after group, in the order the op takes them."""
 
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     states: dict[str, list[Tensor]] = field(default_factory=dict)
     steps: list[Tensor] = field(default_factory=list)
     masters: list[Tensor] = field(default_factory=list)
+    #: The param groups of the call, each owning the next ``group_sizes[i]`` params.
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    group_sizes: list[int] = field(default_factory=list)
+
+    def enter(self, group: dict[str, Any]) -> None:
+        """Counts one more param of ``group``, whose params come one after another."""
+        if not self.groups or self.groups[-1] is not group:
+            self.groups.append(group)
+            self.group_sizes.append(0)
+        self.group_sizes[-1] += 1
+
+    def hypers(self, key: str) -> list[float]:
+        """A hyperparameter the kernels take by value, one per group."""
+        return [hyper(group[key]) for group in self.groups]
+
+    def split_hypers(self, values: Sequence[float | Tensor]) -> tuple[list[float], list[Tensor | None]]:
+        """Per-group hyperparameters that may be tensors: the floats and the tensors (see
+        split_hyper)."""
+        floats, tensors = zip(*(split_hyper(value) for value in values))
+        return list(floats), list(tensors)
 
 
 @dataclass
@@ -67,9 +88,12 @@ class FusedOptimizer(Optimizer):
       * ``_keeps_step(group)``: whether the state keeps a ``step`` counter (all but plain SGD);
       * ``_new_state(p, group, dtype)``: the state of a param on its first step, when it is not
         zeros; state tensors take ``dtype`` (float32 under master weights, else the param's);
-      * ``_launch(group, bucket, common)``: the one op call for a bucket, which passes
-        ``bucket.masters`` and the keyword arguments every step op shares (``common``: lr,
-        lr_tensor, loss scaling and clipping) on to the op;
+      * ``_call_modes(group)``: the group's options that every group of one op call must share
+        (those that are a bool of the op, or decide which state tensors exist);
+      * ``_launch(bucket, common)``: the one op call for a bucket, which passes
+        ``bucket.masters``, its per-group hyperparameters (``bucket.hypers``) and the keyword
+        arguments every step op shares (``common``: group sizes, lr, lr_tensor, loss scaling,
+        clipping and the workspace) on to the op;
       * ``_sparse_grad_error``: torch.optim's message for sparse grads, or None when the
         optimizer accepts them, in which case ``_step_sparse(group, params)`` handles them;
       * ``_sparse_weight_decay_error``: torch.optim's message for a sparse grad in a group with
@@ -157,7 +181,10 @@ class FusedOptimizer(Optimizer):
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
 
-    def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
+    def _call_modes(self, group: dict[str, Any]) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -184,9 +211,33 @@ class FusedOptimizer(Optimizer):
             self._validate_group(index, group) for index, group in enumerate(self.param_groups)
         ]
         scaling = self._scaling_by_device(any(sparse_params))
+        buckets: dict[tuple[Any, ...], DeviceBucket] = {}
+        for group in self.param_groups:
+            self._collect_group(group, buckets)
+        for (device, *_), bucket in buckets.items():
+            lr, lr_tensor = bucket.split_hypers([group["lr"] for group in bucket.groups])
+            common = {
+                "group_sizes": bucket.group_sizes,
+                "lr": lr,
+                "lr_tensor": lr_tensor,
+                "workspace": self._step_workspace(device) if bucket.steps else None,
+                **scaling[device],
+            }
+            self._launch(bucket, common)
         for group, sparse in zip(self.param_groups, sparse_params):
-            self._run_group(group, sparse, scaling)
+            if sparse:
+                self._step_sparse(group, sparse)
         return loss
+
+    def _step_workspace(self, device: torch.device) -> Tensor:
+        """The zeroed counter the CUDA kernels advance step counters with (see csrc/ops.cpp),
+        one per device, made on the device's first step and reused by every op call on it."""
+        # Not part of the optimizer's state: a copy or an unpickled optimizer makes its own.
+        workspaces: dict[torch.device, Tensor] = self.__dict__.setdefault("_step_workspaces", {})
+        workspace = workspaces.get(device)
+        if workspace is None:
+            workspace = workspaces[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return workspace
 
     # ----------------------------------------------------------------------------------------
     # Loss scaling and clipping
@@ -313,18 +364,17 @@ class FusedOptimizer(Optimizer):
         )
         return f"{where} (shape {tuple(p.shape)}, dtype {p.dtype})"
 
-    def _run_group(
-        self,
-        group: dict[str, Any],
-        sparse_params: list[Tensor],
-        scaling: dict[torch.device, dict[str, Any]],
+    def _collect_group(
+        self, group: dict[str, Any], buckets: dict[tuple[Any, ...], DeviceBucket]
     ) -> None:
+        """Adds the group's params with dense grads to the buckets of their op calls, making
+        whatever state they lack."""
         keys = self._state_keys(group)
+        modes = self._call_modes(group)
         keeps_step = self._keeps_step(group)
         needed = (*keys, "step") if keeps_step else tuple(keys)
         # Plain SGD keeps no state at all, and its params get no (empty) state entries, as in torch.
         stateful = bool(needed)
-        buckets: dict[tuple[torch.device, bool], DeviceBucket] = {}
         for p in group["params"]:
             grad = p.grad
             if grad is None or grad.is_sparse:
@@ -336,11 +386,12 @@ class FusedOptimizer(Optimizer):
                 or any(state.get(key) is None for key in needed)
             ):
                 self._ensure_state(p, state, group, keys, with_master)
-            bucket = buckets.get((p.device, with_master))
+            bucket = buckets.get((p.device, with_master, modes))
             if bucket is None:
-                bucket = buckets[p.device, with_master] = DeviceBucket(
+                bucket = buckets[p.device, with_master, modes] = DeviceBucket(
                     states={key: [] for key in keys}
                 )
+            bucket.enter(group)
             # The kernels walk param, grad and states as one flat range; autograd gives grads the
             # param's layout, and the rare grad that differs is copied into it.
             if p.numel() > 1 and grad.stride() != p.stride():
@@ -358,12 +409,6 @@ class FusedOptimizer(Optimizer):
                 bucket.steps.append(state["step"])
             if with_master:
                 bucket.masters.append(state[MASTER_KEY])
-
-        lr, lr_tensor = split_hyper(group["lr"])
-        for (device, _), bucket in buckets.items():
-            self._launch(group, bucket, {"lr": lr, "lr_tensor": lr_tensor, **scaling[device]})
-        if sparse_params:
-            self._step_sparse(group, sparse_params)
 
     def _ensure_state(
         self,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -61,7 +61,11 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             keys += ("momentum_buffer",)
         return keys
 
-    def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
+    def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
+        return (group["centered"], group["momentum"] > 0, group["maximize"])
+
+    def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
+        centered, _, maximize = self._call_modes(bucket.groups[0])
         torch.ops.fused_opt.rmsprop_(
             bucket.params,
             bucket.grads,
@@ -70,11 +74,11 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             bucket.states.get("momentum_buffer", []),
             bucket.steps,
             bucket.masters,
-            alpha=hyper(group["alpha"]),
-            eps=hyper(group["eps"]),
-            weight_decay=hyper(group["weight_decay"]),
-            momentum=hyper(group["momentum"]),
-            centered=group["centered"],
-            maximize=group["maximize"],
+            alpha=bucket.hypers("alpha"),
+            eps=bucket.hypers("eps"),
+            weight_decay=bucket.hypers("weight_decay"),
+            momentum=bucket.hypers("momentum"),
+            centered=centered,
+            maximize=maximize,
             **common,
         )

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
-from fused_opt.optimizer import DeviceBucket, FusedOptimizer, hyper, new_step
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer, new_step
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -88,18 +88,22 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             }
         return {}
 
-    def _launch(self, group: dict[str, Any], bucket: DeviceBucket, common: dict[str, Any]) -> None:
+    def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
+        return (group["momentum"] != 0, group["nesterov"], group["maximize"])
+
+    def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
+        _, nesterov, maximize = self._call_modes(bucket.groups[0])
         torch.ops.fused_opt.sgd_(
             bucket.params,
             bucket.grads,
             bucket.states.get("momentum_buffer", []),
             bucket.steps,
             bucket.masters,
-            momentum=hyper(group["momentum"]),
-            dampening=hyper(group["dampening"]),
-            weight_decay=hyper(group["weight_decay"]),
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
+            momentum=bucket.hypers("momentum"),
+            dampening=bucket.hypers("dampening"),
+            weight_decay=bucket.hypers("weight_decay"),
+            nesterov=nesterov,
+            maximize=maximize,
             **common,
         )
 

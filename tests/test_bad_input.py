@@ -240,12 +240,16 @@ def _valid_fp32_call(op_name, **modes):
             "found_inf": torch.zeros(()),
             "workspace": torch.zeros(fused_opt._ops.GRAD_NORM_WORKSPACE_NUMEL),
         }
+    # Two param groups of one param each, with their own hyperparameters.
     common = {
         "params": _tensors(),
         "grads": _tensors(),
         "master_params": [],
-        "lr": 0.1,
+        "group_sizes": [1, 1],
+        "lr": [0.1, 0.05],
+        "lr_tensor": [None, None],
         "maximize": False,
+        "workspace": torch.zeros(1, dtype=torch.int32),
     }
     if op_name == "adam_":
         amsgrad = modes.get("amsgrad", False)
@@ -255,12 +259,14 @@ def _valid_fp32_call(op_name, **modes):
             "exp_avg_sqs": _tensors(0.5),
             "max_exp_avg_sqs": _tensors(0.5) if amsgrad else [],
             "steps": _steps(),
-            "beta1": 0.9,
-            "beta2": 0.999,
-            "weight_decay": 0.0,
-            "eps": 1e-8,
+            "beta1": [0.9, 0.8],
+            "beta2": [0.999, 0.99],
+            "weight_decay": [0.0, 0.1],
+            "eps": [1e-8, 1e-6],
             "amsgrad": amsgrad,
             "decoupled_weight_decay": False,
+            "beta1_tensor": [None, None],
+            "beta2_tensor": [None, None],
         }
     if op_name == "sgd_":
         momentum = modes.get("momentum", 0.0)
@@ -268,9 +274,9 @@ def _valid_fp32_call(op_name, **modes):
             **common,
             "momentum_buffers": _tensors() if momentum else [],
             "steps": _steps() if momentum else [],
-            "momentum": momentum,
-            "dampening": 0.0,
-            "weight_decay": 0.0,
+            "momentum": [momentum, momentum / 2],
+            "dampening": [0.0, 0.1],
+            "weight_decay": [0.0, 0.1],
             "nesterov": modes.get("nesterov", False),
         }
     if op_name == "rmsprop_":
@@ -281,10 +287,10 @@ def _valid_fp32_call(op_name, **modes):
             "grad_avgs": _tensors(0.1) if centered else [],
             "momentum_buffers": _tensors() if momentum else [],
             "steps": _steps(),
-            "alpha": 0.99,
-            "eps": 1e-8,
-            "weight_decay": 0.0,
-            "momentum": momentum,
+            "alpha": [0.99, 0.9],
+            "eps": [1e-8, 1e-6],
+            "weight_decay": [0.0, 0.1],
+            "momentum": [momentum, momentum / 2],
             "centered": centered,
         }
     assert op_name == "adagrad_"
@@ -292,9 +298,9 @@ def _valid_fp32_call(op_name, **modes):
         **common,
         "state_sums": _tensors(0.5),
         "steps": _steps(),
-        "lr_decay": 0.0,
-        "weight_decay": 0.0,
-        "eps": 1e-10,
+        "lr_decay": [0.0, 0.01],
+        "weight_decay": [0.0, 0.1],
+        "eps": [1e-10, 1e-8],
     }
 
 
@@ -387,8 +393,8 @@ OP_CASES = {
     "adam-lr_tensor-two-elements": (
         "adam_",
         {},
-        _replace("lr_tensor", lambda _: torch.tensor([0.1, 0.1])),
-        "lr_tensor must have one element",
+        _set("lr_tensor", 1, lambda _: torch.tensor([0.1, 0.1])),
+        "lr_tensor[1] must have one element",
     ),
     "sgd-fewer-grads": (
         "sgd_",
@@ -564,6 +570,60 @@ OP_CASES = {
         _set("params", 1, lambda p: p.to(torch.int16)),
         "params[1] has dtype Short",
     ),
+    "adam-group_sizes-short": (
+        "adam_",
+        {},
+        _replace("group_sizes", lambda _: [1]),
+        "group_sizes add up to 1 but there are 2 params",
+    ),
+    "rmsprop-group_sizes-negative": (
+        "rmsprop_",
+        {},
+        _replace("group_sizes", lambda _: [3, -1]),
+        "group_sizes[1] is -1",
+    ),
+    "adam-hyper-list-short": (
+        "adam_",
+        {},
+        _replace("eps", lambda e: e[:1]),
+        "got 2 param groups but 1 eps (one per group)",
+    ),
+    "adagrad-lr-list-long": (
+        "adagrad_",
+        {},
+        _replace("lr", lambda lr: lr + [0.1]),
+        "got 2 param groups but 3 lr (one per group)",
+    ),
+    "sgd-lr_tensor-list-short": (
+        "sgd_",
+        {},
+        _replace("lr_tensor", lambda _: [None]),
+        "got 2 param groups but 1 lr_tensor (one per group)",
+    ),
+    "sgd-momentum-in-one-group-only": (
+        "sgd_",
+        {"momentum": 0.9},
+        _replace("momentum", lambda _: [0.9, 0.0]),
+        "momentum[1] is 0 but momentum[0] is 0.9",
+    ),
+    "rmsprop-momentum-in-one-group-only": (
+        "rmsprop_",
+        {},
+        _replace("momentum", lambda _: [0.0, 0.5]),
+        "momentum[1] is 0.5 but momentum[0] is 0",
+    ),
+    "adam-no-workspace": (
+        "adam_",
+        {},
+        _replace("workspace", lambda _: None),
+        "a workspace is required with step counters",
+    ),
+    "adagrad-workspace-of-floats": (
+        "adagrad_",
+        {},
+        _replace("workspace", lambda _: torch.zeros(1)),
+        "workspace must be a contiguous int32 tensor of at least one element on cpu",
+    ),
 }
 
 # Cases the dispatcher routes away from the CPU kernel: a call with a meta tensor runs the ops'
@@ -622,8 +682,8 @@ CPU_KERNEL_CASES = {
     "adagrad-lr_tensor-on-another-device": (
         "adagrad_",
         {},
-        _replace("lr_tensor", lambda _: torch.tensor(0.1, device="meta")),
-        "lr_tensor is on meta but the params are on cpu",
+        _set("lr_tensor", 0, lambda _: torch.tensor(0.1, device="meta")),
+        "lr_tensor[0] is on meta but the params are on cpu",
     ),
     "grad_norm-int-grad": (
         "grad_norm_",
@@ -658,14 +718,14 @@ CPU_KERNEL_CASES = {
     "adam-beta2_tensor-on-another-device": (
         "adam_",
         {},
-        _replace("beta2_tensor", lambda _: torch.tensor(0.99, device="meta")),
-        "beta2_tensor is on meta but the params are on cpu",
+        _set("beta2_tensor", 1, lambda _: torch.tensor(0.99, device="meta")),
+        "beta2_tensor[1] is on meta but the params are on cpu",
     ),
     "adam-beta1_tensor-two-elements": (
         "adam_",
         {},
-        _replace("beta1_tensor", lambda _: torch.tensor([0.9, 0.9])),
-        "beta1_tensor must have one element",
+        _set("beta1_tensor", 0, lambda _: torch.tensor([0.9, 0.9])),
+        "beta1_tensor[0] must have one element",
     ),
     "sgd-found_inf-on-another-device": (
         "sgd_",
@@ -693,9 +753,9 @@ def _check_op_refuses(op_name, modes, spoil, message, cpu_kernel):
     assert message in str(excinfo.value)
     # The checks run before any tensor is written, including the step counters.
     for key, value in call.items():
-        if isinstance(value, list) and value and torch.is_tensor(value[0]):
+        if isinstance(value, list):
             for index, (a, e) in enumerate(zip(value, before[key])):
-                if a.device.type != "meta":
+                if torch.is_tensor(a) and a.device.type != "meta":
                     assert torch.equal(a.to_dense(), e.to_dense()), f"{key}[{index}] changed"
 
 

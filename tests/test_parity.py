@@ -414,6 +414,49 @@ def test_param_groups_with_mixed_dtypes(name):
     run_and_check(run, seed=7)
 
 
+# Groups that share every mode go in one op call (one launch on CUDA), each with its own
+# hyperparameters: a float lr beside a tensor lr, weight decay on beside off, other betas, eps,
+# momentum and decay rates.
+ONE_CALL_GROUPS = {
+    "Adam": [
+        {"lr": 1e-2, "weight_decay": WEIGHT_DECAY},
+        {"lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 0.0, "eps": 1e-6},
+        {"lr": torch.tensor(5e-3), "betas": (0.85, 0.995), "weight_decay": 0.05},
+    ],
+    "AdamW": [
+        {"lr": 1e-2, "weight_decay": WEIGHT_DECAY},
+        {"lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 0.0},
+        {"lr": torch.tensor(5e-3), "weight_decay": 0.5, "eps": 1e-6},
+    ],
+    "SGD": [
+        {"lr": 0.1, "momentum": 0.9},
+        {"lr": 0.05, "momentum": 0.5, "dampening": 0.3, "weight_decay": WEIGHT_DECAY},
+        {"lr": torch.tensor(0.02), "momentum": 0.7},
+    ],
+    "RMSprop": [
+        {"lr": 1e-2},
+        {"lr": 3e-3, "alpha": 0.9, "weight_decay": WEIGHT_DECAY},
+        {"lr": torch.tensor(5e-3), "eps": 1e-6},
+    ],
+    "Adagrad": [
+        {"lr": 0.1, "lr_decay": 0.1},
+        {"lr": 0.05, "weight_decay": WEIGHT_DECAY, "eps": 1e-6},
+        {"lr": torch.tensor(0.02)},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_groups_in_one_call_keep_their_own_hyperparameters(name):
+    groups = []
+    for index, options in enumerate(ONE_CALL_GROUPS[name]):
+        fp32 = random_params([(1031,), (0,), (65537,)], torch.float32, seed=40 + index)
+        bf16 = random_params([(3, 7, 5)], torch.bfloat16, seed=50 + index)
+        groups.append(([fp32[0], bf16[0], fp32[1], fp32[2]], options))
+    run = ParityRun(name, groups, **GROUP_DEFAULTS.get(name, {}))
+    run_and_check(run, seed=8)
+
+
 # ------------------------------------------------------------------------------------------------
 # Params without grads
 

@@ -53,9 +53,33 @@ def test_the_memory_probe_sees_allocations():
 
 
 @pytest.mark.parametrize("name", list(RICH))
-def test_one_op_call_per_param_group(name):
-    groups = [{"params": mixed_params()}, {"params": mixed_params(), "lr": 1e-4}]
+def test_one_op_call_for_all_param_groups(name):
+    groups = [
+        {"params": mixed_params(), "weight_decay": 0.0},
+        {"params": mixed_params(), "lr": 1e-4},
+        {"params": mixed_params(), "lr": torch.tensor(1e-3)},
+    ]
     optimizer = getattr(fused_opt, name)(groups, **RICH[name])
     optimizer.step()
     op_calls = [e.name for e in profile_step(optimizer) if e.name.startswith("fused_opt::")]
-    assert len(op_calls) == len(groups), op_calls
+    assert len(op_calls) == 1, op_calls
+
+
+# A group option that changes which state tensors exist, or a bool of the op.
+SPLITTING_OPTIONS = {
+    "Adam": {"amsgrad": False},
+    "AdamW": {"maximize": True},
+    "SGD": {"momentum": 0.0},
+    "RMSprop": {"centered": False},
+    "Adagrad": {"maximize": True},
+}
+
+
+@pytest.mark.parametrize("name", list(RICH))
+def test_groups_that_differ_in_a_mode_take_one_op_call_each(name):
+    assert SPLITTING_OPTIONS[name].items() - RICH[name].items(), "the option must differ"
+    groups = [{"params": mixed_params()}, {"params": mixed_params(), **SPLITTING_OPTIONS[name]}]
+    optimizer = getattr(fused_opt, name)(groups, **RICH[name])
+    optimizer.step()
+    op_calls = [e.name for e in profile_step(optimizer) if e.name.startswith("fused_opt::")]
+    assert len(op_calls) == 2, op_calls

@@ -9,28 +9,34 @@ namespace fused_opt::cpu {
 namespace {
 
 void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                 at::TensorList steps, at::TensorList master_params, double lr, double lr_decay,
-                 double weight_decay, double eps, bool maximize,
-                 const std::optional<at::Tensor>& lr_tensor,
+                 at::TensorList steps, at::TensorList master_params,
+                 c10::ArrayRef<int64_t> group_sizes, c10::ArrayRef<double> lr,
+                 c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
+                 c10::ArrayRef<double> eps, bool maximize, const HyperTensors& lr_tensor,
                  const std::optional<at::Tensor>& grad_scale,
                  const std::optional<at::Tensor>& found_inf,
-                 const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
-  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
-  check_adagrad_args(params, grads, state_sums, steps, master_params, lr_tensor, scaling);
-  if (params.empty()) return;
-  const std::optional<float> grad_factor = step_grad_factor(scaling);
-  if (!grad_factor) return;
+                 const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
+                 const std::optional<at::Tensor>& workspace) {
+  const StepArgs step{ParamGroups(kAdagradOp, group_sizes, params.size()), lr, lr_tensor,
+                      {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
+  check_adagrad_args(params, grads, state_sums, steps, master_params, step, lr_decay,
+                     weight_decay, eps);
 
-  increment_steps(steps);
-  const math::AdagradHyper hyper{host_value(lr, lr_tensor), lr_decay, weight_decay, eps};
-  with_bool(maximize, [&](auto kMaximize) {
-    with_bool(weight_decay != 0.0, [&](auto kWeightDecay) {
-      apply_elementwise<1>(params, grads, master_params, {state_sums}, *grad_factor,
-                           [&](auto opmath_tag, size_t t, const auto& run) {
-                             using T = decltype(opmath_tag);
-                             run(math::AdagradElement<T, kMaximize, kWeightDecay>{
-                                 math::adagrad_tensor_scalars<T>(hyper, step_value(steps[t]))});
-                           });
+  for_each_group_step(step, params, steps, [&](const GroupRange& group, float grad_factor) {
+    const size_t g = group.group;
+    const math::AdagradHyper hyper{host_value(lr[g], lr_tensor.get(g)), lr_decay[g],
+                                   weight_decay[g], eps[g]};
+    const at::TensorList group_steps = group.of(steps);
+    with_bool(maximize, [&](auto kMaximize) {
+      with_bool(weight_decay[g] != 0.0, [&](auto kWeightDecay) {
+        apply_elementwise<1>(
+            group.of(params), group.of(grads), group.of(master_params), {group.of(state_sums)},
+            grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
+              using T = decltype(opmath_tag);
+              run(math::AdagradElement<T, kMaximize, kWeightDecay>{
+                  math::adagrad_tensor_scalars<T>(hyper, step_value(group_steps[t]))});
+            });
+      });
     });
   });
 }

@@ -12,37 +12,43 @@ using math::WeightDecay;
 
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-              at::TensorList master_params, double lr, double beta1, double beta2,
-              double weight_decay, double eps, bool amsgrad, bool maximize,
-              bool decoupled_weight_decay, const std::optional<at::Tensor>& beta1_tensor,
-              const std::optional<at::Tensor>& beta2_tensor,
-              const std::optional<at::Tensor>& lr_tensor,
+              at::TensorList master_params, c10::ArrayRef<int64_t> group_sizes,
+              c10::ArrayRef<double> lr, c10::ArrayRef<double> beta1, c10::ArrayRef<double> beta2,
+              c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps, bool amsgrad,
+              bool maximize, bool decoupled_weight_decay, const HyperTensors& beta1_tensor,
+              const HyperTensors& beta2_tensor, const HyperTensors& lr_tensor,
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf,
-              const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
-  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+              const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
+              const std::optional<at::Tensor>& workspace) {
+  const StepArgs step{ParamGroups(kAdamOp, group_sizes, params.size()), lr, lr_tensor,
+                      {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
-                  amsgrad, lr_tensor, beta1_tensor, beta2_tensor, scaling);
-  if (params.empty()) return;
-  const std::optional<float> grad_factor = step_grad_factor(scaling);
-  if (!grad_factor) return;
+                  step, beta1, beta2, weight_decay, eps, amsgrad, beta1_tensor, beta2_tensor);
 
-  increment_steps(steps);
-  const math::AdamHyper hyper{host_value(lr, lr_tensor), host_value(beta1, beta1_tensor),
-                              host_value(beta2, beta2_tensor), eps, weight_decay};
-  const WeightDecay mode = math::adam_weight_decay_mode(weight_decay, decoupled_weight_decay);
-  with_bool(amsgrad, [&](auto kAmsgrad) {
-    with_bool(maximize, [&](auto kMaximize) {
-      with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
-          mode, [&](auto kMode) {
-            apply_elementwise<3>(
-                params, grads, master_params, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-                *grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
-                  using T = decltype(opmath_tag);
-                  run(math::AdamElement<T, kAmsgrad, kMaximize, kMode>{
-                      math::adam_tensor_scalars<T>(hyper, step_value(steps[t]))});
-                });
-          });
+  for_each_group_step(step, params, steps, [&](const GroupRange& group, float grad_factor) {
+    const size_t g = group.group;
+    const math::AdamHyper hyper{host_value(lr[g], lr_tensor.get(g)),
+                                host_value(beta1[g], beta1_tensor.get(g)),
+                                host_value(beta2[g], beta2_tensor.get(g)), eps[g],
+                                weight_decay[g]};
+    const at::TensorList group_steps = group.of(steps);
+    const WeightDecay mode =
+        math::adam_weight_decay_mode(weight_decay[g], decoupled_weight_decay);
+    with_bool(amsgrad, [&](auto kAmsgrad) {
+      with_bool(maximize, [&](auto kMaximize) {
+        with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
+            mode, [&](auto kMode) {
+              apply_elementwise<3>(
+                  group.of(params), group.of(grads), group.of(master_params),
+                  {group.of(exp_avgs), group.of(exp_avg_sqs), group.of(max_exp_avg_sqs)},
+                  grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
+                    using T = decltype(opmath_tag);
+                    run(math::AdamElement<T, kAmsgrad, kMaximize, kMode>{
+                        math::adam_tensor_scalars<T>(hyper, step_value(group_steps[t]))});
+                  });
+            });
+      });
     });
   });
 }

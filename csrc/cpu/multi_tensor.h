@@ -192,4 +192,19 @@ inline std::optional<float> step_grad_factor(const ScalingArgs& scaling) {
   return math::grad_factor(view);
 }
 
+// A step call's skeleton: nothing at all when found_inf says so; otherwise every step counter
+// advances once and update(group, grad_factor) runs for every group that has params, with the
+// group's own hyperparameters and modes.
+template <typename Update>
+void for_each_group_step(const StepArgs& step, at::TensorList params, at::TensorList steps,
+                         const Update& update) {
+  if (params.empty()) return;
+  const std::optional<float> grad_factor = step_grad_factor(step.scaling);
+  if (!grad_factor) return;
+  increment_steps(steps);
+  step.groups.for_each([&](const GroupRange& group) {
+    if (group.size > 0) update(group, *grad_factor);
+  });
+}
+
 }  // namespace fused_opt::cpu

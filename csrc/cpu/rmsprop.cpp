@@ -10,33 +10,36 @@ namespace {
 
 void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                  at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
-                 at::TensorList master_params, double lr, double alpha, double eps,
-                 double weight_decay, double momentum, bool centered, bool maximize,
-                 const std::optional<at::Tensor>& lr_tensor,
-                 const std::optional<at::Tensor>& grad_scale,
+                 at::TensorList master_params, c10::ArrayRef<int64_t> group_sizes,
+                 c10::ArrayRef<double> lr, c10::ArrayRef<double> alpha,
+                 c10::ArrayRef<double> eps, c10::ArrayRef<double> weight_decay,
+                 c10::ArrayRef<double> momentum, bool centered, bool maximize,
+                 const HyperTensors& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                  const std::optional<at::Tensor>& found_inf,
-                 const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
-  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+                 const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
+                 const std::optional<at::Tensor>& workspace) {
+  const StepArgs step{ParamGroups(kRmspropOp, group_sizes, params.size()), lr, lr_tensor,
+                      {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
-                     master_params, momentum, centered, lr_tensor, scaling);
-  if (params.empty()) return;
-  const std::optional<float> grad_factor = step_grad_factor(scaling);
-  if (!grad_factor) return;
-  const bool has_momentum = momentum > 0.0;
+                     master_params, step, alpha, eps, weight_decay, momentum, centered);
 
-  increment_steps(steps);
-  const math::RmspropHyper hyper{host_value(lr, lr_tensor), alpha, eps, weight_decay, momentum};
-  with_bool(maximize, [&](auto kMaximize) {
-    with_bool(weight_decay != 0.0, [&](auto kWeightDecay) {
-      with_bool(centered, [&](auto kCentered) {
-        with_bool(has_momentum, [&](auto kMomentum) {
-          apply_elementwise<3>(
-              params, grads, master_params, {square_avgs, grad_avgs, momentum_buffers},
-              *grad_factor, [&](auto opmath_tag, size_t, const auto& run) {
-                using T = decltype(opmath_tag);
-                run(math::RmspropElement<T, kMaximize, kWeightDecay, kCentered, kMomentum>{
-                    math::rmsprop_tensor_scalars<T>(hyper)});
-              });
+  for_each_group_step(step, params, steps, [&](const GroupRange& group, float grad_factor) {
+    const size_t g = group.group;
+    const math::RmspropHyper hyper{host_value(lr[g], lr_tensor.get(g)), alpha[g], eps[g],
+                                   weight_decay[g], momentum[g]};
+    with_bool(maximize, [&](auto kMaximize) {
+      with_bool(weight_decay[g] != 0.0, [&](auto kWeightDecay) {
+        with_bool(centered, [&](auto kCentered) {
+          with_bool(momentum[g] > 0.0, [&](auto kMomentum) {
+            apply_elementwise<3>(
+                group.of(params), group.of(grads), group.of(master_params),
+                {group.of(square_avgs), group.of(grad_avgs), group.of(momentum_buffers)},
+                grad_factor, [&](auto opmath_tag, size_t, const auto& run) {
+                  using T = decltype(opmath_tag);
+                  run(math::RmspropElement<T, kMaximize, kWeightDecay, kCentered, kMomentum>{
+                      math::rmsprop_tensor_scalars<T>(hyper)});
+                });
+          });
         });
       });
     });

@@ -11,41 +11,47 @@ namespace {
 using math::Momentum;
 
 void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-             at::TensorList steps, at::TensorList master_params, double lr, double momentum,
-             double dampening, double weight_decay, bool nesterov, bool maximize,
-             const std::optional<at::Tensor>& lr_tensor,
-             const std::optional<at::Tensor>& grad_scale,
+             at::TensorList steps, at::TensorList master_params,
+             c10::ArrayRef<int64_t> group_sizes, c10::ArrayRef<double> lr,
+             c10::ArrayRef<double> momentum, c10::ArrayRef<double> dampening,
+             c10::ArrayRef<double> weight_decay, bool nesterov, bool maximize,
+             const HyperTensors& lr_tensor, const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf,
-             const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
-  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
-  check_sgd_args(params, grads, momentum_buffers, steps, master_params, momentum, nesterov,
-                 lr_tensor, scaling);
-  if (params.empty()) return;
-  const std::optional<float> grad_factor = step_grad_factor(scaling);
-  if (!grad_factor) return;
+             const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
+             const std::optional<at::Tensor>& workspace) {
+  const StepArgs step{ParamGroups(kSgdOp, group_sizes, params.size()), lr, lr_tensor,
+                      {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
+  check_sgd_args(params, grads, momentum_buffers, steps, master_params, step, momentum,
+                 dampening, weight_decay, nesterov);
 
-  increment_steps(steps);
-  const math::SgdHyper hyper{host_value(lr, lr_tensor), momentum, dampening, weight_decay};
-  const Momentum mode = math::sgd_momentum_mode(momentum, nesterov);
-  with_bool(maximize, [&](auto kMaximize) {
-    with_bool(weight_decay != 0.0, [&](auto kWeightDecay) {
-      with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(
-          mode, [&](auto kMode) {
-            apply_elementwise<1>(
-                params, grads, master_params, {momentum_buffers}, *grad_factor,
-                [&](auto opmath_tag, size_t t, const auto& run) {
-                  using T = decltype(opmath_tag);
-                  const auto scalars = math::sgd_tensor_scalars<T>(hyper);
-                  if constexpr (kMode == Momentum::kNone) {
-                    run(math::SgdElement<T, kMaximize, kWeightDecay, kMode, false>{scalars});
-                  } else {
-                    with_bool(math::sgd_first_step(step_value(steps[t])), [&](auto kFirstStep) {
-                      run(math::SgdElement<T, kMaximize, kWeightDecay, kMode, kFirstStep>{
-                          scalars});
-                    });
-                  }
-                });
-          });
+  for_each_group_step(step, params, steps, [&](const GroupRange& group, float grad_factor) {
+    const size_t g = group.group;
+    const math::SgdHyper hyper{host_value(lr[g], lr_tensor.get(g)), momentum[g], dampening[g],
+                               weight_decay[g]};
+    const at::TensorList group_steps = group.of(steps);
+    const Momentum mode = math::sgd_momentum_mode(momentum[g], nesterov);
+    with_bool(maximize, [&](auto kMaximize) {
+      with_bool(weight_decay[g] != 0.0, [&](auto kWeightDecay) {
+        with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(
+            mode, [&](auto kMode) {
+              apply_elementwise<1>(
+                  group.of(params), group.of(grads), group.of(master_params),
+                  {group.of(momentum_buffers)}, grad_factor,
+                  [&](auto opmath_tag, size_t t, const auto& run) {
+                    using T = decltype(opmath_tag);
+                    const auto scalars = math::sgd_tensor_scalars<T>(hyper);
+                    if constexpr (kMode == Momentum::kNone) {
+                      run(math::SgdElement<T, kMaximize, kWeightDecay, kMode, false>{scalars});
+                    } else {
+                      with_bool(math::sgd_first_step(step_value(group_steps[t])),
+                                [&](auto kFirstStep) {
+                                  run(math::SgdElement<T, kMaximize, kWeightDecay, kMode,
+                                                       kFirstStep>{scalars});
+                                });
+                    }
+                  });
+            });
+      });
     });
   });
 }

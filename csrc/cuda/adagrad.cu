@@ -8,28 +8,31 @@ namespace {
 
 template <bool kMaximize, bool kWeightDecay>
 struct AdagradOp {
+  using Group = AdagradGroup;
   static constexpr int kNumStates = 1;
-  static constexpr bool kReadsStep = true;
-
-  math::AdagradHyper hyper;
-  DeviceScalar lr;
+  static constexpr bool kCountsSteps = true;
 
   template <typename T, typename Run>
-  __device__ void with_element(const TensorInfo& tensor, const Run& run) const {
-    math::AdagradHyper h = hyper;
-    h.lr = value_or(lr, hyper.lr);
+  static __device__ void with_element(const Group& group, const TensorInfo& tensor,
+                                      const Run& run) {
+    math::AdagradHyper h = group.hyper;
+    h.lr = value_or(group.lr, h.lr);
     run(math::AdagradElement<T, kMaximize, kWeightDecay>{
-        math::adagrad_tensor_scalars<T>(h, *tensor.step)});
+        math::adagrad_tensor_scalars<T>(h, tensor.step)});
   }
 };
 
 }  // namespace
 
-void adagrad_step(const StepCall& call, const math::AdagradHyper& hyper, bool maximize) {
-  increment_steps(call);
-  with_bool(maximize, [&](auto kMaximize) {
-    with_bool(hyper.weight_decay != 0.0, [&](auto kWeightDecay) {
-      launch_multi_tensor(call, AdagradOp<kMaximize, kWeightDecay>{hyper, call.lr});
+void adagrad_step(const StepCall& call, const AdagradGroup* groups, bool maximize) {
+  // L2 decay by zero adds 0 * param (NaN for an infinite param, +0 to a -0 gradient), so groups
+  // without decay launch apart.
+  const auto decays = [&](size_t g) { return groups[g].hyper.weight_decay != 0.0; };
+  for_each_group_mode(call, decays, [&](bool weight_decay, const auto& in_mode) {
+    with_bool(maximize, [&](auto kMaximize) {
+      with_bool(weight_decay, [&](auto kWeightDecay) {
+        launch_multi_tensor<AdagradOp<kMaximize, kWeightDecay>>(call, groups, in_mode);
+      });
     });
   });
 }

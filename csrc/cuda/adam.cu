@@ -10,36 +10,44 @@ using math::WeightDecay;
 
 template <bool kAmsgrad, bool kMaximize, WeightDecay kWeightDecay>
 struct AdamOp {
+  using Group = AdamGroup;
   static constexpr int kNumStates = kAmsgrad ? 3 : 2;
-  static constexpr bool kReadsStep = true;
-
-  math::AdamHyper hyper;
-  DeviceScalar lr, beta1, beta2;
+  static constexpr bool kCountsSteps = true;
 
   template <typename T, typename Run>
-  __device__ void with_element(const TensorInfo& tensor, const Run& run) const {
-    math::AdamHyper h = hyper;
-    h.lr = value_or(lr, hyper.lr);
-    h.beta1 = value_or(beta1, hyper.beta1);
-    h.beta2 = value_or(beta2, hyper.beta2);
+  static __device__ void with_element(const Group& group, const TensorInfo& tensor,
+                                      const Run& run) {
+    math::AdamHyper h = group.hyper;
+    h.lr = value_or(group.lr, h.lr);
+    h.beta1 = value_or(group.beta1, h.beta1);
+    h.beta2 = value_or(group.beta2, h.beta2);
     run(math::AdamElement<T, kAmsgrad, kMaximize, kWeightDecay>{
-        math::adam_tensor_scalars<T>(h, *tensor.step)});
+        math::adam_tensor_scalars<T>(h, tensor.step)});
   }
 };
 
 }  // namespace
 
-void adam_step(const StepCall& call, const math::AdamHyper& hyper, DeviceScalar beta1,
-               DeviceScalar beta2, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
-  increment_steps(call);
-  const WeightDecay mode =
-      math::adam_weight_decay_mode(hyper.weight_decay, decoupled_weight_decay);
-  with_bool(amsgrad, [&](auto kAmsgrad) {
-    with_bool(maximize, [&](auto kMaximize) {
-      with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
-          mode, [&](auto kMode) {
-            launch_multi_tensor(call, AdamOp<kAmsgrad, kMaximize, kMode>{hyper, call.lr, beta1, beta2});
-          });
+void adam_step(const StepCall& call, const AdamGroup* groups, bool amsgrad, bool maximize,
+               bool decoupled_weight_decay) {
+  // Decoupled decay by zero multiplies the param by exactly one, so AdamW's groups with and
+  // without decay share a launch; L2 decay by zero adds 0 * param (NaN for an infinite param,
+  // +0 to a -0 gradient), so L2 groups without decay launch apart.
+  bool any_decay = false;
+  for (size_t g = 0; g < call.group_count; ++g) any_decay |= groups[g].hyper.weight_decay != 0.0;
+  const auto mode_of = [&](size_t g) {
+    return decoupled_weight_decay
+               ? (any_decay ? WeightDecay::kDecoupled : WeightDecay::kNone)
+               : math::adam_weight_decay_mode(groups[g].hyper.weight_decay, false);
+  };
+  for_each_group_mode(call, mode_of, [&](WeightDecay mode, const auto& in_mode) {
+    with_bool(amsgrad, [&](auto kAmsgrad) {
+      with_bool(maximize, [&](auto kMaximize) {
+        with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
+            mode, [&](auto kMode) {
+              launch_multi_tensor<AdamOp<kAmsgrad, kMaximize, kMode>>(call, groups, in_mode);
+            });
+      });
     });
   });
 }

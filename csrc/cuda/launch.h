@@ -25,7 +25,7 @@ constexpr int kMaxStates = 3;
 // beyond the optimizer's count are ignored; step is null for optimizers without a counter. With
 // master weights, param is the float32 master that the update math updates (states are float32
 // too), and param_copy the float16/bfloat16 param that receives its rounding; otherwise
-// param_copy is null.
+// param_copy is null. group indexes the call's per-group hyperparameters.
 struct TensorArgs {
   void* param;
   const void* grad;
@@ -33,6 +33,7 @@ struct TensorArgs {
   void* param_copy;
   float* step;
   int64_t numel;
+  uint32_t group;
   DType dtype;
 };
 
@@ -43,34 +44,61 @@ struct DeviceScalar {
   DType dtype;
 };
 
-// What every step call has besides its optimizer's hyperparameters and modes.
+// What every step call has besides its optimizer's hyperparameters and modes. The tensors of a
+// group are consecutive.
 struct StepCall {
   const TensorArgs* tensors;
   size_t count;
-  DeviceScalar lr;
+  size_t group_count;
   // Device pointers, read by the kernels: a step whose found_inf is nonzero changes nothing,
   // step counters included, without the host ever reading the flag.
   math::GradScaling scaling;
   bool master_weights;  // every TensorArgs has a param_copy
+  // With step counters: a zeroed device counter, which each launch counts its finished blocks
+  // in (and leaves zero), so that the last block advances the counters every block has read.
+  unsigned* finished_blocks;
   void* stream;
 };
 
+// Each optimizer's hyperparameters for one param group; lr (Adam: beta1, beta2 too), when set,
+// is read on the device in place of the host value.
+struct AdamGroup {
+  math::AdamHyper hyper;
+  DeviceScalar lr, beta1, beta2;
+};
+struct SgdGroup {
+  math::SgdHyper hyper;
+  DeviceScalar lr;
+};
+struct RmspropGroup {
+  math::RmspropHyper hyper;
+  DeviceScalar lr;
+};
+struct AdagradGroup {
+  math::AdagradHyper hyper;
+  DeviceScalar lr;
+};
+
 // Each call updates every tensor of the list in place on the call's stream, without
-// synchronizing with the host and without allocating memory. Modes that select a compiled kernel
-// are explicit arguments; the rest (weight decay on or off, momentum on or off) follow from the
-// hyperparameters as in the CPU kernels. Failures to launch throw std::runtime_error.
-// beta1/beta2, when set, are read on the device in place of hyper.beta1/beta2.
-void adam_step(const StepCall& call, const math::AdamHyper& hyper, DeviceScalar beta1,
-               DeviceScalar beta2, bool amsgrad, bool maximize, bool decoupled_weight_decay);
+// synchronizing with the host and without allocating memory, and advances its step counters in
+// the same launch. `groups` has call.group_count entries. Modes that select a compiled kernel are
+// explicit arguments or follow from the hyperparameters (weight decay on or off), as in the CPU
+// kernels; groups that differ in such a mode go in separate launches, unless the mode with the
+// hyperparameter at zero computes the same bits (AdamW's decoupled decay). Failures to launch
+// throw std::runtime_error.
+void adam_step(const StepCall& call, const AdamGroup* groups, bool amsgrad, bool maximize,
+               bool decoupled_weight_decay);
 
 // With momentum, every tensor has a step counter, which decides on the device whether its
-// momentum buffer starts on this step (math::sgd_first_step).
-void sgd_step(const StepCall& call, const math::SgdHyper& hyper, bool nesterov, bool maximize);
+// momentum buffer starts on this step (math::sgd_first_step). Momentum is on in every group or
+// in none.
+void sgd_step(const StepCall& call, const SgdGroup* groups, bool nesterov, bool maximize);
 
-void rmsprop_step(const StepCall& call, const math::RmspropHyper& hyper, bool centered,
+// Momentum is on in every group or in none.
+void rmsprop_step(const StepCall& call, const RmspropGroup* groups, bool centered,
                   bool maximize);
 
-void adagrad_step(const StepCall& call, const math::AdagradHyper& hyper, bool maximize);
+void adagrad_step(const StepCall& call, const AdagradGroup* groups, bool maximize);
 
 // One gradient tensor of grad_norm, read as numel elements from data on.
 struct GradArgs {

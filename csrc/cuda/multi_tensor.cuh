@@ -2,14 +2,16 @@
 // one op call with a persistent grid and applies an optimizer's element functor (from
 // csrc/include/fused_opt/math) to each.
 //
-// An optimizer plugs in through an "Op" struct, passed to the kernel by value:
-//   static constexpr int kNumStates;    // state tensors per param, as the element functor's
-//   static constexpr bool kReadsStep;   // whether with_element reads TensorInfo::step
+// An optimizer plugs in through an "Op" type, whose template arguments are its compiled modes:
+//   using Group = ...;                   // one param group's hyperparameters (launch.h)
+//   static constexpr int kNumStates;     // state tensors per param, as the element functor's
+//   static constexpr bool kCountsSteps;  // whether its tensors have step counters
 //   template <typename T, typename Run>
-//   __device__ void with_element(const TensorInfo& tensor, const Run& run) const;
-// with_element builds the element functor for opmath type T and one tensor (its step) and calls
-// run(functor). Passing the functor to a continuation lets a per-tensor fact (SGD's first step,
-// read from the tensor's counter) pick a different compiled loop, as on the CPU.
+//   static __device__ void with_element(const Group& group, const TensorInfo& tensor,
+//                                       const Run& run);
+// with_element builds the element functor for opmath type T, one group and one tensor (its step)
+// and calls run(functor). Passing the functor to a continuation lets a per-tensor fact (SGD's
+// first step, read from the tensor's counter) pick a different compiled loop, as on the CPU.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -44,14 +46,21 @@ constexpr int kVectorBytes = 16;
 // same elements of each.
 constexpr int kMasterVectorElems = 4;
 // Loads in flight per thread and per tensor: one vector (2 to 8 elements) on the aligned path,
-// two elements on the scalar path. More of either costs registers beyond the 128 and spills.
+// two elements on the scalar path, one for doubles. More costs registers beyond the 128 and
+// spills: the group's hyperparameters sit at an offset known only at run time, so the element
+// math keeps them in registers instead of reading them as constant operands, and two doubles
+// of each of five tensors in flight no longer fit beside them.
 constexpr int kVectorsInFlight = 1;
-constexpr int kScalarsInFlight = 2;
+template <typename M>
+constexpr int kScalarsInFlight = sizeof(M) == 8 ? 1 : 2;
 // Kernel parameter space since CUDA 12.1 (Volta and newer). The table of tensors fills all of it
-// but what the Op (hyperparameters, the lr pointer) and the gradient scaling may take, so that a
-// whole model usually goes in one launch.
+// but what the groups' hyperparameters, the gradient scaling and the block counter take, so that
+// a whole model usually goes in one launch.
 constexpr size_t kKernelParamBytes = 32764;
-constexpr size_t kOpParamBytes = 256;
+constexpr size_t kGroupParamBytes = 1536;
+// Param groups whose hyperparameters one launch carries: a model's usual two (with and without
+// weight decay) and per-layer learning rates of small models; more groups take more launches.
+constexpr int kMaxLaunchGroups = 16;
 
 // Elements per vector for storage of `storage_bytes` bytes per element.
 __host__ __device__ constexpr int vector_elems(int storage_bytes, bool master_weights) {
@@ -60,7 +69,15 @@ __host__ __device__ constexpr int vector_elems(int storage_bytes, bool master_we
 
 // What an Op may know about the tensor whose chunk it is about to update.
 struct TensorInfo {
-  const float* step;  // null unless the Op reads steps
+  // The step this update counts: the tensor's counter plus one, which the launch's last block
+  // stores once every block has read the counter. Zero for Ops without counters.
+  float step;
+};
+
+// The hyperparameters of the groups of one launch, indexed by TensorTable::group.
+template <typename Group>
+struct LaunchGroups {
+  Group at[kMaxLaunchGroups];
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -140,8 +157,9 @@ __device__ __forceinline__ double value_or(const DeviceScalar& scalar, double ho
   return value;
 }
 
-// The tensor holding `chunk`, given the first chunk of each of `count` tensors (strictly
-// increasing): the last t with first_chunk[t] <= chunk.
+// The tensor holding `chunk`, given the first chunk of each of `count` tensors (non-decreasing,
+// tensors without chunks sharing their start with the next one): the last t with
+// first_chunk[t] <= chunk, which is the one tensor whose chunks include `chunk`.
 __device__ __forceinline__ int find_tensor(const int64_t* first_chunk, int count, int64_t chunk) {
   int lo = 0;
   int hi = count - 1;
@@ -178,9 +196,10 @@ inline int storage_bytes(DType dtype) {
 // captured graph). Struct of arrays, with only the pointer lists the optimizer uses, so that as
 // many tensors as possible fit in one launch.
 
-template <int kStateCount, bool kWithSteps, bool kMasterWeights>
+template <int kStateCount, bool kStepCounters, bool kMasterWeights>
 struct TensorTable {
   static constexpr int kStates = kStateCount;
+  static constexpr bool kWithSteps = kStepCounters;
   static constexpr bool kMaster = kMasterWeights;
   // param (the master with master weights), grad, states, then the 16-bit param with master
   // weights.
@@ -188,26 +207,31 @@ struct TensorTable {
   static constexpr int kCopyList = 2 + kStates;
   static constexpr size_t kHeaderBytes = sizeof(int64_t) + sizeof(int64_t);  // count, padded
   static constexpr size_t kBytesPerTensor = kLists * sizeof(void*) + 2 * sizeof(int64_t) +
-                                            (kWithSteps ? sizeof(float*) : 0) + 2;
+                                            (kWithSteps ? sizeof(float*) : 0) + 3;
+  // Less the padding that rounds the struct up to its 8-byte alignment.
   static constexpr int kCapacity = static_cast<int>(
-      (kKernelParamBytes - kOpParamBytes - kHeaderBytes) / kBytesPerTensor);
+      (kKernelParamBytes - kGroupParamBytes - kHeaderBytes - alignof(int64_t)) / kBytesPerTensor);
 
   int64_t total_chunks;
   int count;
   void* lists[kLists][kCapacity];  // the grad (list 1) is never written through
-  int64_t first_chunk[kCapacity];  // strictly increasing: empty tensors are never entered
+  // Non-decreasing; an empty tensor (entered only for its step counter) shares its first chunk
+  // with the next tensor, or is past the last chunk, so find_tensor never lands on it.
+  int64_t first_chunk[kCapacity];
   int64_t numel[kCapacity];
-  const float* steps[kWithSteps ? kCapacity : 1];
+  float* steps[kWithSteps ? kCapacity : 1];
   DType dtype[kCapacity];
-  bool aligned[kCapacity];  // every pointer of the tensor is aligned to its vector
+  uint8_t group[kCapacity];  // index into the launch's LaunchGroups
+  bool aligned[kCapacity];   // every pointer of the tensor is aligned to its vector
 
   void clear() {
     total_chunks = 0;
     count = 0;
   }
 
-  // Host side; the caller keeps count < kCapacity and numel > 0.
-  void add(const TensorArgs& tensor) {
+  // Host side; the caller keeps count < kCapacity, and numel > 0 unless the tensor has a step
+  // counter.
+  void add(const TensorArgs& tensor, int launch_group) {
     const int t = count++;
     const int elems = vector_elems(storage_bytes(tensor.dtype), kMaster);
     const int storage_vector = elems * storage_bytes(tensor.dtype);
@@ -229,14 +253,15 @@ struct TensorTable {
     numel[t] = tensor.numel;
     if constexpr (kWithSteps) steps[t] = tensor.step;
     dtype[t] = tensor.dtype;
+    group[t] = static_cast<uint8_t>(launch_group);
     aligned[t] = all_aligned;
   }
 
   __device__ __forceinline__ TensorInfo info(int t) const {
     if constexpr (kWithSteps) {
-      return {steps[t]};
+      return {*steps[t] + 1.0f};
     } else {
-      return {nullptr};
+      return {0.0f};
     }
   }
 };
@@ -329,8 +354,8 @@ __device__ __forceinline__ void update_packs(M* param, const S* grad,
 // Updates elements [begin, begin + n) of table tensor t, whose grad is stored as S and whose
 // param and states as M (S itself, or float32 with master weights).
 template <typename M, typename S, typename Op, typename Table>
-__device__ __forceinline__ void update_chunk(const Table& table, const Op& op, int t,
-                                             int64_t begin, int n, float grad_factor) {
+__device__ __forceinline__ void update_chunk(const Table& table, const typename Op::Group& group,
+                                             int t, int64_t begin, int n, float grad_factor) {
   constexpr bool kCopy = Table::kMaster;
   constexpr int kWidth = vector_elems(sizeof(S), kCopy);
   M* param = static_cast<M*>(table.lists[0][t]) + begin;
@@ -348,7 +373,7 @@ __device__ __forceinline__ void update_chunk(const Table& table, const Op& op, i
   const int vectorized = table.aligned[t] ? n / kWidth * kWidth : 0;
 
   using T = math::opmath_t<M>;
-  op.template with_element<T>(table.info(t), [&](const auto& element) {
+  Op::template with_element<T>(group, table.info(t), [&](const auto& element) {
     static_assert(std::decay_t<decltype(element)>::kNumStates == Table::kStates,
                   "the table carries other state lists than the element functor uses");
     const T factor = static_cast<T>(grad_factor);
@@ -358,21 +383,44 @@ __device__ __forceinline__ void update_chunk(const Table& table, const Op& op, i
       M* rest_states[kMaxStates] = {};
 #pragma unroll
       for (int s = 0; s < Table::kStates; ++s) rest_states[s] = states[s] + vectorized;
-      update_packs<M, S, 1, kScalarsInFlight, kCopy>(
+      update_packs<M, S, 1, kScalarsInFlight<M>, kCopy>(
           param + vectorized, grad + vectorized, rest_states,
           kCopy ? copy + vectorized : nullptr, n - vectorized, factor, element);
     }
   });
 }
 
+// Called by every block once it has updated its chunks: the last block to finish stores every
+// tensor's counter plus one, after all blocks have read the counters, and resets the counter of
+// finished blocks for the next launch. The fence publishes each block's reads and writes before
+// its ticket; the ticket orders them before the last block's stores.
+template <typename Table>
+__device__ __forceinline__ void advance_steps_after_last_block(const Table& table,
+                                                               unsigned* finished_blocks) {
+  __shared__ bool last_block;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last_block = atomicAdd(finished_blocks, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  for (int t = threadIdx.x; t < table.count; t += kBlockSize) *table.steps[t] += 1.0f;
+  if (threadIdx.x == 0) *finished_blocks = 0;
+}
+
 // A persistent grid: each block strides over the chunks of all tensors of the table, so a launch
 // is sized to the GPU, not to the work. __grid_constant__ keeps the table in parameter space
 // while it is indexed at run time (no copy to local memory). Every block reads found_inf and the
-// scale itself: a skipped step is decided on the device, with no host sync.
+// scale itself: a skipped step is decided on the device, with no host sync, and then changes
+// nothing, the counters and finished_blocks included.
 template <typename Op, typename Table>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
-    multi_tensor_kernel(const __grid_constant__ Table table, const __grid_constant__ Op op,
-                        const __grid_constant__ math::GradScaling scaling) {
+    multi_tensor_kernel(const __grid_constant__ Table table,
+                        const __grid_constant__ LaunchGroups<typename Op::Group> groups,
+                        const __grid_constant__ math::GradScaling scaling,
+                        unsigned* finished_blocks) {
   if (math::skips_step(scaling)) return;
   const float grad_factor = math::grad_factor(scaling);
   for (int64_t chunk = blockIdx.x; chunk < table.total_chunks; chunk += gridDim.x) {
@@ -380,17 +428,20 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     const int64_t begin = (chunk - table.first_chunk[t]) * kChunkElems;
     const int n = static_cast<int>(
         table.numel[t] - begin < kChunkElems ? table.numel[t] - begin : kChunkElems);
+    const typename Op::Group group = groups.at[table.group[t]];
     if constexpr (Table::kMaster) {
       with_16bit_storage(table.dtype[t], [&](auto tag) {
-        update_chunk<float, typename decltype(tag)::type>(table, op, t, begin, n, grad_factor);
+        update_chunk<float, typename decltype(tag)::type, Op>(table, group, t, begin, n,
+                                                              grad_factor);
       });
     } else {
       with_storage(table.dtype[t], [&](auto tag) {
         using S = typename decltype(tag)::type;
-        update_chunk<S, S>(table, op, t, begin, n, grad_factor);
+        update_chunk<S, S, Op>(table, group, t, begin, n, grad_factor);
       });
     }
   }
+  if constexpr (Table::kWithSteps) advance_steps_after_last_block(table, finished_blocks);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -398,21 +449,22 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
 
 void throw_on_launch_error(const char* kernel);
 
-// Adds one to the step counter of every tensor that has one, zero-element tensors included, in
-// launches ordered on the call's stream before the multi-tensor kernels that read the counters.
-// Like them, it changes nothing when the call's found_inf is set.
-void increment_steps(const StepCall& call);
-
 // Blocks of `kernel` the current device keeps resident at once (SM count times blocks per SM of
 // block_size threads), queried on the first launch on each device and kept in cache[device].
 int resident_blocks(const void* kernel, int block_size, std::atomic<int>* cache, int cache_size);
 
-template <typename Op, bool kMaster>
-void launch_tables(const StepCall& call, const Op& op) {
-  using Table = TensorTable<Op::kNumStates, Op::kReadsStep, kMaster>;
-  static_assert(sizeof(Op) + sizeof(math::GradScaling) <= kOpParamBytes,
-                "the Op outgrew its share of the kernel parameters");
-  static_assert(sizeof(Table) + sizeof(Op) + sizeof(math::GradScaling) <= kKernelParamBytes,
+// Runs Op over every element of every tensor of the call whose group in_launch(group) selects, in
+// as few launches as the table and group capacities allow (one for typical models: hundreds of
+// tensors and up to kMaxLaunchGroups groups per launch). `groups` is indexed by TensorArgs::group.
+template <typename Op, bool kMaster, typename InLaunch>
+void launch_tables(const StepCall& call, const typename Op::Group* groups,
+                   const InLaunch& in_launch) {
+  using Table = TensorTable<Op::kNumStates, Op::kCountsSteps, kMaster>;
+  using Groups = LaunchGroups<typename Op::Group>;
+  static_assert(sizeof(Groups) + sizeof(math::GradScaling) + sizeof(unsigned*) <=
+                    kGroupParamBytes,
+                "the groups' hyperparameters outgrew their share of the kernel parameters");
+  static_assert(sizeof(Table) + kGroupParamBytes <= kKernelParamBytes,
                 "the tensor table exceeds the kernel parameter space");
 
   constexpr int kCachedDevices = 64;
@@ -423,30 +475,58 @@ void launch_tables(const StepCall& call, const Op& op) {
   const auto stream = static_cast<cudaStream_t>(call.stream);
 
   Table table;
-  table.clear();
+  Groups launch_groups;
+  int launch_group_count = 0;
+  size_t current_group = call.group_count;  // none yet
+  const auto reset = [&] {
+    table.clear();
+    launch_group_count = 0;
+    current_group = call.group_count;
+  };
+  // A table of empty tensors still takes one block, which advances their counters.
   const auto flush = [&] {
     if (table.count == 0) return;
-    const auto blocks = static_cast<unsigned>(std::min<int64_t>(table.total_chunks, max_blocks));
-    multi_tensor_kernel<Op, Table><<<blocks, kBlockSize, 0, stream>>>(table, op, call.scaling);
+    const auto blocks =
+        static_cast<unsigned>(std::clamp<int64_t>(table.total_chunks, 1, max_blocks));
+    multi_tensor_kernel<Op, Table><<<blocks, kBlockSize, 0, stream>>>(
+        table, launch_groups, call.scaling, call.finished_blocks);
     throw_on_launch_error("fused_opt::cuda::multi_tensor_kernel");
-    table.clear();
+    reset();
   };
+  reset();
   for (size_t i = 0; i < call.count; ++i) {
-    if (call.tensors[i].numel == 0) continue;
+    const TensorArgs& tensor = call.tensors[i];
+    if (!in_launch(tensor.group) || (tensor.numel == 0 && !Op::kCountsSteps)) continue;
     if (table.count == Table::kCapacity) flush();
-    table.add(call.tensors[i]);
+    if (tensor.group != current_group) {
+      if (launch_group_count == kMaxLaunchGroups) flush();
+      launch_groups.at[launch_group_count++] = groups[tensor.group];
+      current_group = tensor.group;
+    }
+    table.add(tensor, launch_group_count - 1);
   }
   flush();
 }
 
-// Runs op over every element of every tensor of the call, in as few launches as the table
-// capacity allows (one for typical models: hundreds of tensors per launch).
-template <typename Op>
-void launch_multi_tensor(const StepCall& call, const Op& op) {
+template <typename Op, typename InLaunch>
+void launch_multi_tensor(const StepCall& call, const typename Op::Group* groups,
+                         const InLaunch& in_launch) {
   if (call.master_weights) {
-    launch_tables<Op, true>(call, op);
+    launch_tables<Op, true>(call, groups, in_launch);
   } else {
-    launch_tables<Op, false>(call, op);
+    launch_tables<Op, false>(call, groups, in_launch);
+  }
+}
+
+// Calls launch(mode, in_mode) once for each distinct mode_of(g) among the call's groups, where
+// in_mode(g) says whether group g has that mode: groups of one compiled mode share launches.
+template <typename ModeOf, typename Launch>
+void for_each_group_mode(const StepCall& call, const ModeOf& mode_of, const Launch& launch) {
+  for (size_t g = 0; g < call.group_count; ++g) {
+    const auto mode = mode_of(g);
+    bool seen = false;
+    for (size_t earlier = 0; earlier < g && !seen; ++earlier) seen = mode_of(earlier) == mode;
+    if (!seen) launch(mode, [&](size_t group) { return mode_of(group) == mode; });
   }
 }
 

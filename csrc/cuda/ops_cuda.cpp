@@ -49,121 +49,163 @@ DeviceScalar device_scalar(std::string_view op, std::string_view name,
   return {tensor->const_data_ptr(), dtype_code(op, name, tensor->scalar_type())};
 }
 
+DeviceScalar device_scalar(std::string_view op, std::string_view name, const HyperTensors& tensors,
+                           size_t group) {
+  return device_scalar(op, name, tensors.get(group));
+}
+
 // The kernels' view of one step call: one entry per param, with its used states packed in the
-// order the element functor expects (empty lists are the states of modes that are off). With
-// master_params the update runs on the master and the param receives its rounding. The buffer is
-// reused across calls, so a step allocates no host memory after the first.
+// order the element functor expects (empty lists are the states of modes that are off), and its
+// group. With master_params the update runs on the master and the param receives its rounding.
+// The buffer is reused across calls, so a step allocates no host memory after the first.
 StepCall step_call(std::string_view op, at::TensorList params, at::TensorList grads,
                    at::TensorList master_params,
                    std::initializer_list<at::TensorList> state_lists, at::TensorList steps,
-                   const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling) {
+                   const StepArgs& step) {
   thread_local std::vector<TensorArgs> args;
   args.clear();
   const bool master_weights = !master_params.empty();
-  for (size_t i = 0; i < params.size(); ++i) {
-    TensorArgs arg{};
-    arg.param = master_weights ? master_params[i].data_ptr() : params[i].data_ptr();
-    arg.param_copy = master_weights ? params[i].data_ptr() : nullptr;
-    arg.grad = grads[i].const_data_ptr();
-    int used = 0;
-    for (const auto& list : state_lists) {
-      if (!list.empty()) arg.states[used++] = list[i].data_ptr();
+  step.groups.for_each([&](const GroupRange& group) {
+    for (size_t i = group.offset; i < group.offset + group.size; ++i) {
+      TensorArgs arg{};
+      arg.param = master_weights ? master_params[i].data_ptr() : params[i].data_ptr();
+      arg.param_copy = master_weights ? params[i].data_ptr() : nullptr;
+      arg.grad = grads[i].const_data_ptr();
+      int used = 0;
+      for (const auto& list : state_lists) {
+        if (!list.empty()) arg.states[used++] = list[i].data_ptr();
+      }
+      arg.step = steps.empty() ? nullptr : steps[i].data_ptr<float>();
+      arg.numel = params[i].numel();
+      arg.group = static_cast<uint32_t>(group.group);
+      arg.dtype = dtype_code(op, "params", params[i].scalar_type());
+      args.push_back(arg);
     }
-    arg.step = steps.empty() ? nullptr : steps[i].data_ptr<float>();
-    arg.numel = params[i].numel();
-    arg.dtype = dtype_code(op, "params", params[i].scalar_type());
-    args.push_back(arg);
-  }
-  return {args.data(),    args.size(),    device_scalar(op, "lr_tensor", lr_tensor),
-          scaling.view(), master_weights, current_stream(params[0].device())};
+  });
+  unsigned* finished_blocks =
+      steps.empty() ? nullptr : static_cast<unsigned*>(step.workspace->data_ptr());
+  return {args.data(),      args.size(),    step.groups.count(),
+          step.scaling.view(), master_weights, finished_blocks,
+          current_stream(params[0].device())};
+}
+
+// Each op's per-group hyperparameters, in a buffer reused across calls.
+template <typename Group, typename Make>
+const Group* make_groups(const ParamGroups& groups, const Make& make) {
+  thread_local std::vector<Group> table;
+  table.clear();
+  for (size_t g = 0; g < groups.count(); ++g) table.push_back(make(g));
+  return table.data();
 }
 
 void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-               at::TensorList master_params, double lr, double beta1, double beta2,
-               double weight_decay, double eps, bool amsgrad, bool maximize,
-               bool decoupled_weight_decay, const std::optional<at::Tensor>& beta1_tensor,
-               const std::optional<at::Tensor>& beta2_tensor,
-               const std::optional<at::Tensor>& lr_tensor,
+               at::TensorList master_params, c10::ArrayRef<int64_t> group_sizes,
+               c10::ArrayRef<double> lr, c10::ArrayRef<double> beta1, c10::ArrayRef<double> beta2,
+               c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps, bool amsgrad,
+               bool maximize, bool decoupled_weight_decay, const HyperTensors& beta1_tensor,
+               const HyperTensors& beta2_tensor, const HyperTensors& lr_tensor,
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf,
-               const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
-  constexpr std::string_view kOp = "fused_opt::adam_";
-  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+               const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
+               const std::optional<at::Tensor>& workspace) {
+  const StepArgs step{ParamGroups(kAdamOp, group_sizes, params.size()), lr, lr_tensor,
+                      {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
-                  amsgrad, lr_tensor, beta1_tensor, beta2_tensor, scaling);
+                  step, beta1, beta2, weight_decay, eps, amsgrad, beta1_tensor, beta2_tensor);
   if (params.empty()) return;
 
   const c10::DeviceGuard guard(params[0].device());
-  adam_step(step_call(kOp, params, grads, master_params,
-                      {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps, lr_tensor, scaling),
-            {lr, beta1, beta2, eps, weight_decay}, device_scalar(kOp, "beta1_tensor", beta1_tensor),
-            device_scalar(kOp, "beta2_tensor", beta2_tensor), amsgrad, maximize,
-            decoupled_weight_decay);
+  const AdamGroup* groups = make_groups<AdamGroup>(step.groups, [&](size_t g) {
+    return AdamGroup{{lr[g], beta1[g], beta2[g], eps[g], weight_decay[g]},
+                     device_scalar(kAdamOp, "lr_tensor", lr_tensor, g),
+                     device_scalar(kAdamOp, "beta1_tensor", beta1_tensor, g),
+                     device_scalar(kAdamOp, "beta2_tensor", beta2_tensor, g)};
+  });
+  adam_step(step_call(kAdamOp, params, grads, master_params,
+                      {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps, step),
+            groups, amsgrad, maximize, decoupled_weight_decay);
 }
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-              at::TensorList steps, at::TensorList master_params, double lr, double momentum,
-              double dampening, double weight_decay, bool nesterov, bool maximize,
-              const std::optional<at::Tensor>& lr_tensor,
-              const std::optional<at::Tensor>& grad_scale,
+              at::TensorList steps, at::TensorList master_params,
+              c10::ArrayRef<int64_t> group_sizes, c10::ArrayRef<double> lr,
+              c10::ArrayRef<double> momentum, c10::ArrayRef<double> dampening,
+              c10::ArrayRef<double> weight_decay, bool nesterov, bool maximize,
+              const HyperTensors& lr_tensor, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf,
-              const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm) {
-  constexpr std::string_view kOp = "fused_opt::sgd_";
-  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
-  check_sgd_args(params, grads, momentum_buffers, steps, master_params, momentum, nesterov,
-                 lr_tensor, scaling);
+              const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
+              const std::optional<at::Tensor>& workspace) {
+  const StepArgs step{ParamGroups(kSgdOp, group_sizes, params.size()), lr, lr_tensor,
+                      {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
+  check_sgd_args(params, grads, momentum_buffers, steps, master_params, step, momentum,
+                 dampening, weight_decay, nesterov);
   if (params.empty()) return;
 
   const c10::DeviceGuard guard(params[0].device());
-  sgd_step(step_call(kOp, params, grads, master_params, {momentum_buffers}, steps, lr_tensor,
-                     scaling),
-           {lr, momentum, dampening, weight_decay}, nesterov, maximize);
+  const SgdGroup* groups = make_groups<SgdGroup>(step.groups, [&](size_t g) {
+    return SgdGroup{{lr[g], momentum[g], dampening[g], weight_decay[g]},
+                    device_scalar(kSgdOp, "lr_tensor", lr_tensor, g)};
+  });
+  sgd_step(step_call(kSgdOp, params, grads, master_params, {momentum_buffers}, steps, step),
+           groups, nesterov, maximize);
 }
 
 void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                   at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
-                  at::TensorList master_params, double lr, double alpha, double eps,
-                  double weight_decay, double momentum, bool centered, bool maximize,
-                  const std::optional<at::Tensor>& lr_tensor,
-                  const std::optional<at::Tensor>& grad_scale,
+                  at::TensorList master_params, c10::ArrayRef<int64_t> group_sizes,
+                  c10::ArrayRef<double> lr, c10::ArrayRef<double> alpha,
+                  c10::ArrayRef<double> eps, c10::ArrayRef<double> weight_decay,
+                  c10::ArrayRef<double> momentum, bool centered, bool maximize,
+                  const HyperTensors& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& grad_norm,
-                  std::optional<double> max_grad_norm) {
-  constexpr std::string_view kOp = "fused_opt::rmsprop_";
-  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
+                  std::optional<double> max_grad_norm,
+                  const std::optional<at::Tensor>& workspace) {
+  const StepArgs step{ParamGroups(kRmspropOp, group_sizes, params.size()), lr, lr_tensor,
+                      {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
-                     master_params, momentum, centered, lr_tensor, scaling);
+                     master_params, step, alpha, eps, weight_decay, momentum, centered);
   if (params.empty()) return;
 
   const c10::DeviceGuard guard(params[0].device());
-  rmsprop_step(step_call(kOp, params, grads, master_params,
-                         {square_avgs, grad_avgs, momentum_buffers}, steps, lr_tensor, scaling),
-               {lr, alpha, eps, weight_decay, momentum}, centered, maximize);
+  const RmspropGroup* groups = make_groups<RmspropGroup>(step.groups, [&](size_t g) {
+    return RmspropGroup{{lr[g], alpha[g], eps[g], weight_decay[g], momentum[g]},
+                        device_scalar(kRmspropOp, "lr_tensor", lr_tensor, g)};
+  });
+  rmsprop_step(step_call(kRmspropOp, params, grads, master_params,
+                         {square_avgs, grad_avgs, momentum_buffers}, steps, step),
+               groups, centered, maximize);
 }
 
 void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                  at::TensorList steps, at::TensorList master_params, double lr, double lr_decay,
-                  double weight_decay, double eps, bool maximize,
-                  const std::optional<at::Tensor>& lr_tensor,
+                  at::TensorList steps, at::TensorList master_params,
+                  c10::ArrayRef<int64_t> group_sizes, c10::ArrayRef<double> lr,
+                  c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
+                  c10::ArrayRef<double> eps, bool maximize, const HyperTensors& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& grad_norm,
-                  std::optional<double> max_grad_norm) {
-  constexpr std::string_view kOp = "fused_opt::adagrad_";
-  const ScalingArgs scaling{grad_scale, found_inf, grad_norm, max_grad_norm};
-  check_adagrad_args(params, grads, state_sums, steps, master_params, lr_tensor, scaling);
+                  std::optional<double> max_grad_norm,
+                  const std::optional<at::Tensor>& workspace) {
+  const StepArgs step{ParamGroups(kAdagradOp, group_sizes, params.size()), lr, lr_tensor,
+                      {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
+  check_adagrad_args(params, grads, state_sums, steps, master_params, step, lr_decay,
+                     weight_decay, eps);
   if (params.empty()) return;
 
   const c10::DeviceGuard guard(params[0].device());
-  adagrad_step(step_call(kOp, params, grads, master_params, {state_sums}, steps, lr_tensor,
-                         scaling),
-               {lr, lr_decay, weight_decay, eps}, maximize);
+  const AdagradGroup* groups = make_groups<AdagradGroup>(step.groups, [&](size_t g) {
+    return AdagradGroup{{lr[g], lr_decay[g], weight_decay[g], eps[g]},
+                        device_scalar(kAdagradOp, "lr_tensor", lr_tensor, g)};
+  });
+  adagrad_step(step_call(kAdagradOp, params, grads, master_params, {state_sums}, steps, step),
+               groups, maximize);
 }
 
 void grad_norm_cuda(at::TensorList grads, const at::Tensor& norm, const at::Tensor& found_inf,
                     const at::Tensor& workspace, const std::optional<at::Tensor>& grad_scale) {
-  constexpr std::string_view kOp = "fused_opt::grad_norm_";
+  constexpr std::string_view kOp = kGradNormOp;
   check_grad_norm_args(grads, norm, found_inf, workspace, grad_scale, kGradNormWorkspaceNumel);
   // The kernel keeps doubles in the workspace.
   TORCH_CHECK(reinterpret_cast<uintptr_t>(workspace.const_data_ptr()) % alignof(double) == 0, kOp,

@@ -8,16 +8,15 @@ namespace {
 
 template <bool kMaximize, bool kWeightDecay, bool kCentered, bool kMomentum>
 struct RmspropOp {
+  using Group = RmspropGroup;
   static constexpr int kNumStates = 1 + (kCentered ? 1 : 0) + (kMomentum ? 1 : 0);
-  static constexpr bool kReadsStep = false;
-
-  math::RmspropHyper hyper;
-  DeviceScalar lr;
+  // The update never reads the counter; torch.optim.RMSprop keeps it, and so does the state.
+  static constexpr bool kCountsSteps = true;
 
   template <typename T, typename Run>
-  __device__ void with_element(const TensorInfo&, const Run& run) const {
-    math::RmspropHyper h = hyper;
-    h.lr = value_or(lr, hyper.lr);
+  static __device__ void with_element(const Group& group, const TensorInfo&, const Run& run) {
+    math::RmspropHyper h = group.hyper;
+    h.lr = value_or(group.lr, h.lr);
     run(math::RmspropElement<T, kMaximize, kWeightDecay, kCentered, kMomentum>{
         math::rmsprop_tensor_scalars<T>(h)});
   }
@@ -25,16 +24,21 @@ struct RmspropOp {
 
 }  // namespace
 
-void rmsprop_step(const StepCall& call, const math::RmspropHyper& hyper, bool centered,
+void rmsprop_step(const StepCall& call, const RmspropGroup* groups, bool centered,
                   bool maximize) {
-  // The update never reads the counter; torch.optim.RMSprop keeps it, and so does the state.
-  increment_steps(call);
-  with_bool(maximize, [&](auto kMaximize) {
-    with_bool(hyper.weight_decay != 0.0, [&](auto kWeightDecay) {
-      with_bool(centered, [&](auto kCentered) {
-        with_bool(hyper.momentum > 0.0, [&](auto kMomentum) {
-          launch_multi_tensor(
-              call, RmspropOp<kMaximize, kWeightDecay, kCentered, kMomentum>{hyper, call.lr});
+  if (call.group_count == 0) return;
+  const bool momentum = groups[0].hyper.momentum > 0.0;
+  // L2 decay by zero adds 0 * param (NaN for an infinite param, +0 to a -0 gradient), so groups
+  // without decay launch apart.
+  const auto decays = [&](size_t g) { return groups[g].hyper.weight_decay != 0.0; };
+  for_each_group_mode(call, decays, [&](bool weight_decay, const auto& in_mode) {
+    with_bool(maximize, [&](auto kMaximize) {
+      with_bool(weight_decay, [&](auto kWeightDecay) {
+        with_bool(centered, [&](auto kCentered) {
+          with_bool(momentum, [&](auto kMomentum) {
+            launch_multi_tensor<RmspropOp<kMaximize, kWeightDecay, kCentered, kMomentum>>(
+                call, groups, in_mode);
+          });
         });
       });
     });

@@ -10,21 +10,20 @@ using math::Momentum;
 
 template <bool kMaximize, bool kWeightDecay, Momentum kMomentum>
 struct SgdOp {
+  using Group = SgdGroup;
   static constexpr int kNumStates = kMomentum == Momentum::kNone ? 0 : 1;
   // With momentum, the counter says whether the buffer has been started.
-  static constexpr bool kReadsStep = kMomentum != Momentum::kNone;
-
-  math::SgdHyper hyper;
-  DeviceScalar lr;
+  static constexpr bool kCountsSteps = kMomentum != Momentum::kNone;
 
   template <typename T, typename Run>
-  __device__ void with_element(const TensorInfo& tensor, const Run& run) const {
-    math::SgdHyper h = hyper;
-    h.lr = value_or(lr, hyper.lr);
+  static __device__ void with_element(const Group& group, const TensorInfo& tensor,
+                                      const Run& run) {
+    math::SgdHyper h = group.hyper;
+    h.lr = value_or(group.lr, h.lr);
     const auto scalars = math::sgd_tensor_scalars<T>(h);
     if constexpr (kMomentum == Momentum::kNone) {
       run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, false>{scalars});
-    } else if (math::sgd_first_step(*tensor.step)) {
+    } else if (math::sgd_first_step(tensor.step)) {
       run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, true>{scalars});
     } else {
       run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, false>{scalars});
@@ -34,16 +33,20 @@ struct SgdOp {
 
 }  // namespace
 
-void sgd_step(const StepCall& call, const math::SgdHyper& hyper, bool nesterov, bool maximize) {
-  // Only the tensors of a call with momentum have counters; without, this launches nothing.
-  increment_steps(call);
-  const Momentum mode = math::sgd_momentum_mode(hyper.momentum, nesterov);
-  with_bool(maximize, [&](auto kMaximize) {
-    with_bool(hyper.weight_decay != 0.0, [&](auto kWeightDecay) {
-      with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(
-          mode, [&](auto kMode) {
-            launch_multi_tensor(call, SgdOp<kMaximize, kWeightDecay, kMode>{hyper, call.lr});
-          });
+void sgd_step(const StepCall& call, const SgdGroup* groups, bool nesterov, bool maximize) {
+  if (call.group_count == 0) return;
+  const Momentum mode = math::sgd_momentum_mode(groups[0].hyper.momentum, nesterov);
+  // L2 decay by zero adds 0 * param (NaN for an infinite param, +0 to a -0 gradient), so groups
+  // without decay launch apart.
+  const auto decays = [&](size_t g) { return groups[g].hyper.weight_decay != 0.0; };
+  for_each_group_mode(call, decays, [&](bool weight_decay, const auto& in_mode) {
+    with_bool(maximize, [&](auto kMaximize) {
+      with_bool(weight_decay, [&](auto kWeightDecay) {
+        with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(
+            mode, [&](auto kMode) {
+              launch_multi_tensor<SgdOp<kMaximize, kWeightDecay, kMode>>(call, groups, in_mode);
+            });
+      });
     });
   });
 }

@@ -2,7 +2,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/List.h>
 
+#include <cstdint>
 #include <optional>
 #include <string_view>
 #include <utility>
@@ -10,6 +12,13 @@
 #include "fused_opt/math/grad_scaling.h"
 
 namespace fused_opt {
+
+// The names errors give the ops by.
+inline constexpr std::string_view kAdamOp = "fused_opt::adam_";
+inline constexpr std::string_view kSgdOp = "fused_opt::sgd_";
+inline constexpr std::string_view kRmspropOp = "fused_opt::rmsprop_";
+inline constexpr std::string_view kAdagradOp = "fused_opt::adagrad_";
+inline constexpr std::string_view kGradNormOp = "fused_opt::grad_norm_";
 
 struct NamedList {
   std::string_view name;
@@ -37,33 +46,95 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
                         std::optional<at::TensorList> steps);
 
 // A hyperparameter given as a tensor (lr_tensor, ...): one element, on the params' device.
+// `group` is the tensor's index in a per-group list, for the message.
 void check_hyper_tensor(std::string_view op, std::string_view name,
-                        const std::optional<at::Tensor>& tensor, const at::Device& device);
+                        const std::optional<at::Tensor>& tensor, const at::Device& device,
+                        std::optional<size_t> group = std::nullopt);
 
 // grad_scale, found_inf and grad_norm are one-element float32 tensors on `device`; grad_norm is
 // given exactly when max_grad_norm is.
 void check_scaling(std::string_view op, const ScalingArgs& scaling, const at::Device& device);
 
+// The consecutive params of one param group in a step call.
+struct GroupRange {
+  size_t group;
+  size_t offset;
+  size_t size;
+
+  // The group's entries of a per-param list; an empty list (a state of a mode that is off)
+  // stays empty.
+  at::TensorList of(at::TensorList list) const {
+    return list.empty() ? list : list.slice(offset, size);
+  }
+};
+
+using HyperTensors = c10::List<std::optional<at::Tensor>>;
+
+// A step call's param groups: group g owns the next group_sizes[g] params, and every per-group
+// argument (a float[] hyperparameter, a Tensor?[] hyperparameter tensor) has one entry per
+// group. Borrows group_sizes, which outlives the call.
+class ParamGroups {
+ public:
+  // Checks that the sizes are non-negative and cover the params exactly.
+  ParamGroups(std::string_view op, c10::ArrayRef<int64_t> group_sizes, size_t num_params);
+
+  size_t count() const { return sizes_.size(); }
+
+  // Checks that the per-group argument `name` has one entry per group.
+  void check_entries(std::string_view name, size_t entries) const;
+  // As check_entries, and each tensor given has one element on `device`.
+  void check_hyper_tensors(std::string_view name, const HyperTensors& tensors,
+                           const at::Device& device) const;
+
+  // Calls fn(GroupRange) for every group, in order.
+  template <typename Fn>
+  void for_each(const Fn& fn) const {
+    size_t offset = 0;
+    for (size_t g = 0; g < sizes_.size(); ++g) {
+      const auto size = static_cast<size_t>(sizes_[g]);
+      fn(GroupRange{g, offset, size});
+      offset += size;
+    }
+  }
+
+ private:
+  std::string_view op_;
+  c10::ArrayRef<int64_t> sizes_;
+};
+
+// What every step op takes besides its state lists and its own hyperparameters (csrc/ops.cpp).
+struct StepArgs {
+  ParamGroups groups;
+  c10::ArrayRef<double> lr;
+  const HyperTensors& lr_tensor;
+  ScalingArgs scaling;
+  // One int32 element the CUDA kernels count finished blocks in, so that the last block of a
+  // launch advances the step counters that every block has read. Required with steps.
+  std::optional<at::Tensor> workspace;
+};
+
 // Everything each op checks, for every backend: the lists, their presence for the op's modes,
-// the lr tensor and the scaling tensors.
+// the per-group hyperparameters, the lr tensors, the scaling tensors and the workspace.
 void check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                     at::TensorList steps, at::TensorList master_params, bool amsgrad,
-                     const std::optional<at::Tensor>& lr_tensor,
-                     const std::optional<at::Tensor>& beta1_tensor,
-                     const std::optional<at::Tensor>& beta2_tensor, const ScalingArgs& scaling);
+                     at::TensorList steps, at::TensorList master_params, const StepArgs& step,
+                     c10::ArrayRef<double> beta1, c10::ArrayRef<double> beta2,
+                     c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps, bool amsgrad,
+                     const HyperTensors& beta1_tensor, const HyperTensors& beta2_tensor);
 void check_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    at::TensorList steps, at::TensorList master_params, double momentum,
-                    bool nesterov, const std::optional<at::Tensor>& lr_tensor,
-                    const ScalingArgs& scaling);
+                    at::TensorList steps, at::TensorList master_params, const StepArgs& step,
+                    c10::ArrayRef<double> momentum, c10::ArrayRef<double> dampening,
+                    c10::ArrayRef<double> weight_decay, bool nesterov);
 void check_rmsprop_args(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                         at::TensorList grad_avgs, at::TensorList momentum_buffers,
-                        at::TensorList steps, at::TensorList master_params, double momentum,
-                        bool centered, const std::optional<at::Tensor>& lr_tensor,
-                        const ScalingArgs& scaling);
+                        at::TensorList steps, at::TensorList master_params, const StepArgs& step,
+                        c10::ArrayRef<double> alpha, c10::ArrayRef<double> eps,
+                        c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> momentum,
+                        bool centered);
 void check_adagrad_args(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                        at::TensorList steps, at::TensorList master_params,
-                        const std::optional<at::Tensor>& lr_tensor, const ScalingArgs& scaling);
+                        at::TensorList steps, at::TensorList master_params, const StepArgs& step,
+                        c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
+                        c10::ArrayRef<double> eps);
 
 // The gradient-statistics op: grads dense and of a supported dtype on one device, the outputs
 // one-element float32 tensors there, the workspace float32 with at least the backend's
