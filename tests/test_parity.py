@@ -123,7 +123,7 @@ def as_float64(t: Tensor | np.ndarray) -> Tensor:
     """A float64 copy in logical element order; complex values as (real, imag) pairs."""
     if isinstance(t, np.ndarray):
         return torch.from_numpy(t)
-    t = t.detach()
+    t = t.detach().cpu()
     if t.is_complex():
         t = torch.view_as_real(t)
     return t.double()
@@ -197,18 +197,26 @@ def random_params(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, seed: i
 class ParityRun:
     """One optimizer configuration stepped by fused_opt, torch.optim and the reference in lockstep.
 
-    ``groups`` is a list of (initial params, group options) pairs; ``defaults`` go to the
+    ``groups`` is a list of (initial params, group options) pairs, whose params and tensor
+    options move to ``device`` for fused_opt and torch; ``defaults`` go to the
     constructors as keywords (torch.optim.Adagrad reads ``initial_accumulator_value`` from there
     only, never from a param group). The reference's options live in ``ref_options``, one dict
     per group with a float lr, so a test can follow a hyperparameter change there.
     """
 
     def __init__(
-        self, name: str, groups: Sequence[tuple[Sequence[Tensor], dict[str, Any]]], **defaults: Any
+        self,
+        name: str,
+        groups: Sequence[tuple[Sequence[Tensor], dict[str, Any]]],
+        device: str = "cpu",
+        **defaults: Any,
     ):
         self.name = name
-        self.fused_params = [[torch.nn.Parameter(t.clone()) for t in init] for init, _ in groups]
-        self.torch_params = [[torch.nn.Parameter(t.clone()) for t in init] for init, _ in groups]
+        self.device = device
+        groups = [(init, on_device(options, device)) for init, options in groups]
+        defaults = on_device(defaults, device)
+        self.fused_params = [[self._placed(t) for t in init] for init, _ in groups]
+        self.torch_params = [[self._placed(t) for t in init] for init, _ in groups]
         self.ref_params = [[as_float64(t).numpy().copy() for t in init] for init, _ in groups]
         self.ref_states: list[list[dict[str, Any]]] = [[{} for _ in init] for init, _ in groups]
         self.ref_options = []
@@ -228,14 +236,18 @@ class ParityRun:
             **clone_tensor_values(defaults),
         )
 
+    def _placed(self, t: Tensor) -> torch.nn.Parameter:
+        """A copy of t on the run's device, in t's memory layout."""
+        return torch.nn.Parameter(torch.empty_like(t, device=self.device).copy_(t))
+
     def step(self, grads: Sequence[Sequence[Tensor | None]]) -> None:
         """One step with the given grads (None: the param has no grad this step)."""
         for group_index, group_grads in enumerate(grads):
             for index, grad in enumerate(group_grads):
                 fused_p = self.fused_params[group_index][index]
                 torch_p = self.torch_params[group_index][index]
-                fused_p.grad = None if grad is None else grad.clone()
-                torch_p.grad = None if grad is None else grad.clone()
+                fused_p.grad = None if grad is None else grad.to(self.device, copy=True)
+                torch_p.grad = None if grad is None else grad.to(self.device, copy=True)
                 if grad is not None:
                     REFERENCES[self.name](
                         self.ref_params[group_index][index],
@@ -274,10 +286,13 @@ class ParityRun:
                 for key, torch_value in torch_state.items():
                     what = f"state[{key!r}], {where}"
                     fused_value, ref_value = fused_state[key], ref_state.get(key)
-                    # Same dtype, shape and device as torch's, so state dicts load across the two.
+                    # Same dtype, shape and device as torch's, so state dicts load across the two;
+                    # step counters stay beside the param, where torch's CUDA for-loop keeps
+                    # them on the CPU.
                     assert fused_value.dtype == torch_value.dtype, what
                     assert fused_value.shape == torch_value.shape, what
-                    assert fused_value.device == torch_value.device, what
+                    expected_device = fused_p.device if key == "step" else torch_value.device
+                    assert fused_value.device == expected_device, what
                     if key == "step":
                         assert fused_value.item() == torch_value.item(), what
                         if ref_value is not None:
@@ -290,21 +305,33 @@ class ParityRun:
                         )
 
 
-def single_group_run(name: str, params: Sequence[Tensor], **options: Any) -> ParityRun:
-    return ParityRun(name, [(params, {})], **options)
+def single_group_run(
+    name: str, params: Sequence[Tensor], device: str = "cpu", **options: Any
+) -> ParityRun:
+    return ParityRun(name, [(params, {})], device, **options)
+
+
+def map_tensor_values(options: dict[str, Any], fn: Any) -> dict[str, Any]:
+    """options with fn applied to every tensor value, those inside tuples (betas) included."""
+
+    def apply(value: Any) -> Any:
+        if torch.is_tensor(value):
+            return fn(value)
+        if isinstance(value, tuple):
+            return tuple(apply(v) for v in value)
+        return value
+
+    return {k: apply(v) for k, v in options.items()}
 
 
 def clone_tensor_values(options: dict[str, Any]) -> dict[str, Any]:
     """torch's optimizer must not share a tensor hyperparameter (lr, betas) with fused_opt's."""
+    return map_tensor_values(options, torch.clone)
 
-    def clone(value: Any) -> Any:
-        if torch.is_tensor(value):
-            return value.clone()
-        if isinstance(value, tuple):
-            return tuple(clone(v) for v in value)
-        return value
 
-    return {k: clone(v) for k, v in options.items()}
+def on_device(options: dict[str, Any], device: str) -> dict[str, Any]:
+    """Tensor hyperparameters (lr, betas) live on the params' device."""
+    return map_tensor_values(options, lambda t: t.to(device))
 
 
 def run_and_check(run: ParityRun, seed: int) -> None:
@@ -320,8 +347,10 @@ def run_and_check(run: ParityRun, seed: int) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name, options", GRID_CASES)
-def test_option_grid(name, options, dtype):
-    run = single_group_run(name, random_params(GRID_SHAPES, dtype, seed=1), lr=LR[name], **options)
+def test_option_grid(name, options, dtype, device):
+    run = single_group_run(
+        name, random_params(GRID_SHAPES, dtype, seed=1), device, lr=LR[name], **options
+    )
     run_and_check(run, seed=2)
 
 
@@ -337,9 +366,9 @@ def two_threads():
 @pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]])
 @pytest.mark.parametrize("name", NAMES)
-def test_large_tensor_split_across_threads(name, dtype):
+def test_large_tensor_split_across_threads(name, dtype, device):
     params = random_params(LARGE_SHAPES, dtype, seed=3)
-    run = single_group_run(name, params, lr=LR[name], **RICH_OPTIONS[name])
+    run = single_group_run(name, params, device, lr=LR[name], **RICH_OPTIONS[name])
     run_and_check(run, seed=4)
 
 
@@ -360,11 +389,11 @@ COMPLEX_CASES = [
 
 
 @pytest.mark.parametrize("name, options", COMPLEX_CASES)
-def test_complex_params(name, options):
+def test_complex_params(name, options, device):
     # torch.optim updates a complex param as its (real, imag) pairs of reals, so the reference
     # runs on the view_as_real of the same values.
     initial = random_params(SMALL_SHAPES, torch.complex64, seed=5)
-    run = single_group_run(name, initial, lr=LR[name], **options)
+    run = single_group_run(name, initial, device, lr=LR[name], **options)
     run_and_check(run, seed=6)
 
 
@@ -403,14 +432,14 @@ GROUP_DEFAULTS = {"Adagrad": {"initial_accumulator_value": 0.5}}
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_param_groups_with_mixed_dtypes(name):
+def test_param_groups_with_mixed_dtypes(name, device):
     groups = []
     for index, options in enumerate(GROUP_OPTIONS[name]):
         # fp32 and bf16 in every group: one op call walks both dtypes.
         fp32 = random_params([(1031,), (1,)], torch.float32, seed=10 + index)
         bf16 = random_params([(3, 7, 5), (257,)], torch.bfloat16, seed=20 + index)
         groups.append(([fp32[0], bf16[0], fp32[1], bf16[1]], options))
-    run = ParityRun(name, groups, **GROUP_DEFAULTS.get(name, {}))
+    run = ParityRun(name, groups, device, **GROUP_DEFAULTS.get(name, {}))
     run_and_check(run, seed=7)
 
 
@@ -447,13 +476,13 @@ ONE_CALL_GROUPS = {
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_groups_in_one_call_keep_their_own_hyperparameters(name):
+def test_groups_in_one_call_keep_their_own_hyperparameters(name, device):
     groups = []
     for index, options in enumerate(ONE_CALL_GROUPS[name]):
         fp32 = random_params([(1031,), (0,), (65537,)], torch.float32, seed=40 + index)
         bf16 = random_params([(3, 7, 5)], torch.bfloat16, seed=50 + index)
         groups.append(([fp32[0], bf16[0], fp32[1], fp32[2]], options))
-    run = ParityRun(name, groups, **GROUP_DEFAULTS.get(name, {}))
+    run = ParityRun(name, groups, device, **GROUP_DEFAULTS.get(name, {}))
     run_and_check(run, seed=8)
 
 
@@ -473,9 +502,9 @@ INTERMITTENT_STEPS = {3, 4, 5, 7, 8}
 
 
 @pytest.mark.parametrize("name, options", NO_GRAD_CASES)
-def test_params_without_grads(name, options):
+def test_params_without_grads(name, options, device):
     initial = random_params([(1031,), (3, 7, 5), (65,)], torch.float32, seed=8)
-    run = single_group_run(name, initial, lr=LR[name], **options)
+    run = single_group_run(name, initial, device, lr=LR[name], **options)
     always, never, sometimes = run.fused_params[0]
     generator = torch.Generator().manual_seed(9)
     for step in range(1, STEPS + 1):
@@ -489,7 +518,7 @@ def test_params_without_grads(name, options):
         run.check(f"after step {step}")
         if grads[2] is None:
             assert torch.equal(sometimes, before), f"a param without grad moved in step {step}"
-    assert torch.equal(never, initial[1]), "a param that never had a grad moved"
+    assert torch.equal(never.cpu(), initial[1]), "a param that never had a grad moved"
     if name == "Adagrad":
         # torch.optim.Adagrad creates every state in its constructor; it must stay at step 0.
         assert run.fused.state[never]["step"].item() == 0
@@ -508,12 +537,12 @@ def test_params_without_grads(name, options):
 
 @pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
 @pytest.mark.parametrize("name", NAMES)
-def test_tensor_lr_changed_in_place(name, dtype):
+def test_tensor_lr_changed_in_place(name, dtype, device):
     # In the params' dtype: torch computes its step size in the lr tensor's dtype, so a float32
     # lr would cost the fp64 run its precision in torch.
     lr = torch.tensor(LR[name], dtype=dtype)
     params = random_params(SMALL_SHAPES, dtype, seed=11)
-    run = single_group_run(name, params, lr=lr, **RICH_OPTIONS[name])
+    run = single_group_run(name, params, device, lr=lr, **RICH_OPTIONS[name])
     group_lr = run.fused.param_groups[0]["lr"]
     assert torch.is_tensor(group_lr)
     generator = torch.Generator().manual_seed(12)
@@ -530,12 +559,12 @@ def test_tensor_lr_changed_in_place(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_tensor_betas_changed_in_place(name):
+def test_tensor_betas_changed_in_place(name, device):
     # The kernel reads tensor betas itself (on CUDA: on the device, with no sync), so a change in
     # place between steps must take effect, in the bias corrections as in the moments.
     betas = (torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.99, dtype=torch.float64))
     params = random_params(SMALL_SHAPES, torch.float64, seed=15)
-    run = single_group_run(name, params, lr=LR[name], betas=betas, amsgrad=True)
+    run = single_group_run(name, params, device, lr=LR[name], betas=betas, amsgrad=True)
     run.ref_options[0]["betas"] = (0.8, 0.99)
     generator = torch.Generator().manual_seed(16)
     for step in range(1, STEPS + 1):
@@ -568,8 +597,8 @@ LAYOUTS = {"transposed": transposed, "channels_last": channels_last}
 @pytest.mark.parametrize("grad_layout", ["like_param", "contiguous"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", NAMES)
-def test_non_contiguous_dense_params(name, layout, grad_layout):
-    run = single_group_run(name, LAYOUTS[layout](), lr=LR[name], **RICH_OPTIONS[name])
+def test_non_contiguous_dense_params(name, layout, grad_layout, device):
+    run = single_group_run(name, LAYOUTS[layout](), device, lr=LR[name], **RICH_OPTIONS[name])
     strides = [p.stride() for p in run.fused_params[0]]
     assert not run.fused_params[0][0].is_contiguous()
     generator = torch.Generator().manual_seed(15)
