@@ -32,14 +32,11 @@ from torch import Tensor
 
 import fused_opt
 from config import tolerance
+from devices import requires_cuda_kernels
 from fused_opt.bench.workloads import llama_shapes
 from reference import REFERENCES
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and fused_opt.built_with_cuda()),
-    reason="needs a CUDA GPU and fused_opt built with its CUDA kernels "
-    f"(cuda available: {torch.cuda.is_available()}, CUDA kernels: {fused_opt.built_with_cuda()})",
-)
+pytestmark = requires_cuda_kernels
 
 BOOLS = (False, True)
 DTYPES = [

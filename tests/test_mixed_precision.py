@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fused_opt
 from config import tolerance
+from devices import requires_cuda_kernels
 from optim_helpers import FULL_STATE_OPTIONS, NAMES, as_torch_state
 from reference import REFERENCES, unscale_and_clip
 from test_api import _RecordFusedOps
@@ -624,21 +625,11 @@ def _autocast_run(module, scaler_cls, device: str, dtype: torch.dtype, steps: in
     return [p.detach().cpu() for p in model.parameters()], losses
 
 
-CUDA_KERNELS = torch.cuda.is_available() and fused_opt.built_with_cuda()
-
-
 @pytest.mark.parametrize(
     ("device", "dtype"),
     [
         pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
-        pytest.param(
-            "cuda",
-            torch.float16,
-            id="cuda-fp16",
-            marks=pytest.mark.skipif(
-                not CUDA_KERNELS, reason="needs a CUDA GPU and fused_opt built with CUDA kernels"
-            ),
-        ),
+        pytest.param("cuda", torch.float16, id="cuda-fp16", marks=requires_cuda_kernels),
     ],
 )
 def test_autocast_loop_tracks_torch_over_100_steps(device, dtype):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fused_opt
+from devices import requires_cuda_kernels
 from optim_helpers import (
     as_torch_group,
     as_torch_state,
@@ -30,20 +31,28 @@ MODULES = {"torch": torch.optim, "fused": fused_opt}
 BEFORE, AFTER = 4, 5  # steps before the checkpoint and after it
 
 
-def _trained(module, name, steps=BEFORE):
-    params = make_params()
+def _trained(module, name, steps=BEFORE, device="cpu"):
+    params = make_params(device=device)
     opt = build(module, name, params, **FULL_STATE_OPTIONS[name])
     train(opt, params, steps)
     return params, opt
 
 
-@pytest.mark.parametrize("direction", ["torch-to-fused", "fused-to-torch"])
+@pytest.mark.parametrize(
+    "direction, device",
+    [
+        ("torch-to-fused", "cpu"),
+        ("fused-to-torch", "cpu"),
+        # torch's CUDA for-loop keeps step counters on the CPU, fused_opt beside the params.
+        pytest.param("torch-to-fused", "cuda", marks=requires_cuda_kernels),
+    ],
+)
 @pytest.mark.parametrize("name", NAMES)
-def test_checkpoint_moves_between_torch_and_fused(name, direction):
+def test_checkpoint_moves_between_torch_and_fused(name, direction, device):
     source_module, target_module = (MODULES[side] for side in direction.split("-to-"))
-    reference_params, reference = _trained(torch.optim, name, BEFORE + AFTER)
+    reference_params, reference = _trained(torch.optim, name, BEFORE + AFTER, device)
 
-    source_params, source = _trained(source_module, name)
+    source_params, source = _trained(source_module, name, device=device)
     target_params = clone_params(source_params)
     target = build(target_module, name, target_params, **FULL_STATE_OPTIONS[name])
     # load_state_dict keeps the given tensors (torch's does too), so a checkpoint shared with the
@@ -85,9 +94,9 @@ def _save_and_load(state_dict):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_torch_save_and_load_round_trip(name):
-    uninterrupted_params, uninterrupted = _trained(fused_opt, name, BEFORE + AFTER)
-    saved_params, saved = _trained(fused_opt, name)
+def test_torch_save_and_load_round_trip(name, device):
+    uninterrupted_params, uninterrupted = _trained(fused_opt, name, BEFORE + AFTER, device)
+    saved_params, saved = _trained(fused_opt, name, device=device)
     loaded_dict = _save_and_load(saved.state_dict())
     assert_same_tree(loaded_dict, saved.state_dict())
 
