@@ -1,7 +1,8 @@
 // The global gradient norm and inf/NaN flag (launch.h: grad_norm) in one pass over the grads and,
 // for up to a kernel's table of grads, one launch: every block reduces its chunks, the last block
 // to finish reduces the blocks' partials. No float atomics, so the sums always add up in the same
-// order: per thread in chunk order, then a fixed tree per block, then the blocks in index order.
+// order: per thread in chunk order, then a fixed tree per block, then the blocks' partials by
+// the last block the same way (thread i takes partials i, i + block size, ..., then the tree).
 #include <cmath>
 
 #include "cuda/launch.h"
