@@ -304,6 +304,11 @@ def assert_params_round_masters(t: OpTensors, when: str) -> None:
         assert torch.equal(p, m.to(p.dtype)), f"params[{index}] is not its master rounded, {when}"
 
 
+def assert_workspace_left_zero(t: OpTensors, when: str) -> None:
+    """Each launch's last block resets the counter of finished blocks for the next launch."""
+    assert t.workspace is None or t.workspace.item() == 0, f"workspace left nonzero, {when}"
+
+
 def run_cuda_and_cpu(op: str, options: dict[str, Any], cpu: OpTensors, cuda: OpTensors,
                      steps: int = 3, seed: int = 0, scaling: str | None = None,
                      groups_on: Any = None) -> None:
@@ -321,6 +326,7 @@ def run_cuda_and_cpu(op: str, options: dict[str, Any], cpu: OpTensors, cuda: OpT
                 **scaling_args(scaling, grads, device))
         assert_ops_agree(cuda, cpu, f"after step {step + 1}")
         assert_params_round_masters(cuda, f"after step {step + 1}")
+        assert_workspace_left_zero(cuda, f"after step {step + 1}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -449,6 +455,7 @@ def test_hundred_thousand_tiny_tensors():
         expected = torch.cat(cpu.params if kind == "params" else cpu.states[kind])
         assert_close(flat_cuda[kind], expected, kind, magnitude([expected]))
     assert torch.equal(torch.stack(cuda.steps).cpu(), torch.full((len(sizes),), 5.0))
+    assert_workspace_left_zero(cuda, "after two calls of many launches each")
 
 
 @pytest.mark.slow
@@ -546,6 +553,7 @@ def test_skipped_step_changes_nothing(op, masters):
     for kind, tensors in cuda.all_tensors().items():
         for index, (t, b) in enumerate(zip(tensors, before[kind])):
             assert torch.equal(t, b), f"{kind}[{index}] changed on a skipped step"
+    assert_workspace_left_zero(cuda, "after the skipped step")
     run_cuda_and_cpu(op, options, cpu, cuda, steps=2, scaling="all")
 
 

@@ -38,8 +38,14 @@ def test_compiled_step_equals_eager_step(name):
     options = {**FULL_STATE_OPTIONS[name], "lr": torch.tensor(FULL_STATE_OPTIONS[name]["lr"]),
                "max_grad_norm": 0.5}
     eager_model, compiled_model = _model(), _model()
-    eager = getattr(fused_opt, name)(eager_model.parameters(), **options)
-    compiled = getattr(fused_opt, name)(compiled_model.parameters(), **options)
+
+    def groups(model: torch.nn.Module) -> list[dict]:
+        # Two groups in one op call: a float lr beside the tensor lr of the defaults.
+        return [{"params": model[0].parameters()},
+                {"params": model[2].parameters(), "lr": options["lr"].item() / 2}]
+
+    eager = getattr(fused_opt, name)(groups(eager_model), **options)
+    compiled = getattr(fused_opt, name)(groups(compiled_model), **options)
     compiled_step = torch.compile(compiled.step)
     for batch in _batches(1):
         for model in (eager_model, compiled_model):
