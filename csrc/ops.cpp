@@ -7,8 +7,9 @@
 // tensors exist (amsgrad, centered, momentum on or off) are the same for the whole call.
 //
 // Every step op ends with the same arguments:
-//   master_params: empty, or one float32 master per float16/bfloat16 param. The update then
-//     runs on the master (and float32 states) and writes its rounding into the param.
+//   master_params: empty, or one float32 master per float16/bfloat16 param, in the params'
+//     order. Such a param's update then runs on its master (with float32 states) and writes
+//     its rounding into the param; float32 params of the call are their own masters.
 //   lr_tensor (Adam: beta1_tensor, beta2_tensor too): per group, None or a one-element tensor
 //     read on the device instead of the float beside it, so a value changed in place needs no
 //     new call.

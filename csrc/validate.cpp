@@ -52,8 +52,6 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
                         std::optional<at::TensorList> steps) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
-  TORCH_CHECK(master_params.empty() || master_params.size() == n, op, ": got ", n,
-              " params but ", master_params.size(), " master_params (give none or one each)");
   for (const auto& list : states) {
     TORCH_CHECK(list.tensors.size() == n || (!list.required && list.tensors.empty()), op, ": got ",
                 n, " params but ", list.tensors.size(), " ", list.name);
@@ -62,6 +60,7 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
     TORCH_CHECK(steps->size() == n, op, ": got ", n, " params but ", steps->size(), " steps");
   }
   const bool with_masters = !master_params.empty();
+  size_t masters_taken = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& param = params[i];
     TORCH_CHECK(param.defined(), op, ": params[", i, "] is undefined");
@@ -72,20 +71,26 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
     TORCH_CHECK(param.is_non_overlapping_and_dense(), op, ": params[", i,
                 "] is not dense in memory (a strided view); pass a dense parameter");
     check_matches(op, "grads", i, grads[i], "params", param);
-    if (with_masters) {
-      TORCH_CHECK(param.scalar_type() == at::kHalf || param.scalar_type() == at::kBFloat16, op,
-                  ": params[", i, "] has dtype ", param.scalar_type(),
-                  "; master_params are for float16 and bfloat16 params only");
-      const at::Tensor& master = master_params[i];
+    const bool own_master = with_masters && !takes_master(param);
+    TORCH_CHECK(!own_master || param.scalar_type() == at::kFloat, op, ": params[", i,
+                "] has dtype ", param.scalar_type(), "; with master_params, params are float16 or ",
+                "bfloat16 (with a master) or float32 (their own master)");
+    const bool has_master = with_masters && !own_master;
+    if (has_master) {
+      const size_t m = masters_taken++;
+      TORCH_CHECK(m < master_params.size(), op, ": params up to params[", i, "] include ",
+                  m + 1, " float16/bfloat16 params but there are ", master_params.size(),
+                  " master_params (one per float16/bfloat16 param)");
+      const at::Tensor& master = master_params[m];
       TORCH_CHECK(master.defined() && master.scalar_type() == at::kFloat, op,
-                  ": master_params[", i, "] must be a float32 tensor");
+                  ": master_params[", m, "] (of params[", i, "]) must be a float32 tensor");
       TORCH_CHECK(master.device() == param.device() && master.sizes() == param.sizes() &&
                       (master.numel() <= 1 || master.strides() == param.strides()),
-                  op, ": master_params[", i, "] must have the device, shape and strides of params[",
-                  i, "]");
+                  op, ": master_params[", m, "] must have the device, shape and strides of ",
+                  "params[", i, "]");
     }
-    const at::Tensor& state_reference = with_masters ? master_params[i] : param;
-    const std::string_view reference_list = with_masters ? "master_params" : "params";
+    const at::Tensor& state_reference = has_master ? master_params[masters_taken - 1] : param;
+    const std::string_view reference_list = has_master ? "the master of params" : "params";
     for (const auto& list : states) {
       if (!list.tensors.empty()) {
         check_matches(op, list.name, i, list.tensors[i], reference_list, state_reference);
@@ -99,6 +104,9 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
                   " but params[", i, "] is on ", param.device());
     }
   }
+  TORCH_CHECK(masters_taken == master_params.size(), op, ": got ", master_params.size(),
+              " master_params but ", masters_taken,
+              " float16/bfloat16 params (one master each)");
 }
 
 void check_hyper_tensor(std::string_view op, std::string_view name,

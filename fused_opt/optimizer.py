@@ -27,6 +27,8 @@ from fused_opt import _ops
 
 MASTER_KEY = "master_param"
 _MASTER_DTYPES = (torch.float16, torch.bfloat16)
+# Params a master-weight op call also takes, as their own masters (complex64: pairs of float32).
+_OWN_MASTER_DTYPES = (torch.float32, torch.complex64)
 
 
 @dataclass
@@ -386,9 +388,13 @@ class FusedOptimizer(Optimizer):
                 or any(state.get(key) is None for key in needed)
             ):
                 self._ensure_state(p, state, group, keys, with_master)
-            bucket = buckets.get((p.device, with_master, modes))
+            # A master-weight call also takes the float32 params of the group, their own masters.
+            in_master_call = with_master or (
+                group["master_weights"] and p.dtype in _OWN_MASTER_DTYPES
+            )
+            bucket = buckets.get((p.device, in_master_call, modes))
             if bucket is None:
-                bucket = buckets[p.device, with_master, modes] = DeviceBucket(
+                bucket = buckets[p.device, in_master_call, modes] = DeviceBucket(
                     states={key: [] for key in keys}
                 )
             bucket.enter(group)

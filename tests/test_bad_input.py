@@ -318,6 +318,16 @@ def _replace(key, value):
     return mutate
 
 
+def _in_float64(index):
+    """Param `index` and its grad (and states) in float64."""
+
+    def mutate(call):
+        for key in ("params", "grads"):
+            call[key][index] = call[key][index].double()
+
+    return mutate
+
+
 def _to_meta(t):
     return t.to("meta")
 
@@ -430,19 +440,25 @@ OP_CASES = {
         "adam_",
         {"master": True},
         _replace("master_params", lambda s: s[:1]),
-        "got 2 params but 1 master_params",
+        "params up to params[1] include 2 float16/bfloat16 params but there are 1 master_params",
     ),
     "adam-master-for-fp32-param": (
         "adam_",
         {},
         _replace("master_params", lambda s: _tensors()),
-        "params[0] has dtype Float; master_params are for float16 and bfloat16 params only",
+        "got 2 master_params but 0 float16/bfloat16 params (one master each)",
+    ),
+    "adam-fp64-param-under-master": (
+        "adam_",
+        {"master": True},
+        _in_float64(0),
+        "params[0] has dtype Double; with master_params, params are float16 or bfloat16",
     ),
     "adam-master-bf16": (
         "adam_",
         {"master": True},
         _set("master_params", 1, lambda m: m.bfloat16()),
-        "master_params[1] must be a float32 tensor",
+        "master_params[1] (of params[1]) must be a float32 tensor",
     ),
     "adam-master-shape": (
         "adam_",
@@ -454,7 +470,7 @@ OP_CASES = {
         "adam_",
         {"master": True},
         _set("exp_avg_sqs", 1, lambda s: s.bfloat16()),
-        "exp_avg_sqs[1] has dtype BFloat16 but master_params[1] has dtype Float",
+        "exp_avg_sqs[1] has dtype BFloat16 but the master of params[1] has dtype Float",
     ),
     "sgd-grad_scale-float64": (
         "sgd_",

@@ -156,12 +156,16 @@ def has_steps(op: str, options: dict[str, Any]) -> bool:
 def make_op_tensors(op: str, options: dict[str, Any], specs: Sequence[tuple[tuple[int, ...], torch.dtype]],
                     seed: int, masters: bool = False) -> OpTensors:
     """CPU tensors for one op call: params of the given shapes and dtypes, their states; with
-    masters, float32 masters that the 16-bit params are the rounding of, and float32 states."""
+    masters, float32 masters that the 16-bit params are the rounding of (float32 params are
+    their own), and float32 states."""
     generator = torch.Generator().manual_seed(seed)
     exact = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape, _ in specs]
-    master_list = [e.float() for e in exact] if masters else []
-    params = [source.to(dtype) for source, (_, dtype) in zip(master_list or exact, specs)]
-    state_like = master_list or params
+    # Each param's float32 master, or the param itself where it has none.
+    sources = [e.float() if masters else e for e in exact]
+    params = [source.to(dtype) for source, (_, dtype) in zip(sources, specs)]
+    has_master = [masters and dtype in (torch.float16, torch.bfloat16) for _, dtype in specs]
+    master_list = [source for source, has in zip(sources, has_master) if has]
+    state_like = [source if has else p for source, p, has in zip(sources, params, has_master)]
     states = {
         key: [initial_state(op, key, p, generator) for p in state_like] if used else []
         for key, used in state_lists(op, options)
@@ -300,7 +304,11 @@ def scaling_args(scaling: str | None, grads: Sequence[Tensor], device: torch.dev
 
 
 def assert_params_round_masters(t: OpTensors, when: str) -> None:
-    for index, (p, m) in enumerate(zip(t.params, t.masters)):
+    """The 16-bit params, which take the masters in order, hold their masters' rounding."""
+    with_masters = [(i, p) for i, p in enumerate(t.params)
+                    if t.masters and p.dtype in (torch.float16, torch.bfloat16)]
+    assert len(with_masters) == len(t.masters)
+    for (index, p), m in zip(with_masters, t.masters):
         assert torch.equal(p, m.to(p.dtype)), f"params[{index}] is not its master rounded, {when}"
 
 
@@ -528,6 +536,21 @@ def test_master_params_of_both_16bit_dtypes_scaled_and_misaligned(op, offset):
     run_cuda_and_cpu(op, OP_RICH[op], cpu, cuda, scaling="all")
     if offset:
         assert_nothing_written_around(cuda, offset)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("op", list(OP_RICH))
+def test_float32_params_share_the_master_call_as_their_own_masters(op, offset):
+    """fp32, bf16 and fp16 params in one master-weight call (one launch): the 16-bit ones take the
+    masters in order, the fp32 ones update in place; aligned and misaligned."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float32, torch.float16)
+    specs = [(shape, dtypes[i % 4]) for i, shape in enumerate(SHAPES * 2)]
+    cpu = make_op_tensors(op, OP_RICH[op], specs, seed=26, masters=True)
+    assert 0 < len(cpu.masters) < len(cpu.params)
+    cuda = copy_to(cpu, DEVICE, offset)
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, cuda, scaling="all")
+    names = cuda_kernels_of(lambda: call_op(op, cuda, OP_RICH[op]))
+    assert len(names) == 1 and MAIN_KERNEL in names[0], names
 
 
 def poisoned_grads(params: Sequence[Tensor]) -> list[Tensor]:

@@ -22,7 +22,7 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   check_adagrad_args(params, grads, state_sums, steps, master_params, step, lr_decay,
                      weight_decay, eps);
 
-  for_each_group_step(step, params, steps, [&](const GroupRange& group, float grad_factor) {
+  const auto update_group = [&](const GroupRange& group, float grad_factor) {
     const size_t g = group.group;
     const math::AdagradHyper hyper{host_value(lr[g], lr_tensor.get(g)), lr_decay[g],
                                    weight_decay[g], eps[g]};
@@ -30,15 +30,16 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
     with_bool(maximize, [&](auto kMaximize) {
       with_bool(weight_decay[g] != 0.0, [&](auto kWeightDecay) {
         apply_elementwise<1>(
-            group.of(params), group.of(grads), group.of(master_params), {group.of(state_sums)},
-            grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
+            group.of(params), group.of(grads), group.masters_of(master_params),
+            {group.of(state_sums)}, grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
               using T = decltype(opmath_tag);
               run(math::AdagradElement<T, kMaximize, kWeightDecay>{
                   math::adagrad_tensor_scalars<T>(hyper, step_value(group_steps[t]))});
             });
       });
     });
-  });
+  };
+  for_each_group_step(step, params, master_params, steps, update_group);
 }
 
 }  // namespace

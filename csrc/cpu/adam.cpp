@@ -26,7 +26,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
                   step, beta1, beta2, weight_decay, eps, amsgrad, beta1_tensor, beta2_tensor);
 
-  for_each_group_step(step, params, steps, [&](const GroupRange& group, float grad_factor) {
+  const auto update_group = [&](const GroupRange& group, float grad_factor) {
     const size_t g = group.group;
     const math::AdamHyper hyper{host_value(lr[g], lr_tensor.get(g)),
                                 host_value(beta1[g], beta1_tensor.get(g)),
@@ -40,7 +40,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
         with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
             mode, [&](auto kMode) {
               apply_elementwise<3>(
-                  group.of(params), group.of(grads), group.of(master_params),
+                  group.of(params), group.of(grads), group.masters_of(master_params),
                   {group.of(exp_avgs), group.of(exp_avg_sqs), group.of(max_exp_avg_sqs)},
                   grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
                     using T = decltype(opmath_tag);
@@ -50,7 +50,8 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
             });
       });
     });
-  });
+  };
+  for_each_group_step(step, params, master_params, steps, update_group);
 }
 
 }  // namespace

@@ -125,8 +125,9 @@ void parallel_over_elements(at::TensorList params, const Body& body) {
 // run(functor); run then applies it to every element of params[t], grads[t] and the matching
 // entries of the state lists (an empty list: that state is unused). Passing the functor to a
 // continuation lets per-tensor facts (a first step, say) select a different compiled loop.
-// With master_params, the functor updates master_params[t] and float32 states, and params[t]
-// receives the result rounded to its 16-bit type.
+// With master_params, the functor updates the master of each float16/bfloat16 param (they take
+// master_params in order) and float32 states, and the param receives the result rounded to its
+// 16-bit type; float32 params are their own masters.
 template <size_t kLists, typename WithElement>
 void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorList master_params,
                        const std::array<at::TensorList, kLists>& state_lists, float grad_factor,
@@ -141,9 +142,19 @@ void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorLi
     }
     return states;
   };
+  // Reused across calls: after the first step no host memory is allocated here.
+  thread_local std::vector<int64_t> master_of;
+  master_of.assign(params.size(), -1);
+  if (!master_params.empty()) {
+    int64_t next = 0;
+    for (size_t t = 0; t < params.size(); ++t) {
+      if (takes_master(params[t])) master_of[t] = next++;
+    }
+  }
+  const int64_t* master_index = master_of.data();
   parallel_over_elements(params, [&](size_t t, int64_t begin, int64_t end) {
     const int64_t n = end - begin;
-    if (master_params.empty()) {
+    if (master_index[t] < 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kHalf, at::kBFloat16, params[t].scalar_type(), "fused_opt_cpu", [&] {
             using T = math::opmath_t<scalar_t>;
@@ -159,7 +170,7 @@ void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorLi
     } else {
       AT_DISPATCH_REDUCED_FLOATING_TYPES(params[t].scalar_type(), "fused_opt_cpu_master", [&] {
         const auto states = state_pointers(t, begin, float{});
-        float* master = master_params[t].data_ptr<float>() + begin;
+        float* master = master_params[master_index[t]].data_ptr<float>() + begin;
         const scalar_t* grad = grads[t].data_ptr<scalar_t>() + begin;
         scalar_t* param = params[t].data_ptr<scalar_t>() + begin;
         with_element(float{}, t, [&](const auto& element) {
@@ -196,13 +207,14 @@ inline std::optional<float> step_grad_factor(const ScalingArgs& scaling) {
 // advances once and update(group, grad_factor) runs for every group that has params, with the
 // group's own hyperparameters and modes.
 template <typename Update>
-void for_each_group_step(const StepArgs& step, at::TensorList params, at::TensorList steps,
+void for_each_group_step(const StepArgs& step, at::TensorList params,
+                         at::TensorList master_params, at::TensorList steps,
                          const Update& update) {
   if (params.empty()) return;
   const std::optional<float> grad_factor = step_grad_factor(step.scaling);
   if (!grad_factor) return;
   increment_steps(steps);
-  step.groups.for_each([&](const GroupRange& group) {
+  step.groups.for_each(params, !master_params.empty(), [&](const GroupRange& group) {
     if (group.size > 0) update(group, *grad_factor);
   });
 }

@@ -23,7 +23,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
   check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
                      master_params, step, alpha, eps, weight_decay, momentum, centered);
 
-  for_each_group_step(step, params, steps, [&](const GroupRange& group, float grad_factor) {
+  const auto update_group = [&](const GroupRange& group, float grad_factor) {
     const size_t g = group.group;
     const math::RmspropHyper hyper{host_value(lr[g], lr_tensor.get(g)), alpha[g], eps[g],
                                    weight_decay[g], momentum[g]};
@@ -32,7 +32,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
         with_bool(centered, [&](auto kCentered) {
           with_bool(momentum[g] > 0.0, [&](auto kMomentum) {
             apply_elementwise<3>(
-                group.of(params), group.of(grads), group.of(master_params),
+                group.of(params), group.of(grads), group.masters_of(master_params),
                 {group.of(square_avgs), group.of(grad_avgs), group.of(momentum_buffers)},
                 grad_factor, [&](auto opmath_tag, size_t, const auto& run) {
                   using T = decltype(opmath_tag);
@@ -43,7 +43,8 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
         });
       });
     });
-  });
+  };
+  for_each_group_step(step, params, master_params, steps, update_group);
 }
 
 }  // namespace

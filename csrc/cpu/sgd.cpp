@@ -24,7 +24,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   check_sgd_args(params, grads, momentum_buffers, steps, master_params, step, momentum,
                  dampening, weight_decay, nesterov);
 
-  for_each_group_step(step, params, steps, [&](const GroupRange& group, float grad_factor) {
+  const auto update_group = [&](const GroupRange& group, float grad_factor) {
     const size_t g = group.group;
     const math::SgdHyper hyper{host_value(lr[g], lr_tensor.get(g)), momentum[g], dampening[g],
                                weight_decay[g]};
@@ -35,7 +35,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
         with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(
             mode, [&](auto kMode) {
               apply_elementwise<1>(
-                  group.of(params), group.of(grads), group.of(master_params),
+                  group.of(params), group.of(grads), group.masters_of(master_params),
                   {group.of(momentum_buffers)}, grad_factor,
                   [&](auto opmath_tag, size_t t, const auto& run) {
                     using T = decltype(opmath_tag);
@@ -53,7 +53,8 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
             });
       });
     });
-  });
+  };
+  for_each_group_step(step, params, master_params, steps, update_group);
 }
 
 }  // namespace

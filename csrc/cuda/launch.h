@@ -24,8 +24,9 @@ constexpr int kMaxStates = 3;
 // One param's tensors. All of them cover the same numel elements in the same flat order; states
 // beyond the optimizer's count are ignored; step is null for optimizers without a counter. With
 // master weights, param is the float32 master that the update math updates (states are float32
-// too), and param_copy the float16/bfloat16 param that receives its rounding; otherwise
-// param_copy is null. group indexes the call's per-group hyperparameters.
+// too), and param_copy the float16/bfloat16 param that receives its rounding; otherwise (a
+// float32 param of a master-weight call included) param_copy is null. group indexes the call's
+// per-group hyperparameters.
 struct TensorArgs {
   void* param;
   const void* grad;
@@ -53,7 +54,8 @@ struct StepCall {
   // Device pointers, read by the kernels: a step whose found_inf is nonzero changes nothing,
   // step counters included, without the host ever reading the flag.
   math::GradScaling scaling;
-  bool master_weights;  // every TensorArgs has a param_copy
+  // Every TensorArgs has a param_copy, but float32 params, which are their own masters.
+  bool master_weights;
   // With step counters: a zeroed device counter, which each launch counts its finished blocks
   // in (and leaves zero), so that the last block advances the counters every block has read.
   unsigned* finished_blocks;

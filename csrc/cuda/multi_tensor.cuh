@@ -136,14 +136,14 @@ __device__ __forceinline__ void with_storage(DType dtype, const Fn& fn) {
   }
 }
 
-// As with_storage, for the params that have float32 masters: float16 and bfloat16 only, so the
-// master-weight kernels carry no loops for the other dtypes.
+// As with_storage, for the params of a master-weight call: float16 and bfloat16 (with float32
+// masters) and float32 (their own masters) only, so its kernels carry no float64 loops.
 template <typename Fn>
-__device__ __forceinline__ void with_16bit_storage(DType dtype, const Fn& fn) {
-  if (dtype == DType::kBFloat16) {
-    fn(StorageTag<__nv_bfloat16>{});
-  } else {
-    fn(StorageTag<__half>{});
+__device__ __forceinline__ void with_master_call_storage(DType dtype, const Fn& fn) {
+  switch (dtype) {
+    case DType::kBFloat16: fn(StorageTag<__nv_bfloat16>{}); break;
+    case DType::kFloat16: fn(StorageTag<__half>{}); break;
+    default: fn(StorageTag<float>{}); break;
   }
 }
 
@@ -356,7 +356,9 @@ __device__ __forceinline__ void update_packs(M* param, const S* grad,
 template <typename M, typename S, typename Op, typename Table>
 __device__ __forceinline__ void update_chunk(const Table& table, const typename Op::Group& group,
                                              int t, int64_t begin, int n, float grad_factor) {
-  constexpr bool kCopy = Table::kMaster;
+  // A float16/bfloat16 param receives the rounding of its master; a float32 param in a
+  // master-weight call is its own master.
+  constexpr bool kCopy = !std::is_same_v<M, S>;
   constexpr int kWidth = vector_elems(sizeof(S), kCopy);
   M* param = static_cast<M*>(table.lists[0][t]) + begin;
   const S* grad = static_cast<const S*>(table.lists[1][t]) + begin;
@@ -430,7 +432,7 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
         table.numel[t] - begin < kChunkElems ? table.numel[t] - begin : kChunkElems);
     const typename Op::Group group = groups.at[table.group[t]];
     if constexpr (Table::kMaster) {
-      with_16bit_storage(table.dtype[t], [&](auto tag) {
+      with_master_call_storage(table.dtype[t], [&](auto tag) {
         update_chunk<float, typename decltype(tag)::type, Op>(table, group, t, begin, n,
                                                               grad_factor);
       });

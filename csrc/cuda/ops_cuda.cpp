@@ -56,7 +56,7 @@ DeviceScalar device_scalar(std::string_view op, std::string_view name, const Hyp
 
 // The kernels' view of one step call: one entry per param, with its used states packed in the
 // order the element functor expects (empty lists are the states of modes that are off), and its
-// group. With master_params the update runs on the master and the param receives its rounding.
+// group. A float16/bfloat16 param with a master is updated through it and receives its rounding.
 // The buffer is reused across calls, so a step allocates no host memory after the first.
 StepCall step_call(std::string_view op, at::TensorList params, at::TensorList grads,
                    at::TensorList master_params,
@@ -65,11 +65,13 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
   thread_local std::vector<TensorArgs> args;
   args.clear();
   const bool master_weights = !master_params.empty();
-  step.groups.for_each([&](const GroupRange& group) {
+  size_t next_master = 0;
+  step.groups.for_each(params, master_weights, [&](const GroupRange& group) {
     for (size_t i = group.offset; i < group.offset + group.size; ++i) {
+      const bool has_master = master_weights && takes_master(params[i]);
       TensorArgs arg{};
-      arg.param = master_weights ? master_params[i].data_ptr() : params[i].data_ptr();
-      arg.param_copy = master_weights ? params[i].data_ptr() : nullptr;
+      arg.param = has_master ? master_params[next_master++].data_ptr() : params[i].data_ptr();
+      arg.param_copy = has_master ? params[i].data_ptr() : nullptr;
       arg.grad = grads[i].const_data_ptr();
       int used = 0;
       for (const auto& list : state_lists) {

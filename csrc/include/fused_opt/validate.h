@@ -37,10 +37,17 @@ struct ScalingArgs {
   math::GradScaling view() const;
 };
 
+// Whether a param takes one of the call's master_params: with master weights, float16 and
+// bfloat16 params take them in order, float32 params are their own masters.
+inline bool takes_master(const at::Tensor& param) {
+  return param.scalar_type() == at::kHalf || param.scalar_type() == at::kBFloat16;
+}
+
 // params/grads/states agree in length, device, shape and strides; params are dense, of a
 // supported floating dtype; steps (when given) hold one float32 value per param. Without
-// master_params the states share the param's dtype. With them (one per param), every param is
-// float16 or bfloat16, its master is a float32 copy, and the states are float32 like the master.
+// master_params the states share the param's dtype. With them, every param is float16 or
+// bfloat16, with a float32 master (master_params holds them in the params' order), or float32,
+// its own master; all states are float32.
 void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorList grads,
                         at::TensorList master_params, std::initializer_list<NamedList> states,
                         std::optional<at::TensorList> steps);
@@ -55,16 +62,22 @@ void check_hyper_tensor(std::string_view op, std::string_view name,
 // given exactly when max_grad_norm is.
 void check_scaling(std::string_view op, const ScalingArgs& scaling, const at::Device& device);
 
-// The consecutive params of one param group in a step call.
+// The consecutive params of one param group in a step call, and their masters.
 struct GroupRange {
   size_t group;
   size_t offset;
   size_t size;
+  size_t master_offset;
+  size_t master_count;
 
   // The group's entries of a per-param list; an empty list (a state of a mode that is off)
   // stays empty.
   at::TensorList of(at::TensorList list) const {
     return list.empty() ? list : list.slice(offset, size);
+  }
+  at::TensorList masters_of(at::TensorList master_params) const {
+    return master_params.empty() ? master_params
+                                 : master_params.slice(master_offset, master_count);
   }
 };
 
@@ -86,14 +99,21 @@ class ParamGroups {
   void check_hyper_tensors(std::string_view name, const HyperTensors& tensors,
                            const at::Device& device) const;
 
-  // Calls fn(GroupRange) for every group, in order.
+  // Calls fn(GroupRange) for every group, in order; with_masters: the call has master_params,
+  // which the params that take_master take in order.
   template <typename Fn>
-  void for_each(const Fn& fn) const {
+  void for_each(at::TensorList params, bool with_masters, const Fn& fn) const {
     size_t offset = 0;
+    size_t master_offset = 0;
     for (size_t g = 0; g < sizes_.size(); ++g) {
       const auto size = static_cast<size_t>(sizes_[g]);
-      fn(GroupRange{g, offset, size});
+      size_t masters = 0;
+      if (with_masters) {
+        for (size_t i = offset; i < offset + size; ++i) masters += takes_master(params[i]);
+      }
+      fn(GroupRange{g, offset, size, master_offset, masters});
       offset += size;
+      master_offset += masters;
     }
   }
 
