@@ -667,6 +667,30 @@ def test_opcheck_with_master_weights_scaling_and_clipping(name):
         assert all(outcome == "SUCCESS" for outcome in results.values()), (op, results)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_opcheck_of_one_call_for_two_groups_of_mixed_dtypes_with_masters(name):
+    """bf16 params with masters and fp32 params (their own masters), in two groups, the second
+    with a tensor lr: one op call, which passes torch's op checks."""
+    bf16, fp32 = make_params(torch.bfloat16), make_params(torch.float32, seed=3)
+    params = bf16 + fp32
+    # The first group mixes the two dtypes.
+    split = len(bf16) + 1
+    groups = [{"params": params[:split]}, {"params": params[split:], "lr": torch.tensor(1e-3)}]
+    optimizer = getattr(fused_opt, name)(groups, master_weights=True, **FULL_STATE_OPTIONS[name])
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        for p in params:
+            p.grad = random_grad(p, generator)
+        with _RecordFusedOps() as recorder:
+            optimizer.step()
+    assert len(recorder.calls) == 1, recorder.calls
+    op, args, kwargs = recorder.calls[0]
+    assert kwargs["group_sizes"] == [split, len(params) - split]
+    assert len(args[-1]) == len(bf16)  # master_params: the bf16 params' only
+    results = torch.library.opcheck(op, args, kwargs)
+    assert all(outcome == "SUCCESS" for outcome in results.values()), results
+
+
 def test_fused_scaler_with_a_torch_optimizer_is_torchs_scaler():
     results = []
     for scaler_cls in (fused_opt.GradScaler, torch.amp.GradScaler):
