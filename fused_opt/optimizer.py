@@ -56,7 +56,10 @@ class DeviceBucket:
         """A hyperparameter the kernels take by value, one per group."""
         return [hyper(group[key]) for group in self.groups]
 
-    def split_hypers(self, values: Sequence[float | Tensor]) -> tuple[list[float], list[Tensor | None]]:
+    @staticmethod
+    def split_hypers(
+        values: Sequence[float | Tensor],
+    ) -> tuple[list[float], list[Tensor | None]]:
         """Per-group hyperparameters that may be tensors: the floats and the tensors (see
         split_hyper)."""
         floats, tensors = zip(*(split_hyper(value) for value in values))

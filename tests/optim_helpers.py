@@ -53,7 +53,9 @@ SHAPES = ((4, 3), (5,), (0,), (2, 1, 3))
 GROUP_NAMES = (("enc.weight", "enc.bias"), ("dec.weight", "dec.bias"))
 
 
-def make_params(shapes=SHAPES, dtype=torch.float32, seed=0, device="cpu") -> list[torch.nn.Parameter]:
+def make_params(
+    shapes=SHAPES, dtype=torch.float32, seed=0, device="cpu"
+) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     return [
         torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype))
