@@ -28,10 +28,13 @@ def sources(pattern: str) -> list[str]:
 
 
 # -fno-math-errno lets sqrt vectorize; trapping math stays off as in torch's own build.
-cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+# No implicit multiply-add contraction on either compiler (-ffp-contract=off, --fmad=false): g++
+# contracts only in the AVX2/AVX-512 clones and nvcc everywhere, so the same step would give other
+# bits on other CPUs and on the GPU. The element math rounds every product, on every target.
+cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 # torch adds its common nvcc flags (explicit half/bfloat16 conversions, relaxed constexpr) and the
 # -gencode flags of TORCH_CUDA_ARCH_LIST. tools/check_cuda_build.py reads both lists from here.
-nvcc_flags = ["-O3", "-std=c++17"]
+nvcc_flags = ["-O3", "-std=c++17", "--fmad=false"]
 include_dirs = [str(CSRC), str(CSRC / "include")]
 cpu_sources = sources("*.cpp") + sources("cpu/*.cpp")
 
