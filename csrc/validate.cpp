@@ -34,7 +34,9 @@ void check_scalar_tensor(std::string_view op, std::string_view name,
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, op, ": ", name,
               " must be a one-element float32 tensor, got ", t->scalar_type(), " with ",
               t->numel(), " elements");
-  check_hyper_tensor(op, name, t, device);
+  // Read by the kernels through its pointer: it must live where they run.
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
+              " but the params are on ", device);
 }
 
 }  // namespace
@@ -115,8 +117,9 @@ void check_hyper_tensor(std::string_view op, std::string_view name,
   if (!tensor) return;
   const auto label = [&] { return group ? c10::str(name, "[", *group, "]") : std::string(name); };
   TORCH_CHECK(tensor->numel() == 1, op, ": ", label(), " must have one element");
-  TORCH_CHECK(tensor->device() == device, op, ": ", label(), " is on ", tensor->device(),
-              " but the params are on ", device);
+  TORCH_CHECK(tensor->device() == device || tensor->device().is_cpu(), op, ": ", label(),
+              " is on ", tensor->device(), " but the params are on ", device,
+              " (a CPU tensor is read on the host)");
 }
 
 void check_scaling(std::string_view op, const ScalingArgs& scaling, const at::Device& device) {

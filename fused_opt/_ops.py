@@ -4,6 +4,11 @@ The ops only mutate their inputs and return nothing, so their fake implementatio
 nothing to compute; registering them lets torch.compile and FakeTensor tracing see the ops.
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from fused_opt import _C  # noqa: F401  (registers torch.ops.fused_opt.*)
@@ -14,13 +19,33 @@ OP_NAMES = ("adam_", "sgd_", "rmsprop_", "adagrad_", "grad_norm_")
 # caller; the kernel leaves it ready for the next call.
 GRAD_NORM_WORKSPACE_NUMEL = 4096
 
+#: The op namespace the optimizers call. Tests point it at the emulation tier's
+#: ``torch.ops.fused_opt_simt``, whose ops run the CUDA kernels' code on CPU tensors.
+op_namespace = torch.ops.fused_opt
+
 
 def _mutates_only(*args, **kwargs) -> None:
     return None
 
 
-for _name in OP_NAMES:
-    torch.library.register_fake(f"fused_opt::{_name}")(_mutates_only)
+def register_fakes(library: str) -> None:
+    """Gives every op of ``library`` (which has fused_opt's schemas) its fake implementation."""
+    for name in OP_NAMES:
+        torch.library.register_fake(f"{library}::{name}")(_mutates_only)
+
+
+register_fakes("fused_opt")
+
+
+@contextlib.contextmanager
+def calling(namespace) -> Iterator[None]:
+    """Makes the optimizers call the ops of ``namespace`` instead of fused_opt's, for a while."""
+    global op_namespace
+    previous, op_namespace = op_namespace, namespace
+    try:
+        yield
+    finally:
+        op_namespace = previous
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.adagrad import adagrad as torch_adagrad
 
+from fused_opt import _ops
 from fused_opt.optimizer import (
     DeviceBucket,
     FusedOptimizer,
@@ -83,7 +84,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
 
     def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
         (maximize,) = self._call_modes(bucket.groups[0])
-        torch.ops.fused_opt.adagrad_(
+        _ops.op_namespace.adagrad_(
             bucket.params,
             bucket.grads,
             bucket.states["sum"],

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_opt import _ops
 from fused_opt.optimizer import DeviceBucket, FusedOptimizer
 
 
@@ -75,7 +76,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         beta1, beta1_tensor = bucket.split_hypers([group["betas"][0] for group in bucket.groups])
         beta2, beta2_tensor = bucket.split_hypers([group["betas"][1] for group in bucket.groups])
         amsgrad, maximize, decoupled_weight_decay = self._call_modes(bucket.groups[0])
-        torch.ops.fused_opt.adam_(
+        _ops.op_namespace.adam_(
             bucket.params,
             bucket.grads,
             bucket.states["exp_avg"],

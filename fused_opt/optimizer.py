@@ -299,7 +299,7 @@ class FusedOptimizer(Optimizer):
             stats = buffers.get(device)
             if stats is None:
                 stats = buffers[device] = GradStats.on(device)
-            torch.ops.fused_opt.grad_norm_(
+            _ops.op_namespace.grad_norm_(
                 device_grads,
                 stats.norm,
                 stats.found_inf,

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fused_opt import _ops
 from fused_opt.optimizer import DeviceBucket, FusedOptimizer
 
 
@@ -66,7 +67,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
 
     def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
         centered, _, maximize = self._call_modes(bucket.groups[0])
-        torch.ops.fused_opt.rmsprop_(
+        _ops.op_namespace.rmsprop_(
             bucket.params,
             bucket.grads,
             bucket.states["square_avg"],

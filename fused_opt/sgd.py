@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
+from fused_opt import _ops
 from fused_opt.optimizer import DeviceBucket, FusedOptimizer, new_step
 
 
@@ -93,7 +94,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
 
     def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
         _, nesterov, maximize = self._call_modes(bucket.groups[0])
-        torch.ops.fused_opt.sgd_(
+        _ops.op_namespace.sgd_(
             bucket.params,
             bucket.grads,
             bucket.states.get("momentum_buffer", []),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fused_opt
+from fused_opt import _ops
 from optim_helpers import (
     GROUP_NAMES,
     NAMES,
@@ -164,7 +165,7 @@ BAD_GRADS = {
 @pytest.mark.parametrize("named", [False, True], ids=["unnamed", "named"])
 @pytest.mark.parametrize("case", BAD_GRADS)
 @pytest.mark.parametrize("name", NAMES)
-def test_bad_grad_or_param_is_refused_and_changes_nothing(name, case, named):
+def test_bad_grad_or_param_is_refused_and_changes_nothing(name, case, named, kernels):
     make_bad_param, make_bad_grad, message = BAD_GRADS[case]
     params = make_params()
     if make_bad_param is not None:
@@ -753,7 +754,7 @@ CPU_KERNEL_CASES = {
 
 
 def _call_op(op_name, call, cpu_kernel):
-    op = getattr(torch.ops.fused_opt, op_name).default
+    op = getattr(_ops.op_namespace, op_name).default
     if cpu_kernel:
         return op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), **call)
     return op(**call)
@@ -778,14 +779,14 @@ def _check_op_refuses(op_name, modes, spoil, message, cpu_kernel):
 @pytest.mark.parametrize(
     ("op_name", "modes", "spoil", "message"), OP_CASES.values(), ids=OP_CASES.keys()
 )
-def test_op_refuses_inconsistent_lists(op_name, modes, spoil, message):
+def test_op_refuses_inconsistent_lists(op_name, modes, spoil, message, kernels):
     _check_op_refuses(op_name, modes, spoil, message, cpu_kernel=False)
 
 
 @pytest.mark.parametrize(
     ("op_name", "modes", "spoil", "message"), CPU_KERNEL_CASES.values(), ids=CPU_KERNEL_CASES.keys()
 )
-def test_cpu_kernel_refuses_tensors_it_cannot_update(op_name, modes, spoil, message):
+def test_cpu_kernel_refuses_tensors_it_cannot_update(op_name, modes, spoil, message, kernels):
     _check_op_refuses(op_name, modes, spoil, message, cpu_kernel=True)
 
 

@@ -1,4 +1,10 @@
-"""The CUDA kernels. Every test needs a GPU and a CUDA build of fused_opt, and is skipped otherwise.
+"""The CUDA kernels, on a GPU and through the emulation tier.
+
+The op-level tests take the `target` fixture: "cuda" (a GPU and a CUDA build of fused_opt) and
+"simt" (the CUDA kernels' own source executed on CPU tensors by the emulation tier, tests/simt.py,
+with grids of 2 to 8 blocks in seeded orders); each skips with its reason where it cannot run.
+The tests of the GPU itself (profiler, streams, graphs, synchronization, allocation) and the
+class-level ones need a GPU.
 
 * Op level, against fused_opt's CPU kernels (which test_parity.py ties to the float64 references):
   every optimizer, every option combination, every dtype; mixed dtypes in one call; empty tensors
@@ -21,7 +27,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +37,11 @@ import torch
 from torch import Tensor
 
 import fused_opt
+import simt
 from config import tolerance
-from devices import requires_cuda_kernels
+from devices import requires_cuda_kernels, requires_simt
 from fused_opt.bench.workloads import llama_shapes
 from reference import REFERENCES
-
-pytestmark = requires_cuda_kernels
 
 BOOLS = (False, True)
 DTYPES = [
@@ -48,8 +53,6 @@ DTYPES = [
 # A tensor crossing two 32 Ki-element chunks with a tail that is no whole vector, odd sizes, one
 # element, and an empty tensor last.
 SHAPES = [(1,), (1031,), (3, 7, 5), (65543,), (0,)]
-# The device the parity tests run on; only a self-check of this file would point it elsewhere.
-DEVICE = "cuda"
 MAIN_KERNEL = "multi_tensor_kernel"
 NORM_KERNEL = "grad_norm_kernel"
 
@@ -109,6 +112,33 @@ def state_lists(op: str, options: dict[str, Any]) -> list[tuple[str, bool]]:
     return [("state_sums", True)]
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where an op call runs: the kernels under test ("cuda" on a GPU; "simt", the CUDA kernels
+    emulated on CPU tensors), or the CPU kernels they are compared with."""
+
+    name: str
+    device: str
+    ops: Any  # the op namespace: torch.ops.fused_opt, or the emulation's
+
+    def __deepcopy__(self, memo: dict) -> Target:
+        return self  # immutable, and op namespaces do not copy
+
+
+CPU = Target("cpu", "cpu", torch.ops.fused_opt)
+CUDA = Target("cuda", "cuda", torch.ops.fused_opt)
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=requires_cuda_kernels),
+                        pytest.param("simt", marks=requires_simt)])
+def target(request) -> Iterator[Target]:
+    if request.param == "cuda":
+        yield CUDA
+        return
+    with simt.emulated(simt.schedule_of(request.node.nodeid)):
+        yield Target("simt", "cpu", simt.ops())
+
+
 @dataclass
 class OpTensors:
     """Everything one op call takes, on one device; unused state lists are empty. With masters
@@ -121,6 +151,7 @@ class OpTensors:
     grads: list[Tensor] = field(default_factory=list)
     # The counter the CUDA kernels advance step counters with; made by the first call.
     workspace: Tensor | None = None
+    target: Target = CPU
 
     def all_tensors(self) -> dict[str, list[Tensor]]:
         return {"params": self.params, "masters": self.masters, **self.states, "steps": self.steps}
@@ -201,12 +232,14 @@ def placed(t: Tensor, device: str, offset: int = 0) -> Tensor:
     return view
 
 
-def copy_to(tensors: OpTensors, device: str, offset: int = 0) -> OpTensors:
+def copy_to(tensors: OpTensors, target: Target, offset: int = 0) -> OpTensors:
+    device = target.device
     return OpTensors(
         [placed(p, device, offset) for p in tensors.params],
         {key: [placed(s, device, offset) for s in ts] for key, ts in tensors.states.items()},
         [s.to(device).clone() for s in tensors.steps],
         [placed(m, device, offset) for m in tensors.masters],
+        target=target,
     )
 
 
@@ -247,7 +280,7 @@ def call_op(op: str, t: OpTensors, options: dict[str, Any], lr_tensor: Tensor | 
     if op == "adam":
         kwargs["beta1_tensor"] = [g.get("beta1_tensor") for g in per_group]
         kwargs["beta2_tensor"] = [g.get("beta2_tensor") for g in per_group]
-    getattr(torch.ops.fused_opt, f"{op}_")(t.params, t.grads, *lists, t.steps, t.masters, **kwargs)
+    getattr(t.target.ops, f"{op}_")(t.params, t.grads, *lists, t.steps, t.masters, **kwargs)
 
 
 def assert_close(actual: Tensor, expected: Tensor, what: str, scale: float = 1.0) -> None:
@@ -323,7 +356,7 @@ def run_cuda_and_cpu(op: str, options: dict[str, Any], cpu: OpTensors, cuda: OpT
     """Steps both sets with the same grads (and scaling arguments) and compares every tensor after
     every step. groups_on(device), when given, is call_op's `groups` for that device."""
     generator = torch.Generator().manual_seed(seed)
-    device = cuda.params[0].device if cuda.params else DEVICE
+    device = cuda.target.device
     for step in range(steps):
         grads = random_grads(cpu.params, generator)
         cpu.grads = scaled(grads, scaling)
@@ -339,17 +372,17 @@ def run_cuda_and_cpu(op: str, options: dict[str, Any], cpu: OpTensors, cuda: OpT
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op, options", OP_CASES)
-def test_op_matches_cpu_kernel(op, options, dtype):
+def test_op_matches_cpu_kernel(target, op, options, dtype):
     cpu = make_op_tensors(op, options, [(s, dtype) for s in SHAPES], seed=1)
-    run_cuda_and_cpu(op, options, cpu, copy_to(cpu, DEVICE))
+    run_cuda_and_cpu(op, options, cpu, copy_to(cpu, target))
 
 
 @pytest.mark.parametrize("op", list(OP_RICH))
-def test_mixed_dtypes_in_one_call(op):
+def test_mixed_dtypes_in_one_call(target, op):
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     specs = [(shape, dtypes[i % 4]) for i, shape in enumerate(SHAPES * 2)]
     cpu = make_op_tensors(op, OP_RICH[op], specs, seed=2)
-    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE))
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, target))
 
 
 # A hyperparameter of each op that differs from group to group, besides lr and weight decay.
@@ -358,7 +391,7 @@ GROUP_VARIED = {"adam": ("beta1", 0.8, 0.005), "sgd": ("dampening", 0.0, 0.01),
 
 
 @pytest.mark.parametrize("op", list(OP_RICH))
-def test_forty_groups_in_one_call_keep_their_hyperparameters(op):
+def test_forty_groups_in_one_call_keep_their_hyperparameters(target, op):
     """More groups than one launch carries (16): each has its own lr (a device tensor in every
     third group), weight decay on or off, and another hyperparameter of its own; some groups
     hold only empty tensors."""
@@ -378,34 +411,34 @@ def test_forty_groups_in_one_call_keep_their_hyperparameters(op):
             groups.append((len(group_shapes), overrides))
         return groups
 
-    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE), groups_on=groups_on)
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, target), groups_on=groups_on)
 
 
 @pytest.mark.parametrize("op", list(OP_RICH))
-def test_empty_tensors_anywhere(op):
+def test_empty_tensors_anywhere(target, op):
     shapes = [(0,), (5,), (0, 3), (70001,), (0,), (1,), (0,)]
     cpu = make_op_tensors(op, OP_RICH[op], [(s, torch.float32) for s in shapes], seed=3)
-    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE))
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, target))
 
 
 @pytest.mark.parametrize("op", list(OP_RICH))
-def test_only_empty_tensors(op):
+def test_only_empty_tensors(target, op):
     cpu = make_op_tensors(op, OP_RICH[op], [((0,), torch.float32)] * 3, seed=4)
-    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE))
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, target))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [1, 2, 3])
 @pytest.mark.parametrize("op", list(OP_RICH))
-def test_storage_offsets_that_break_alignment(op, offset, dtype):
+def test_storage_offsets_that_break_alignment(target, op, offset, dtype):
     """Every tensor a view `offset` elements into its own buffer (misaligned alike, but for fp64 at
     offset 2), then the grads aligned while the rest is not; nothing around the views is written."""
     cpu = make_op_tensors(op, OP_RICH[op], [(s, dtype) for s in SHAPES], seed=5)
-    cuda = copy_to(cpu, DEVICE, offset)
+    cuda = copy_to(cpu, target, offset)
     generator = torch.Generator().manual_seed(6)
     for step, grad_offset in enumerate((offset, 0, offset)):
         cpu.grads = random_grads(cpu.params, generator)
-        cuda.grads = [placed(g, DEVICE, grad_offset) for g in cpu.grads]
+        cuda.grads = [placed(g, target.device, grad_offset) for g in cpu.grads]
         call_op(op, cpu, OP_RICH[op])
         call_op(op, cuda, OP_RICH[op])
         assert_ops_agree(cuda, cpu, f"after step {step + 1}")
@@ -424,13 +457,13 @@ def assert_nothing_written_around(t: OpTensors, offset: int) -> None:
 
 
 @pytest.mark.parametrize("op", list(OP_RICH))
-def test_aligned_views_use_the_same_results(op):
+def test_aligned_views_use_the_same_results(target, op):
     """Views 16 bytes into their buffers are aligned again (the vector path), and agree too."""
     cpu = make_op_tensors(op, OP_RICH[op], [(s, torch.float32) for s in SHAPES], seed=7)
-    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE, offset=4))
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, target, offset=4))
 
 
-def test_hundred_thousand_tiny_tensors():
+def test_hundred_thousand_tiny_tensors(target):
     """10^5 tensors of 0 to 9 elements in one call: many launches' worth of tensor tables, views at
     every alignment, empty ones scattered and last."""
     op, options = "adam", OP_RICH["adam"]
@@ -448,15 +481,15 @@ def test_hundred_thousand_tiny_tensors():
          "exp_avg_sqs": split(torch.rand(total, generator=generator) * 0.01 + 0.02),
          "max_exp_avg_sqs": split(torch.rand(total, generator=generator) * 0.02 + 0.01)},
         [torch.full((), 3.0) for _ in sizes])
-    flat_cuda = {kind: torch.cat(ts).to(DEVICE) for kind, ts in
+    flat_cuda = {kind: torch.cat(ts).to(target.device) for kind, ts in
                  {"params": cpu.params, **cpu.states}.items()}
     cuda = OpTensors(list(flat_cuda["params"].split(sizes)),
                      {k: list(v.split(sizes)) for k, v in flat_cuda.items() if k != "params"},
-                     [s.to(DEVICE, copy=True) for s in cpu.steps])
+                     [s.to(target.device, copy=True) for s in cpu.steps], target=target)
     for _ in range(2):
         grads = torch.randn(total, generator=generator)
         cpu.grads = split(grads)
-        cuda.grads = list(grads.to(DEVICE).split(sizes))
+        cuda.grads = list(grads.to(target.device).split(sizes))
         call_op(op, cpu, options)
         call_op(op, cuda, options)
     for kind in flat_cuda:
@@ -466,6 +499,7 @@ def test_hundred_thousand_tiny_tensors():
     assert_workspace_left_zero(cuda, "after two calls of many launches each")
 
 
+@requires_cuda_kernels
 @pytest.mark.slow
 def test_tensor_past_two_to_the_31_elements():
     """A bf16 tensor of 2^31 + 12345 elements between two small ones: 64-bit offsets everywhere.
@@ -480,10 +514,10 @@ def test_tensor_past_two_to_the_31_elements():
     dtype = torch.bfloat16
     torch.manual_seed(10)
     big = OpTensors(
-        [torch.randn(7, dtype=dtype, device=DEVICE), torch.randn(n, dtype=dtype, device=DEVICE),
-         torch.randn(9, dtype=dtype, device=DEVICE)],
+        [torch.randn(7, dtype=dtype, device="cuda"), torch.randn(n, dtype=dtype, device="cuda"),
+         torch.randn(9, dtype=dtype, device="cuda")],
         {"exp_avgs": [], "exp_avg_sqs": [], "max_exp_avg_sqs": []},
-        [torch.full((), 3.0, device=DEVICE) for _ in range(3)])
+        [torch.full((), 3.0, device="cuda") for _ in range(3)], target=CUDA)
     big.states["exp_avgs"] = [torch.randn_like(p) * 0.1 for p in big.params]
     big.states["exp_avg_sqs"] = [torch.rand_like(p) * 0.01 + 0.02 for p in big.params]
     big.grads = [torch.randn_like(p) for p in big.params]
@@ -512,27 +546,27 @@ HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat
 @pytest.mark.parametrize("scaling", SCALINGS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", list(OP_RICH))
-def test_scaled_step_matches_cpu_kernel(op, dtype, scaling):
+def test_scaled_step_matches_cpu_kernel(target, op, dtype, scaling):
     cpu = make_op_tensors(op, OP_RICH[op], [(s, dtype) for s in SHAPES], seed=20)
-    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, DEVICE), scaling=scaling)
+    run_cuda_and_cpu(op, OP_RICH[op], cpu, copy_to(cpu, target), scaling=scaling)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("op, options", OP_CASES)
-def test_master_params_match_cpu_kernel(op, options, dtype):
+def test_master_params_match_cpu_kernel(target, op, options, dtype):
     cpu = make_op_tensors(op, options, [(s, dtype) for s in SHAPES], seed=21, masters=True)
-    run_cuda_and_cpu(op, options, cpu, copy_to(cpu, DEVICE))
+    run_cuda_and_cpu(op, options, cpu, copy_to(cpu, target))
 
 
 @pytest.mark.parametrize("offset", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("op", list(OP_RICH))
-def test_master_params_of_both_16bit_dtypes_scaled_and_misaligned(op, offset):
+def test_master_params_of_both_16bit_dtypes_scaled_and_misaligned(target, op, offset):
     """fp16 and bf16 params in one call with masters, loss scale and clipping, every tensor a view
     `offset` elements into its own buffer (the grads aligned): 0 and 4 keep the vectors of the
     master path aligned (16 bytes of float32, 8 of 16-bit), 1 to 3 break them."""
     specs = [(shape, (torch.float16, torch.bfloat16)[i % 2]) for i, shape in enumerate(SHAPES * 2)]
     cpu = make_op_tensors(op, OP_RICH[op], specs, seed=22, masters=True)
-    cuda = copy_to(cpu, DEVICE, offset)
+    cuda = copy_to(cpu, target, offset)
     run_cuda_and_cpu(op, OP_RICH[op], cpu, cuda, scaling="all")
     if offset:
         assert_nothing_written_around(cuda, offset)
@@ -540,16 +574,16 @@ def test_master_params_of_both_16bit_dtypes_scaled_and_misaligned(op, offset):
 
 @pytest.mark.parametrize("offset", [0, 1])
 @pytest.mark.parametrize("op", list(OP_RICH))
-def test_float32_params_share_the_master_call_as_their_own_masters(op, offset):
+def test_float32_params_share_the_master_call_as_their_own_masters(target, op, offset):
     """fp32, bf16 and fp16 params in one master-weight call (one launch): the 16-bit ones take the
     masters in order, the fp32 ones update in place; aligned and misaligned."""
     dtypes = (torch.float32, torch.bfloat16, torch.float32, torch.float16)
     specs = [(shape, dtypes[i % 4]) for i, shape in enumerate(SHAPES * 2)]
     cpu = make_op_tensors(op, OP_RICH[op], specs, seed=26, masters=True)
     assert 0 < len(cpu.masters) < len(cpu.params)
-    cuda = copy_to(cpu, DEVICE, offset)
+    cuda = copy_to(cpu, target, offset)
     run_cuda_and_cpu(op, OP_RICH[op], cpu, cuda, scaling="all")
-    names = cuda_kernels_of(lambda: call_op(op, cuda, OP_RICH[op]))
+    names = kernels_launched_by(target, lambda: call_op(op, cuda, OP_RICH[op]))
     assert len(names) == 1 and MAIN_KERNEL in names[0], names
 
 
@@ -561,18 +595,18 @@ def poisoned_grads(params: Sequence[Tensor]) -> list[Tensor]:
 
 @pytest.mark.parametrize("masters", BOOLS, ids=["plain", "masters"])
 @pytest.mark.parametrize("op", list(OP_RICH))
-def test_skipped_step_changes_nothing(op, masters):
+def test_skipped_step_changes_nothing(target, op, masters):
     """A nonzero found_inf leaves every tensor bit for bit as it was, step counters included; the
     steps after it match the CPU kernel's, which never saw the skipped one."""
     options = OP_RICH[op]
     dtype = torch.bfloat16 if masters else torch.float32
     cpu = make_op_tensors(op, options, [(s, dtype) for s in SHAPES], seed=23, masters=masters)
-    cuda = copy_to(cpu, DEVICE)
+    cuda = copy_to(cpu, target)
     before = {kind: [t.clone() for t in ts] for kind, ts in cuda.all_tensors().items()}
     cuda.grads = poisoned_grads(cuda.params)
-    call_op(op, cuda, options, grad_scale=torch.tensor(GRAD_SCALE, device=DEVICE),
-            found_inf=torch.ones((), device=DEVICE),
-            grad_norm=torch.tensor(math.inf, device=DEVICE), max_grad_norm=1.0)
+    call_op(op, cuda, options, grad_scale=torch.tensor(GRAD_SCALE, device=target.device),
+            found_inf=torch.ones((), device=target.device),
+            grad_norm=torch.tensor(math.inf, device=target.device), max_grad_norm=1.0)
     for kind, tensors in cuda.all_tensors().items():
         for index, (t, b) in enumerate(zip(tensors, before[kind])):
             assert torch.equal(t, b), f"{kind}[{index}] changed on a skipped step"
@@ -581,14 +615,14 @@ def test_skipped_step_changes_nothing(op, masters):
 
 
 @pytest.mark.parametrize("nesterov", BOOLS)
-def test_sgd_buffer_starts_on_the_first_step_that_is_not_skipped(nesterov):
+def test_sgd_buffer_starts_on_the_first_step_that_is_not_skipped(target, nesterov):
     """The counter, not the host, says whether a momentum buffer holds anything: skipped steps
     leave it at 0, and the first step taken starts each buffer from the grad as is."""
     options = {"momentum": 0.9, "dampening": 0.3, "nesterov": nesterov, "weight_decay": 0.0,
                "maximize": False}
     cpu = make_op_tensors("sgd", options, [(s, torch.float32) for s in SHAPES], seed=24)
-    cuda = copy_to(cpu, DEVICE)
-    found_inf = torch.ones((), device=DEVICE)
+    cuda = copy_to(cpu, target)
+    found_inf = torch.ones((), device=target.device)
     buffers = [b.clone() for b in cuda.states["momentum_buffers"]]
     for _ in range(2):
         cuda.grads = poisoned_grads(cuda.params)
@@ -598,7 +632,7 @@ def test_sgd_buffer_starts_on_the_first_step_that_is_not_skipped(nesterov):
 
     found_inf.zero_()
     cpu.grads = random_grads(cpu.params, torch.Generator().manual_seed(25))
-    cuda.grads = [g.to(DEVICE) for g in cpu.grads]
+    cuda.grads = [g.to(target.device) for g in cpu.grads]
     call_op("sgd", cpu, options)
     call_op("sgd", cuda, options, found_inf=found_inf)
     assert all(s.item() == 1.0 for s in cuda.steps)
@@ -625,18 +659,20 @@ class NormBuffers:
     norm: Tensor
     found_inf: Tensor
     workspace: Tensor
+    target: Target
 
     @classmethod
-    def on(cls, device: torch.device | str) -> NormBuffers:
+    def on(cls, target: Target) -> NormBuffers:
+        device = target.device
         return cls(torch.full((), -1.0, device=device), torch.full((), -1.0, device=device),
-                   torch.zeros(fused_opt._ops.GRAD_NORM_WORKSPACE_NUMEL, device=device))
+                   torch.zeros(fused_opt._ops.GRAD_NORM_WORKSPACE_NUMEL, device=device), target)
 
 
 def grad_norm(grads: Sequence[Tensor], buffers: NormBuffers, grad_scale: Tensor | None = None
               ) -> tuple[Tensor, Tensor]:
     """grad_norm_'s (norm, found_inf), copied."""
-    torch.ops.fused_opt.grad_norm_(list(grads), buffers.norm, buffers.found_inf, buffers.workspace,
-                                   grad_scale=grad_scale)
+    buffers.target.ops.grad_norm_(list(grads), buffers.norm, buffers.found_inf, buffers.workspace,
+                                  grad_scale=grad_scale)
     return buffers.norm.clone(), buffers.found_inf.clone()
 
 
@@ -657,22 +693,22 @@ def bits(t: Tensor) -> Tensor:
 
 @pytest.mark.parametrize("scale", [None, GRAD_SCALE], ids=["unscaled", "scaled"])
 @pytest.mark.parametrize("offset", [0, 1, 3])
-def test_grad_norm_matches_cpu_and_repeats_bit_for_bit(offset, scale):
+def test_grad_norm_matches_cpu_and_repeats_bit_for_bit(target, offset, scale):
     """The norm of grads of every dtype, views `offset` elements into their buffers: the same bits
     from a second call on the same workspace (left ready by the first) and from a fresh one, close
     to the CPU kernel's and to the float64 norm; found_inf overwritten with 0."""
     unscaled = random_grads_of(NORM_SPECS, seed=26)
     grads = scaled(unscaled, None if scale is None else "grad_scale")
-    device_grads = [placed(g, DEVICE, offset) for g in grads]
+    device_grads = [placed(g, target.device, offset) for g in grads]
 
     def scale_on(device: str) -> Tensor | None:
         return None if scale is None else torch.tensor(scale, device=device)
 
-    cpu_norm, cpu_found_inf = grad_norm(grads, NormBuffers.on("cpu"), scale_on("cpu"))
-    buffers = NormBuffers.on(DEVICE)
-    first = grad_norm(device_grads, buffers, scale_on(DEVICE))
-    again = grad_norm(device_grads, buffers, scale_on(DEVICE))
-    fresh = grad_norm(device_grads, NormBuffers.on(DEVICE), scale_on(DEVICE))
+    cpu_norm, cpu_found_inf = grad_norm(grads, NormBuffers.on(CPU), scale_on("cpu"))
+    buffers = NormBuffers.on(target)
+    first = grad_norm(device_grads, buffers, scale_on(target.device))
+    again = grad_norm(device_grads, buffers, scale_on(target.device))
+    fresh = grad_norm(device_grads, NormBuffers.on(target), scale_on(target.device))
     for other in (again, fresh):
         assert torch.equal(bits(first[0]), bits(other[0])) and torch.equal(first[1], other[1])
     norm = first[0].cpu()
@@ -685,31 +721,31 @@ def test_grad_norm_matches_cpu_and_repeats_bit_for_bit(offset, scale):
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_grad_norm_flags_inf_and_nan(dtype, bad):
+def test_grad_norm_flags_inf_and_nan(target, dtype, bad):
     """One bad element deep inside one grad sets found_inf, as on the CPU, and the norm follows
     it (inf, or NaN); the next call on finite grads clears the flag."""
     specs = [((5,), torch.float32), ((70001,), dtype), ((3,), torch.bfloat16)]
     grads = random_grads_of(specs, seed=27)
     finite = [g.clone() for g in grads]
     grads[1][40000] = bad
-    cpu_norm, cpu_found_inf = grad_norm(grads, NormBuffers.on("cpu"))
-    buffers = NormBuffers.on(DEVICE)
-    norm, found_inf = grad_norm([g.to(DEVICE) for g in grads], buffers)
+    cpu_norm, cpu_found_inf = grad_norm(grads, NormBuffers.on(CPU))
+    buffers = NormBuffers.on(target)
+    norm, found_inf = grad_norm([g.to(target.device) for g in grads], buffers)
     assert found_inf.item() == 1.0 and cpu_found_inf.item() == 1.0
     torch.testing.assert_close(norm.cpu(), cpu_norm, equal_nan=True)
     assert math.isnan(norm.item()) == math.isnan(bad)
-    norm, found_inf = grad_norm([g.to(DEVICE) for g in finite], buffers)
+    norm, found_inf = grad_norm([g.to(target.device) for g in finite], buffers)
     assert found_inf.item() == 0.0 and math.isfinite(norm.item())
 
 
 @pytest.mark.parametrize("shapes", [[], [(0,)], [(0,), (0, 4)]], ids=["none", "one", "two"])
-def test_grad_norm_of_no_elements_is_zero(shapes):
-    norm, found_inf = grad_norm([torch.zeros(s, device=DEVICE) for s in shapes],
-                                NormBuffers.on(DEVICE))
+def test_grad_norm_of_no_elements_is_zero(target, shapes):
+    norm, found_inf = grad_norm([torch.zeros(s, device=target.device) for s in shapes],
+                                NormBuffers.on(target))
     assert norm.item() == 0.0 and found_inf.item() == 0.0
 
 
-def test_grad_norm_over_more_grads_than_one_launch_holds():
+def test_grad_norm_over_more_grads_than_one_launch_holds(target):
     """5000 grads of 0 to 99 elements and a large one among them, of every dtype: more grads than
     one kernel's parameters hold, so the partial sums carry across launches."""
     sizes = np.random.default_rng(28).integers(0, 100, 5000).tolist()
@@ -718,9 +754,9 @@ def test_grad_norm_over_more_grads_than_one_launch_holds():
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     grads = random_grads_of([((n,), dtypes[i % 4]) for i, n in enumerate(sizes)], seed=29)
     grads[4000][0] = 1e4  # a large term late in the order
-    device_grads = [g.to(DEVICE) for g in grads]
-    cpu_norm, _ = grad_norm(grads, NormBuffers.on("cpu"))
-    buffers = NormBuffers.on(DEVICE)
+    device_grads = [g.to(target.device) for g in grads]
+    cpu_norm, _ = grad_norm(grads, NormBuffers.on(CPU))
+    buffers = NormBuffers.on(target)
     first = grad_norm(device_grads, buffers)
     again = grad_norm(device_grads, buffers)
     assert torch.equal(bits(first[0]), bits(again[0]))
@@ -748,13 +784,14 @@ CLASS_CASES = [
 ]
 
 
+@requires_cuda_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name, options", CLASS_CASES)
 def test_class_matches_torch_and_reference(name, options, dtype):
     generator = torch.Generator().manual_seed(11)
     initial = [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype) for s in SHAPES]
-    fused_params = [torch.nn.Parameter(t.to(DEVICE, copy=True)) for t in initial]
-    torch_params = [torch.nn.Parameter(t.to(DEVICE, copy=True)) for t in initial]
+    fused_params = [torch.nn.Parameter(t.to("cuda", copy=True)) for t in initial]
+    torch_params = [torch.nn.Parameter(t.to("cuda", copy=True)) for t in initial]
     ref_params = [t.double().numpy().copy() for t in initial]
     ref_states: list[dict[str, Any]] = [{} for _ in initial]
     fused = getattr(fused_opt, name)(fused_params, **options)
@@ -762,7 +799,7 @@ def test_class_matches_torch_and_reference(name, options, dtype):
     for step in range(5):
         grads = random_grads(initial, generator)
         for fp, tp, rp, rs, g in zip(fused_params, torch_params, ref_params, ref_states, grads):
-            fp.grad, tp.grad = g.to(DEVICE, copy=True), g.to(DEVICE, copy=True)
+            fp.grad, tp.grad = g.to("cuda", copy=True), g.to("cuda", copy=True)
             REFERENCES[name](rp, g.double().numpy(), rs, **options)
         fused.step()
         reference.step()
@@ -815,6 +852,15 @@ def cuda_model(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype],
     return params
 
 
+def kernels_launched_by(target: Target, fn) -> list[str]:
+    """Names of the kernels that fn launches on the target."""
+    if target.name == "cuda":
+        return cuda_kernels_of(fn)
+    simt.module().take_launch_log()
+    fn()
+    return [simt.kernel_name(record) for record in simt.module().take_launch_log()]
+
+
 def cuda_kernels_of(fn) -> list[str]:
     """Names of the GPU activities (kernels, copies, sets) that fn enqueues."""
     torch.cuda.synchronize()
@@ -830,6 +876,7 @@ def launches_of_step(opt: torch.optim.Optimizer) -> list[str]:
     return cuda_kernels_of(opt.step)
 
 
+@requires_cuda_kernels
 @pytest.mark.parametrize("grouping", ["one-group", "two-lr-groups"])
 @pytest.mark.parametrize("dtypes", [pytest.param([torch.float32], id="fp32"),
                                     pytest.param([torch.float32, torch.bfloat16], id="fp32+bf16")])
@@ -845,6 +892,7 @@ def test_one_launch_per_step_for_gpt2_small(name, options, dtypes, grouping):
     assert len(names) == 1 and MAIN_KERNEL in names[0], names
 
 
+@requires_cuda_kernels
 def test_adamw_groups_with_and_without_weight_decay_share_one_launch():
     """The usual LLM split: matrices decay, norms and biases do not. The Llama-style list's 201
     tensors at an eighth of the width: the launch count does not depend on sizes."""
@@ -860,6 +908,7 @@ def test_adamw_groups_with_and_without_weight_decay_share_one_launch():
     assert len(names) == 1 and MAIN_KERNEL in names[0], names
 
 
+@requires_cuda_kernels
 @pytest.mark.parametrize("name, options", STEP_CASES)
 def test_step_neither_synchronizes_nor_allocates(name, options):
     params = cuda_model([(1000, 77), (3,), (0,), (4097,)], [torch.float32, torch.bfloat16])
@@ -877,6 +926,7 @@ def test_step_neither_synchronizes_nor_allocates(name, options):
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
 
 
+@requires_cuda_kernels
 @pytest.mark.parametrize("name, options", STEP_CASES)
 def test_step_runs_on_the_current_stream(name, options):
     """The step waits behind work queued on a side stream, and the default stream does not wait
@@ -897,13 +947,14 @@ def test_step_runs_on_the_current_stream(name, options):
     assert not all(torch.equal(p, b) for p, b in zip(params, before)), "the step did not run"
 
 
+@requires_cuda_kernels
 @pytest.mark.parametrize("op", list(OP_RICH))
 def test_scaled_step_with_masters_is_one_main_launch_without_sync_or_allocation(op):
     """Loss scale, found_inf, clipping and masters add no launch, no sync, no allocation: the
     kernels read them on the device."""
     cpu = make_op_tensors(op, OP_RICH[op], [(s, torch.bfloat16) for s in SHAPES], seed=30,
                           masters=True)
-    t = copy_to(cpu, "cuda")
+    t = copy_to(cpu, CUDA)
     grads = random_grads(cpu.params, torch.Generator().manual_seed(31))
     t.grads = [g.cuda() for g in scaled(grads, "all")]
     scaling = scaling_args("all", grads, "cuda")
@@ -921,11 +972,12 @@ def test_scaled_step_with_masters_is_one_main_launch_without_sync_or_allocation(
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
 
 
+@requires_cuda_kernels
 def test_grad_norm_is_one_launch_without_sync_or_allocation():
     """GPT-2 small's 148 grads: one kernel, nothing else on the GPU, nothing allocated, no sync."""
     torch.manual_seed(32)
     grads = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in gpt2_small_shapes()]
-    buffers = NormBuffers.on("cuda")
+    buffers = NormBuffers.on(CUDA)
     grad_norm(grads, buffers)
 
     def call() -> None:
@@ -944,10 +996,11 @@ def test_grad_norm_is_one_launch_without_sync_or_allocation():
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
 
 
+@requires_cuda_kernels
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_params_on_a_device_that_is_not_current():
     cpu = make_op_tensors("adam", OP_RICH["adam"], [(s, torch.float32) for s in SHAPES], seed=12)
-    cuda = copy_to(cpu, "cuda:1")
+    cuda = copy_to(cpu, Target("cuda", "cuda:1", torch.ops.fused_opt))
     with torch.cuda.device(0):
         run_cuda_and_cpu("adam", OP_RICH["adam"], cpu, cuda)
 
@@ -986,6 +1039,7 @@ def capture(graph_opt, eager_opt, new_grads, warm_up_steps: int) -> torch.cuda.C
     return graph
 
 
+@requires_cuda_kernels
 @pytest.mark.parametrize("name, options", STEP_CASES)
 def test_graph_replays_match_eager_steps_and_follow_a_tensor_lr(name, options):
     """A captured step replayed with fresh grads matches the same steps taken eagerly with a float
@@ -1016,6 +1070,7 @@ def test_graph_replays_match_eager_steps_and_follow_a_tensor_lr(name, options):
                              magnitude([value.double()]))
 
 
+@requires_cuda_kernels
 def test_graph_follows_tensor_betas_changed_between_replays():
     """Tensor betas are read on the device: capturing a step with them works (a host read would
     fail inside the capture), and a change in place reaches the next replay."""
@@ -1042,6 +1097,7 @@ def test_graph_follows_tensor_betas_changed_between_replays():
             assert_close(gp, ep, where, magnitude([ep.double()]))
 
 
+@requires_cuda_kernels
 def test_graph_replay_is_bitwise_equal_to_eager_with_the_same_tensor_lr():
     """The same kernels on the same inputs: a replay and an eager step agree exactly."""
     shapes, dtypes = [(1000, 3), (5,), (0,)], [torch.float32, torch.float16]
@@ -1074,6 +1130,7 @@ def test_graph_replay_is_bitwise_equal_to_eager_with_the_same_tensor_lr():
             assert torch.equal(graph_opt.state[gp][key], value), key
 
 
+@requires_cuda_kernels
 @pytest.mark.parametrize("op", list(OP_RICH))
 def test_graph_of_grad_norm_and_a_scaled_clipped_step_matches_eager_calls(op):
     """grad_norm_ and a step that reads its norm and flag, with a loss scale and 16-bit params
@@ -1084,9 +1141,9 @@ def test_graph_of_grad_norm_and_a_scaled_clipped_step_matches_eager_calls(op):
     specs = [((257, 31), torch.bfloat16), ((1,), torch.float16), ((0,), torch.bfloat16),
              ((70001,), torch.float16)]
     cpu = make_op_tensors(op, options, specs, seed=33, masters=True)
-    graph_t, eager_t = copy_to(cpu, "cuda"), copy_to(cpu, "cuda")
+    graph_t, eager_t = copy_to(cpu, CUDA), copy_to(cpu, "cuda")
     graph_t.grads = [torch.zeros_like(p) for p in graph_t.params]  # the buffers the graph reads
-    graph_buffers, eager_buffers = NormBuffers.on("cuda"), NormBuffers.on("cuda")
+    graph_buffers, eager_buffers = NormBuffers.on(CUDA), NormBuffers.on(CUDA)
     graph_scale = torch.tensor(GRAD_SCALE, device="cuda")
     eager_scale = graph_scale.clone()
     generator = torch.Generator(device="cuda").manual_seed(34)
@@ -1137,15 +1194,39 @@ def test_graph_of_grad_norm_and_a_scaled_clipped_step_matches_eager_calls(op):
                     assert torch.equal(g, before[kind][index]), f"{kind}[{index}] changed, {where}"
 
 
-def test_tensor_lr_of_every_float_dtype():
+def test_tensor_lr_of_every_float_dtype(target):
     cpu = make_op_tensors("sgd", OP_RICH["sgd"], [(s, torch.float32) for s in SHAPES], seed=16)
     for lr_dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        cuda = copy_to(cpu, DEVICE)
+        cuda = copy_to(cpu, target)
         expected = copy.deepcopy(cpu)
         lr = torch.tensor(0.25, dtype=lr_dtype)  # exact in every dtype
         generator = torch.Generator().manual_seed(17)
         expected.grads = random_grads(expected.params, generator)
-        cuda.grads = [g.to(DEVICE) for g in expected.grads]
+        cuda.grads = [g.to(target.device) for g in expected.grads]
         call_op("sgd", expected, {**OP_RICH["sgd"], "lr": 0.25})
-        call_op("sgd", cuda, {**OP_RICH["sgd"], "lr": 99.0}, lr_tensor=lr.to(DEVICE))
+        call_op("sgd", cuda, {**OP_RICH["sgd"], "lr": 99.0}, lr_tensor=lr.to(target.device))
         assert_ops_agree(cuda, expected, f"lr_tensor {lr_dtype}")
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("name, options", STEP_CASES)
+def test_cpu_tensor_lr_with_cuda_params_steps_as_its_value_without_a_sync(name, options):
+    """torch's compiled-optimizer-with-scheduler recipe passes lr=torch.tensor(0.01) on the CPU
+    with a CUDA model: accepted, read on the host (no device sync), equal to the float lr."""
+    params = cuda_model([(1000, 77), (3,), (0,), (4097,)], [torch.float32, torch.bfloat16])
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, twin in zip(params, twins):
+        twin.grad = p.grad.clone()
+    opt = getattr(fused_opt, name)(params, lr=torch.tensor(0.01), **options)
+    reference = getattr(fused_opt, name)(twins, lr=0.01, **options)
+    opt.step()  # the first step creates the state
+    reference.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference.step()
+    for index, (p, twin) in enumerate(zip(params, twins)):
+        assert torch.equal(p, twin), f"params[{index}]"

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 import fused_opt
+from fused_opt import _ops
 from config import tolerance
 from devices import requires_cuda_kernels
 from optim_helpers import FULL_STATE_OPTIONS, NAMES, as_torch_state
@@ -169,7 +170,7 @@ class PipelineRun:
 @pytest.mark.parametrize("max_norm", [None, CLIP], ids=["no-clip", "clip"])
 @pytest.mark.parametrize("scaler_kind", SCALERS)
 @pytest.mark.parametrize("name", NAMES)
-def test_scaled_steps_match_torch_pipeline_and_reference(name, scaler_kind, max_norm):
+def test_scaled_steps_match_torch_pipeline_and_reference(name, scaler_kind, max_norm, kernels):
     run = PipelineRun(name, scaler_kind, max_norm)
     generator = torch.Generator().manual_seed(11)
     for index in range(STEPS):
@@ -180,7 +181,7 @@ def test_scaled_steps_match_torch_pipeline_and_reference(name, scaler_kind, max_
 
 @pytest.mark.parametrize("master_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", NAMES)
-def test_master_weights_under_scaler_and_clipping_follow_fp32_training(name, master_dtype):
+def test_master_weights_under_scaler_and_clipping_follow_fp32_training(name, master_dtype, kernels):
     run = PipelineRun(name, "fused", CLIP, master_dtype=master_dtype)
     generator = torch.Generator().manual_seed(12)
     for index in range(STEPS):
@@ -212,7 +213,7 @@ def _assert_bits_equal(actual: list[Any], expected: list[Any], what: str) -> Non
 @pytest.mark.parametrize("bad_value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("scaler_kind", ["fused", "torch"])
 @pytest.mark.parametrize("name", NAMES)
-def test_one_bad_element_among_many_tensors_changes_nothing(name, scaler_kind, bad_value):
+def test_one_bad_element_among_many_tensors_changes_nothing(name, scaler_kind, bad_value, kernels):
     shapes = [(n % 7 + 1, n % 5 + 1) for n in range(37)] + [(40000,), (0,)]
     params = make_params(torch.bfloat16, shapes=shapes)
     optimizer = getattr(fused_opt, name)(params, master_weights=True, max_grad_norm=1.0,
@@ -238,7 +239,7 @@ def test_one_bad_element_among_many_tensors_changes_nothing(name, scaler_kind, b
 
 @pytest.mark.parametrize("scaler_kind", ["fused", "torch"])
 @pytest.mark.parametrize("name", NAMES)
-def test_skipped_first_step_is_as_if_it_never_happened(name, scaler_kind):
+def test_skipped_first_step_is_as_if_it_never_happened(name, scaler_kind, kernels):
     # torch's fused SGD leaves its momentum buffer uninitialized here; dampening shows it.
     options = FULL_STATE_OPTIONS[name]
     generator = torch.Generator().manual_seed(4)
@@ -279,7 +280,7 @@ def test_skipped_first_step_is_as_if_it_never_happened(name, scaler_kind):
 # amplifies rounding beyond any fp32 tolerance, in torch as in fused_opt.
 @pytest.mark.parametrize("max_norm", [0.0, 2000.0, 1e9], ids=["zero", "clip", "none"])
 @pytest.mark.parametrize("name", NAMES)
-def test_max_grad_norm_equals_clip_grad_norm_over_all_groups(name, max_norm):
+def test_max_grad_norm_equals_clip_grad_norm_over_all_groups(name, max_norm, kernels):
     options = FULL_STATE_OPTIONS[name]
     init = make_params(torch.float32)
     fused_params = [torch.nn.Parameter(p.detach().clone()) for p in init]
@@ -377,7 +378,7 @@ def test_sparse_grads_under_a_scaler_train_like_torch(scaler_kind):
 def _grad_norm(grads, grad_scale=None):
     norm, found_inf = torch.full((), -1.0), torch.full((), -1.0)
     workspace = torch.zeros(fused_opt._ops.GRAD_NORM_WORKSPACE_NUMEL)
-    torch.ops.fused_opt.grad_norm_(grads, norm, found_inf, workspace, grad_scale=grad_scale)
+    _ops.op_namespace.grad_norm_(grads, norm, found_inf, workspace, grad_scale=grad_scale)
     return norm, found_inf
 
 
@@ -396,7 +397,7 @@ def _mixed_grads(seed=0):
 
 
 @pytest.mark.parametrize("grad_scale", [None, 2.0**-3, 1024.0, 3.0])
-def test_grad_norm_is_the_global_norm_divided_by_the_scale(grad_scale):
+def test_grad_norm_is_the_global_norm_divided_by_the_scale(grad_scale, kernels):
     grads = _mixed_grads()
     scale = None if grad_scale is None else torch.tensor(grad_scale)
     norm, found_inf = _grad_norm(grads, scale)
@@ -407,20 +408,20 @@ def test_grad_norm_is_the_global_norm_divided_by_the_scale(grad_scale):
     assert found_inf.item() == 0.0
 
 
-def test_grad_norm_of_no_grads_is_zero():
+def test_grad_norm_of_no_grads_is_zero(kernels):
     norm, found_inf = _grad_norm([])
     assert (norm.item(), found_inf.item()) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("tensor", range(4))
-def test_grad_norm_flags_any_non_finite_element(tensor, value):
+def test_grad_norm_flags_any_non_finite_element(tensor, value, kernels):
     grads = _mixed_grads()
     grads[tensor].view(-1)[-1] = value
     assert _grad_norm(grads)[1].item() == 1.0
 
 
-def test_grad_norm_flags_only_non_finite_elements():
+def test_grad_norm_flags_only_non_finite_elements(kernels):
     # Squares of float64 values past 1e154 overflow to inf, yet the values are finite: no skip.
     norm, found_inf = _grad_norm([torch.full((3,), 1e200, dtype=torch.float64)])
     assert found_inf.item() == 0.0 and math.isinf(norm.item())
@@ -445,7 +446,7 @@ def test_grad_norm_has_the_same_bits_for_any_thread_count():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", NAMES)
-def test_master_weights_keep_updates_that_16bit_params_lose(name, dtype):
+def test_master_weights_keep_updates_that_16bit_params_lose(name, dtype, kernels):
     # Updates of ~1e-5 on params of ~1 are below half a 16-bit ulp: plain 16-bit training loses
     # every one of them, the master accumulates them as fp32 training does.
     options = {**FULL_STATE_OPTIONS[name], "lr": 1e-5}
@@ -482,7 +483,7 @@ def test_master_weights_keep_updates_that_16bit_params_lose(name, dtype):
     assert all(torch.equal(p, i) for p, i in zip(runs["plain"][0], init)), "plain 16-bit lost them"
 
 
-def test_master_weights_leave_fp32_params_of_the_group_alone():
+def test_master_weights_leave_fp32_params_of_the_group_alone(kernels):
     params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5).bfloat16())]
     optimizer = fused_opt.AdamW(params, master_weights=True)
     for p in params:
@@ -511,7 +512,7 @@ def _train(optimizer, params, scaler, steps, seed):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_state_dict_reload_continues_bit_identically(name):
+def test_state_dict_reload_continues_bit_identically(name, kernels):
     def build(params):
         return getattr(fused_opt, name)(params, master_weights=True, max_grad_norm=CLIP,
                                         **FULL_STATE_OPTIONS[name])
@@ -537,7 +538,7 @@ def test_state_dict_reload_continues_bit_identically(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_checkpoints_move_between_master_weights_and_torch(name):
+def test_checkpoints_move_between_master_weights_and_torch(name, kernels):
     options = FULL_STATE_OPTIONS[name]
     params = make_params(torch.bfloat16)
     torch_opt = getattr(torch.optim, name)(params, **options)

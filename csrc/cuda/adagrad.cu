@@ -28,10 +28,10 @@ void adagrad_step(const StepCall& call, const AdagradGroup* groups, bool maximiz
   // L2 decay by zero adds 0 * param (NaN for an infinite param, +0 to a -0 gradient), so groups
   // without decay launch apart.
   const auto decays = [&](size_t g) { return groups[g].hyper.weight_decay != 0.0; };
-  for_each_group_mode(call, decays, [&](bool weight_decay, const auto& in_mode) {
+  for_each_group_mode(call, decays, [&](bool weight_decay, const auto& in_mode, LaunchPhase phase) {
     with_bool(maximize, [&](auto kMaximize) {
       with_bool(weight_decay, [&](auto kWeightDecay) {
-        launch_multi_tensor<AdagradOp<kMaximize, kWeightDecay>>(call, groups, in_mode);
+        launch_multi_tensor<AdagradOp<kMaximize, kWeightDecay>>(call, groups, in_mode, phase);
       });
     });
   });

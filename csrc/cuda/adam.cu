@@ -40,12 +40,12 @@ void adam_step(const StepCall& call, const AdamGroup* groups, bool amsgrad, bool
                ? (any_decay ? WeightDecay::kDecoupled : WeightDecay::kNone)
                : math::adam_weight_decay_mode(groups[g].hyper.weight_decay, false);
   };
-  for_each_group_mode(call, mode_of, [&](WeightDecay mode, const auto& in_mode) {
+  for_each_group_mode(call, mode_of, [&](WeightDecay mode, const auto& in_mode, LaunchPhase phase) {
     with_bool(amsgrad, [&](auto kAmsgrad) {
       with_bool(maximize, [&](auto kMaximize) {
         with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
             mode, [&](auto kMode) {
-              launch_multi_tensor<AdamOp<kAmsgrad, kMaximize, kMode>>(call, groups, in_mode);
+              launch_multi_tensor<AdamOp<kAmsgrad, kMaximize, kMode>>(call, groups, in_mode, phase);
             });
       });
     });

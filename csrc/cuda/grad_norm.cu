@@ -230,8 +230,9 @@ void grad_norm(const GradArgs* grads, size_t count, float* norm, float* found_in
   table.clear();
   const auto run = [&](bool last) {
     launch.last = last;
-    grad_norm_kernel<<<blocks, kNormBlockSize, 0, cuda_stream>>>(table, launch);
-    throw_on_launch_error("fused_opt::cuda::grad_norm_kernel");
+    throw_on_launch_error(
+        launch_kernel(&grad_norm_kernel, blocks, kNormBlockSize, cuda_stream, table, launch),
+        "fused_opt::cuda::grad_norm_kernel");
     launch.first = false;
     table.clear();
   };

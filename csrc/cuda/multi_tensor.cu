@@ -16,8 +16,10 @@ void throw_on_error(cudaError_t status, const char* what) {
 
 }  // namespace
 
-void throw_on_launch_error(const char* kernel) {
-  throw_on_error(cudaGetLastError(), (std::string("launching ") + kernel).c_str());
+void throw_on_launch_error(cudaError_t status, const char* kernel) {
+  if (status == cudaSuccess) return;
+  cudaGetLastError();
+  throw_on_error(status, (std::string("launching ") + kernel).c_str());
 }
 
 int resident_blocks(const void* kernel, int block_size, std::atomic<int>* cache, int cache_size) {

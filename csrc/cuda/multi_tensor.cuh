@@ -21,7 +21,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/launch.h"
 #include "fused_opt/math/grad_scaling.h"
@@ -449,18 +451,42 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
 // ------------------------------------------------------------------------------------------------
 // Host side: filling tables and launching.
 
-void throw_on_launch_error(const char* kernel);
+// Launches kernel<<<blocks, threads, 0, stream>>>(args...) and returns the status of this launch
+// alone: cudaGetLastError after a launch would also report, and blame on fused_opt, an error
+// that earlier CUDA calls of other code left behind. The emulation tier (csrc/simt/simt.h)
+// executes kernels by overloading cudaLaunchKernel.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), unsigned blocks, unsigned threads,
+                          cudaStream_t stream, Args&&... args) {
+  std::tuple<Params...> values(std::forward<Args>(args)...);
+  return std::apply(
+      [&](auto&... value) {
+        void* pointers[] = {static_cast<void*>(&value)...};
+        return cudaLaunchKernel(kernel, dim3(blocks), dim3(threads), pointers, 0, stream);
+      },
+      values);
+}
+
+// Throws for a failed launch, after clearing the runtime's record of it, which belongs to this
+// launch and must not surface at the next error check of other code.
+void throw_on_launch_error(cudaError_t status, const char* kernel);
 
 // Blocks of `kernel` the current device keeps resident at once (SM count times blocks per SM of
 // block_size threads), queried on the first launch on each device and kept in cache[device].
+// Fails (throws) for a kernel the device has no image of.
 int resident_blocks(const void* kernel, int block_size, std::atomic<int>* cache, int cache_size);
+
+// A call runs in two passes over its launches, so that it changes all or nothing: the first
+// asks the runtime about every kernel the call needs (what fails for a device without that
+// kernel's image), the second launches.
+enum class LaunchPhase { kPrepare, kLaunch };
 
 // Runs Op over every element of every tensor of the call whose group in_launch(group) selects, in
 // as few launches as the table and group capacities allow (one for typical models: hundreds of
 // tensors and up to kMaxLaunchGroups groups per launch). `groups` is indexed by TensorArgs::group.
 template <typename Op, bool kMaster, typename InLaunch>
 void launch_tables(const StepCall& call, const typename Op::Group* groups,
-                   const InLaunch& in_launch) {
+                   const InLaunch& in_launch, LaunchPhase phase) {
   using Table = TensorTable<Op::kNumStates, Op::kCountsSteps, kMaster>;
   using Groups = LaunchGroups<typename Op::Group>;
   static_assert(sizeof(Groups) + sizeof(math::GradScaling) + sizeof(unsigned*) <=
@@ -474,6 +500,7 @@ void launch_tables(const StepCall& call, const typename Op::Group* groups,
   const int max_blocks =
       resident_blocks(reinterpret_cast<const void*>(&multi_tensor_kernel<Op, Table>), kBlockSize,
                       cached_blocks, kCachedDevices);
+  if (phase == LaunchPhase::kPrepare) return;
   const auto stream = static_cast<cudaStream_t>(call.stream);
 
   Table table;
@@ -490,9 +517,10 @@ void launch_tables(const StepCall& call, const typename Op::Group* groups,
     if (table.count == 0) return;
     const auto blocks =
         static_cast<unsigned>(std::clamp<int64_t>(table.total_chunks, 1, max_blocks));
-    multi_tensor_kernel<Op, Table><<<blocks, kBlockSize, 0, stream>>>(
-        table, launch_groups, call.scaling, call.finished_blocks);
-    throw_on_launch_error("fused_opt::cuda::multi_tensor_kernel");
+    throw_on_launch_error(launch_kernel(&multi_tensor_kernel<Op, Table>, blocks, kBlockSize,
+                                        stream, table, launch_groups, call.scaling,
+                                        call.finished_blocks),
+                          "fused_opt::cuda::multi_tensor_kernel");
     reset();
   };
   reset();
@@ -512,23 +540,26 @@ void launch_tables(const StepCall& call, const typename Op::Group* groups,
 
 template <typename Op, typename InLaunch>
 void launch_multi_tensor(const StepCall& call, const typename Op::Group* groups,
-                         const InLaunch& in_launch) {
+                         const InLaunch& in_launch, LaunchPhase phase) {
   if (call.master_weights) {
-    launch_tables<Op, true>(call, groups, in_launch);
+    launch_tables<Op, true>(call, groups, in_launch, phase);
   } else {
-    launch_tables<Op, false>(call, groups, in_launch);
+    launch_tables<Op, false>(call, groups, in_launch, phase);
   }
 }
 
-// Calls launch(mode, in_mode) once for each distinct mode_of(g) among the call's groups, where
-// in_mode(g) says whether group g has that mode: groups of one compiled mode share launches.
+// Calls launch(mode, in_mode, phase) once for each distinct mode_of(g) among the call's groups
+// and each phase (every mode prepared before any is launched), where in_mode(g) says whether
+// group g has that mode: groups of one compiled mode share launches.
 template <typename ModeOf, typename Launch>
 void for_each_group_mode(const StepCall& call, const ModeOf& mode_of, const Launch& launch) {
-  for (size_t g = 0; g < call.group_count; ++g) {
-    const auto mode = mode_of(g);
-    bool seen = false;
-    for (size_t earlier = 0; earlier < g && !seen; ++earlier) seen = mode_of(earlier) == mode;
-    if (!seen) launch(mode, [&](size_t group) { return mode_of(group) == mode; });
+  for (const LaunchPhase phase : {LaunchPhase::kPrepare, LaunchPhase::kLaunch}) {
+    for (size_t g = 0; g < call.group_count; ++g) {
+      const auto mode = mode_of(g);
+      bool seen = false;
+      for (size_t earlier = 0; earlier < g && !seen; ++earlier) seen = mode_of(earlier) == mode;
+      if (!seen) launch(mode, [&](size_t group) { return mode_of(group) == mode; }, phase);
+    }
   }
 }
 

@@ -1,5 +1,5 @@
-// CUDA registrations of the ops: validation, the device guard and the caller's stream here, the
-// kernels behind the torch-free API of launch.h. Only device-generic torch headers are included
+// The CUDA implementations of the ops: validation, the device guard and the caller's stream here,
+// the kernels behind the torch-free API of launch.h. Only device-generic torch headers are included
 // (c10/cuda is not), so this file compiles against a CPU build of torch as well; the one CUDA
 // entry point it needs, the current stream, comes from torch's C shim, which libtorch_cuda exports.
 #include <c10/core/DeviceGuard.h>
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda/launch.h"
+#include "cuda/ops_cuda.h"
 #include "fused_opt/validate.h"
 
 // shim.h declares this only under USE_CUDA, which extension builds do not define.
@@ -49,9 +50,22 @@ DeviceScalar device_scalar(std::string_view op, std::string_view name,
   return {tensor->const_data_ptr(), dtype_code(op, name, tensor->scalar_type())};
 }
 
-DeviceScalar device_scalar(std::string_view op, std::string_view name, const HyperTensors& tensors,
-                           size_t group) {
-  return device_scalar(op, name, tensors.get(group));
+// One group's hyperparameter as the kernels take it: its value, and the tensor to read on the
+// device instead when there is one beside the params. A CPU tensor with params on a GPU (torch's
+// compiled-optimizer recipes pass lr that way) is host memory: it is read here, without a sync,
+// and a captured graph keeps the value it had at capture.
+struct GroupHyper {
+  double value;
+  DeviceScalar on_device;
+};
+
+GroupHyper group_hyper(std::string_view op, std::string_view name, double value,
+                       const HyperTensors& tensors, size_t group, const at::Device& device) {
+  const std::optional<at::Tensor> tensor = tensors.get(group);
+  if (tensor && tensor->device() != device && tensor->device().is_cpu()) {
+    return {tensor->item<double>(), {nullptr, DType::kFloat32}};
+  }
+  return {value, device_scalar(op, name, tensor)};
 }
 
 // The kernels' view of one step call: one entry per param, with its used states packed in the
@@ -118,11 +132,16 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   if (params.empty()) return;
 
   const c10::DeviceGuard guard(params[0].device());
+  const at::Device device = params[0].device();
   const AdamGroup* groups = make_groups<AdamGroup>(step.groups, [&](size_t g) {
-    return AdamGroup{{lr[g], beta1[g], beta2[g], eps[g], weight_decay[g]},
-                     device_scalar(kAdamOp, "lr_tensor", lr_tensor, g),
-                     device_scalar(kAdamOp, "beta1_tensor", beta1_tensor, g),
-                     device_scalar(kAdamOp, "beta2_tensor", beta2_tensor, g)};
+    const GroupHyper group_lr = group_hyper(kAdamOp, "lr_tensor", lr[g], lr_tensor, g, device);
+    const GroupHyper group_beta1 =
+        group_hyper(kAdamOp, "beta1_tensor", beta1[g], beta1_tensor, g, device);
+    const GroupHyper group_beta2 =
+        group_hyper(kAdamOp, "beta2_tensor", beta2[g], beta2_tensor, g, device);
+    return AdamGroup{
+        {group_lr.value, group_beta1.value, group_beta2.value, eps[g], weight_decay[g]},
+        group_lr.on_device, group_beta1.on_device, group_beta2.on_device};
   });
   adam_step(step_call(kAdamOp, params, grads, master_params,
                       {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps, step),
@@ -146,8 +165,10 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
 
   const c10::DeviceGuard guard(params[0].device());
   const SgdGroup* groups = make_groups<SgdGroup>(step.groups, [&](size_t g) {
-    return SgdGroup{{lr[g], momentum[g], dampening[g], weight_decay[g]},
-                    device_scalar(kSgdOp, "lr_tensor", lr_tensor, g)};
+    const GroupHyper group_lr =
+        group_hyper(kSgdOp, "lr_tensor", lr[g], lr_tensor, g, params[0].device());
+    return SgdGroup{{group_lr.value, momentum[g], dampening[g], weight_decay[g]},
+                    group_lr.on_device};
   });
   sgd_step(step_call(kSgdOp, params, grads, master_params, {momentum_buffers}, steps, step),
            groups, nesterov, maximize);
@@ -172,8 +193,10 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList sq
 
   const c10::DeviceGuard guard(params[0].device());
   const RmspropGroup* groups = make_groups<RmspropGroup>(step.groups, [&](size_t g) {
-    return RmspropGroup{{lr[g], alpha[g], eps[g], weight_decay[g], momentum[g]},
-                        device_scalar(kRmspropOp, "lr_tensor", lr_tensor, g)};
+    const GroupHyper group_lr =
+        group_hyper(kRmspropOp, "lr_tensor", lr[g], lr_tensor, g, params[0].device());
+    return RmspropGroup{{group_lr.value, alpha[g], eps[g], weight_decay[g], momentum[g]},
+                        group_lr.on_device};
   });
   rmsprop_step(step_call(kRmspropOp, params, grads, master_params,
                          {square_avgs, grad_avgs, momentum_buffers}, steps, step),
@@ -198,8 +221,10 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
 
   const c10::DeviceGuard guard(params[0].device());
   const AdagradGroup* groups = make_groups<AdagradGroup>(step.groups, [&](size_t g) {
-    return AdagradGroup{{lr[g], lr_decay[g], weight_decay[g], eps[g]},
-                        device_scalar(kAdagradOp, "lr_tensor", lr_tensor, g)};
+    const GroupHyper group_lr =
+        group_hyper(kAdagradOp, "lr_tensor", lr[g], lr_tensor, g, params[0].device());
+    return AdagradGroup{{group_lr.value, lr_decay[g], weight_decay[g], eps[g]},
+                        group_lr.on_device};
   });
   adagrad_step(step_call(kAdagradOp, params, grads, master_params, {state_sums}, steps, step),
                groups, maximize);
@@ -227,12 +252,12 @@ void grad_norm_cuda(at::TensorList grads, const at::Tensor& norm, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_opt, CUDA, m) {
-  m.impl("adam_", &adam_cuda);
-  m.impl("sgd_", &sgd_cuda);
-  m.impl("rmsprop_", &rmsprop_cuda);
-  m.impl("adagrad_", &adagrad_cuda);
-  m.impl("grad_norm_", &grad_norm_cuda);
+void register_cuda_kernels(torch::Library& library) {
+  library.impl("adam_", &adam_cuda);
+  library.impl("sgd_", &sgd_cuda);
+  library.impl("rmsprop_", &rmsprop_cuda);
+  library.impl("adagrad_", &adagrad_cuda);
+  library.impl("grad_norm_", &grad_norm_cuda);
 }
 
 }  // namespace fused_opt::cuda

@@ -52,8 +52,9 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
                         at::TensorList master_params, std::initializer_list<NamedList> states,
                         std::optional<at::TensorList> steps);
 
-// A hyperparameter given as a tensor (lr_tensor, ...): one element, on the params' device.
-// `group` is the tensor's index in a per-group list, for the message.
+// A hyperparameter given as a tensor (lr_tensor, ...): one element, on the params' device or on
+// the CPU, whose memory the host reads without a sync. `group` is the tensor's index in a
+// per-group list, for the message.
 void check_hyper_tensor(std::string_view op, std::string_view name,
                         const std::optional<at::Tensor>& tensor, const at::Device& device,
                         std::optional<size_t> group = std::nullopt);
@@ -95,7 +96,7 @@ class ParamGroups {
 
   // Checks that the per-group argument `name` has one entry per group.
   void check_entries(std::string_view name, size_t entries) const;
-  // As check_entries, and each tensor given has one element on `device`.
+  // As check_entries, and each tensor given is a valid hyperparameter tensor for `device`.
   void check_hyper_tensors(std::string_view name, const HyperTensors& tensors,
                            const at::Device& device) const;
 
