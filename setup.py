@@ -1,26 +1,52 @@
 """Builds fused_opt._C: CPU kernels always, CUDA kernels when torch and the toolkit allow it.
 
 FUSED_OPT_CUDA=1 / =0 forces the CUDA build on or off; MAX_JOBS and TORCH_CUDA_ARCH_LIST are
-honoured by torch.utils.cpp_extension. Nothing here targets the build machine's own CPU
-(no -march=native) or relaxes IEEE semantics (no fast-math): the wheel must travel.
+honoured by torch.utils.cpp_extension, and without a visible GPU TORCH_CUDA_ARCH_LIST defaults to
+tools/cuda_toolkit.py's DEFAULT_ARCH_LIST. CUDA_HOME, when unset, is the toolkit of the nvcc on
+PATH (tools/cuda_toolkit.py). Nothing here targets the build machine's own CPU (no -march=native)
+or relaxes IEEE semantics (no fast-math): the wheel must travel.
 """
 
 import os
+import sys
 from pathlib import Path
-
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
 
+sys.path.insert(0, str(ROOT / "tools"))
+import cuda_toolkit  # noqa: E402
+
+# torch.utils.cpp_extension fixes CUDA_HOME when imported, and without it takes the folder two
+# levels above the nvcc on PATH: for a wrapper script (/usr/local/bin/nvcc) that folder has no
+# libcudart and the link fails. So the toolkit is found first.
+CUDA_TOOLKIT = cuda_toolkit.find_cuda_home()
+if CUDA_TOOLKIT is not None:
+    os.environ["CUDA_HOME"] = str(CUDA_TOOLKIT)
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def cuda_build_problem() -> str | None:
+    """Why this build cannot have CUDA kernels, or None when it can."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    return cuda_toolkit.cuda_build_problem(CUDA_TOOLKIT, cuda_toolkit.arch_flags())
+
 
 def build_cuda() -> bool:
     forced = os.environ.get("FUSED_OPT_CUDA")
-    if forced is not None:
-        return forced == "1"
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if forced is not None and forced != "1":
+        return False
+    problem = cuda_build_problem()
+    if problem is None:
+        return True
+    if forced == "1":
+        sys.exit(f"fused_opt: FUSED_OPT_CUDA=1, but {problem}")
+    print(f"fused_opt: building the CPU kernels only: {problem}", file=sys.stderr)
+    return False
 
 
 def sources(pattern: str) -> list[str]:

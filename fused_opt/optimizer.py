@@ -564,6 +564,14 @@ class _ScalingByDevice(dict):
         return kwargs
 
 
+def plain_bool(condition: Any) -> bool:
+    """A comparison of a group's hyperparameter as a plain bool, for the call modes that key the
+    buckets. torch.compile (2.14) may trace a float hyperparameter as a symbol, and then its
+    comparison too, through bool() as well; comparing two such keys fails. Branching on it makes
+    dynamo guard on the value and yield a constant instead."""
+    return True if condition else False
+
+
 def uses_master(group: dict[str, Any], p: Tensor) -> bool:
     """Whether the param is updated through an fp32 master copy: 16-bit params of a group with
     master_weights=True. Other params of such a group are their own masters."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fused_opt import _ops
-from fused_opt.optimizer import DeviceBucket, FusedOptimizer
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer, plain_bool
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -63,7 +63,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         return keys
 
     def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
-        return (group["centered"], group["momentum"] > 0, group["maximize"])
+        return (group["centered"], plain_bool(group["momentum"] > 0), group["maximize"])
 
     def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
         centered, _, maximize = self._call_modes(bucket.groups[0])

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
 from fused_opt import _ops
-from fused_opt.optimizer import DeviceBucket, FusedOptimizer, new_step
+from fused_opt.optimizer import DeviceBucket, FusedOptimizer, new_step, plain_bool
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -90,7 +90,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         return {}
 
     def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
-        return (group["momentum"] != 0, group["nesterov"], group["maximize"])
+        return (plain_bool(group["momentum"] != 0), group["nesterov"], group["maximize"])
 
     def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
         _, nesterov, maximize = self._call_modes(bucket.groups[0])

@@ -37,7 +37,8 @@ REQUIRED = os.environ.get("FUSED_OPT_REQUIRE_SIMT") == "1"
 NAMESPACE = "fused_opt_simt"
 
 sys.path.insert(0, str(ROOT / "tools"))
-from check_cuda_build import CheckFailed, find_cuda_home, setup_lists  # noqa: E402
+from check_cuda_build import setup_lists  # noqa: E402
+from cuda_toolkit import find_cuda_home  # noqa: E402
 
 
 def _kernel_wrappers() -> list[Path]:
@@ -56,6 +57,9 @@ def _kernel_wrappers() -> list[Path]:
 
 def _build():
     cuda_home = find_cuda_home()
+    if cuda_home is None:
+        raise RuntimeError("the emulation tier needs the CUDA toolkit's headers (cuda_runtime.h, "
+                           "cuda_fp16.h, cuda_bf16.h), and no toolkit was found: set CUDA_HOME")
     flags = setup_lists()["cxx_flags"]
     # torch's nvcc flags that remove the implicit float16/bfloat16 conversions, as the real build.
     no_implicit_half = [f for f in cpp_extension.COMMON_NVCC_FLAGS if f.startswith("-D__CUDA_NO")]
@@ -96,12 +100,7 @@ def _build():
 @functools.cache
 def module():
     """The emulation module, built on first use; RuntimeError when it cannot be built here."""
-    try:
-        return _build()
-    except CheckFailed as missing_toolkit:
-        raise RuntimeError(
-            f"the emulation tier needs the CUDA toolkit's headers: {missing_toolkit}"
-        ) from missing_toolkit
+    return _build()
 
 
 @functools.cache

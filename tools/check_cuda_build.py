@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Proves on a machine without a GPU, and with a CPU build of torch, that the CUDA extension builds.
 
-1. Every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90, with the flags of the real build
-   (torch's common nvcc flags and setup.py's own), and ptxas -v reports no spill and no stack frame
-   for any function (a stack frame without spills means an array went to local memory).
+1. Every csrc/cuda/*.cu compiles with nvcc for the architectures a build here ships
+   (TORCH_CUDA_ARCH_LIST, else tools/cuda_toolkit.py's DEFAULT_ARCH_LIST), with the flags of the
+   real build (torch's common nvcc flags and setup.py's own), and ptxas -v reports no spill and no
+   stack frame for any function (a stack frame without spills means an array went to local
+   memory). The toolkit is the one setup.py would use (tools/cuda_toolkit.py's find_cuda_home).
 2. The torch glue (csrc/cuda/*.cpp) compiles against this torch's headers, and so does the rest of
    the extension's C++ (csrc/*.cpp, csrc/cpu/*.cpp).
 3. All of it links into one shared library against libtorch, libc10 and libcudart, and every symbol
@@ -35,10 +37,11 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+import cuda_toolkit
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 OUT = ROOT / "build" / "cuda-check"
-ARCHS = ("80", "90")
 # The C shim's current-stream getter: declared in ops_cuda.cpp, exported by libtorch_cuda.
 EXPECTED_FROM_TORCH_CUDA = {"aoti_torch_get_current_cuda_stream"}
 # Defined by the interpreter that imports the extension; extensions never link libpython.
@@ -75,20 +78,6 @@ def setup_lists() -> dict[str, list[str]]:
     return lists
 
 
-def find_cuda_home() -> Path:
-    """The first toolkit with nvcc, the runtime headers and libcudart: CUDA_HOME, CUDA_PATH, the one
-    torch found (from nvcc on PATH, which may be a wrapper outside the toolkit), /usr/local/cuda."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  cpp_extension.CUDA_HOME, "/usr/local/cuda"]
-    for candidate in filter(None, candidates):
-        home = Path(candidate).resolve()
-        if ((home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists()
-                and (home / "lib64" / "libcudart.so").exists()):
-            return home
-    raise CheckFailed(f"no CUDA toolkit (nvcc, cuda_runtime.h, lib64/libcudart.so) in any of "
-                      f"{[c for c in candidates if c]}; set CUDA_HOME")
-
-
 def run(cmd: list[str], what: str) -> str:
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     output = result.stdout + result.stderr
@@ -123,8 +112,7 @@ def parse_ptxas(source: str, log: str) -> list[FunctionReport]:
 
 def compile_cu(nvcc: Path, flags: list[str], source: Path) -> tuple[Path, list[FunctionReport], str]:
     obj = OUT / (source.stem + ".cu.o")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    cmd = [str(nvcc), *flags, *gencode, "-Xptxas", "-v", "-Xcompiler", "-fPIC",
+    cmd = [str(nvcc), *flags, "-Xptxas", "-v", "-Xcompiler", "-fPIC",
            f"-I{CSRC}", f"-I{CSRC / 'include'}", "-c", str(source), "-o", str(obj)]
     log = run(cmd, f"nvcc {source.relative_to(ROOT)}")
     warnings = "\n".join(l for l in log.splitlines() if "warning" in l.lower())
@@ -191,9 +179,13 @@ def main() -> int:
     jobs = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
     OUT.mkdir(parents=True, exist_ok=True)
     flags = setup_lists()
-    cuda_home = find_cuda_home()
+    cuda_home = cuda_toolkit.find_cuda_home()
+    arch_flags = cuda_toolkit.arch_flags()
+    problem = cuda_toolkit.cuda_build_problem(cuda_home, arch_flags)
+    if problem:
+        raise CheckFailed(problem)
     nvcc = cuda_home / "bin" / "nvcc"
-    nvcc_flags = [*cpp_extension.COMMON_NVCC_FLAGS, *flags["nvcc_flags"]]
+    nvcc_flags = [*cpp_extension.COMMON_NVCC_FLAGS, *flags["nvcc_flags"], *arch_flags]
     # torch's BuildExtension adds the language standard to the C++ flags (C++20 for torch 2.13).
     cxx_flags = [*flags["cxx_flags"], "-std=c++20", "-DTORCH_API_INCLUDE_EXTENSION_H",
                  "-DTORCH_EXTENSION_NAME=_C"]
@@ -205,7 +197,8 @@ def main() -> int:
                           *(CSRC / "cuda").glob("*.cpp")])
     if not cu_sources:
         raise CheckFailed("no csrc/cuda/*.cu files")
-    print(f"check_cuda_build: {len(cu_sources)} .cu files for sm_{', sm_'.join(ARCHS)} with "
+    print(f"check_cuda_build: {len(cu_sources)} .cu files for "
+          f"{', '.join(cuda_toolkit.targets(arch_flags))} with "
           f"{nvcc} ({' '.join(nvcc_flags)}); {len(cpp_sources)} C++ files against torch "
           f"{torch.__version__}; {jobs} jobs", flush=True)
 
