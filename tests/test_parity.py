@@ -654,3 +654,75 @@ def test_comparison_detects_wrong_hyperparameter(name, wrong):
     run.ref_options[0].update(wrong)
     with pytest.raises(AssertionError, match="vs reference"):
         run_and_check(run, seed=17)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decay rates near one and at zero
+
+NEAR_ONE_STEPS = 20
+# Rates whose float32 rounding is a large part of 1 - rate: a kernel that takes 1 - rate in float32
+# from the rounded rate makes the moment it weighs 1.7e-4 (0.9999) to 19% (0.9999999) too large.
+NEAR_ONE_CASES = [
+    pytest.param(name, options, id=f"{name}-{options_id(options)}")
+    for name, options in [
+        ("Adam", {"betas": (0.9, 0.9999)}),
+        ("Adam", {"betas": (0.99999, 0.99999), "amsgrad": True}),
+        ("Adam", {"betas": (0.9, 0.9999999), "weight_decay": WEIGHT_DECAY}),
+        ("AdamW", {"betas": (0.9999, 0.999999), "weight_decay": WEIGHT_DECAY}),
+        ("RMSprop", {"alpha": 0.9999}),
+        ("RMSprop", {"alpha": 0.9999999, "centered": True, "momentum": 0.9}),
+    ]
+]
+
+
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
+@pytest.mark.parametrize("name, options", NEAR_ONE_CASES)
+def test_decay_rates_near_one(name, options, dtype, device):
+    run = single_group_run(
+        name, random_params(SMALL_SHAPES, dtype, seed=18), device, lr=LR[name], **options
+    )
+    generator = torch.Generator().manual_seed(19)
+    for step in range(1, NEAR_ONE_STEPS + 1):
+        run.random_step(generator)
+        run.check(f"after step {step}")
+
+
+def _shrinking_grads(t: Tensor, step: int) -> Tensor:
+    """A grad of 1 then one a million times smaller, alternating in sign: a running average that
+    weighs the new grad fully must hold the small one exactly, with nothing left of the large."""
+    return torch.full_like(t, (-1.0) ** step * 10.0 ** (-6 * (step % 2)))
+
+
+# Weight 1 on the new grad: Adam's beta1 = 0, centered RMSprop's alpha = 0 (its grad_avg).
+WEIGHT_ONE_CASES = [
+    pytest.param("Adam", {"betas": (0.0, 0.999)}, "exp_avg", id="Adam-beta1=0"),
+    pytest.param("AdamW", {"betas": (0.0, 0.999)}, "exp_avg", id="AdamW-beta1=0"),
+    pytest.param("RMSprop", {"alpha": 0.0, "centered": True}, "grad_avg", id="RMSprop-alpha=0"),
+]
+
+
+@pytest.mark.parametrize("master_weights", [False, True], ids=["own", "master"])
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]])
+@pytest.mark.parametrize("name, options, key", WEIGHT_ONE_CASES)
+def test_average_that_weighs_the_new_grad_fully_is_the_grad(
+    name, options, key, dtype, master_weights, device
+):
+    params = [
+        torch.nn.Parameter(t.to(device))
+        for t in random_params([(1031,), (3, 7, 5)], dtype, seed=20)
+    ]
+    fused = getattr(fused_opt, name)(
+        params, lr=LR[name], master_weights=master_weights, **options
+    )
+    torch_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = getattr(torch.optim, name)(torch_params, lr=LR[name], foreach=False, **options)
+    for step in range(6):
+        for p, q in zip(params, torch_params):
+            p.grad = _shrinking_grads(p, step)
+            q.grad = p.grad.clone()
+        fused.step()
+        reference.step()
+        for p, q in zip(params, torch_params):
+            average = fused.state[p][key]
+            assert torch.equal(average, p.grad.to(average.dtype)), f"{key} after step {step}"
+            assert torch.equal(reference.state[q][key], q.grad), f"torch's {key}, step {step}"
