@@ -15,6 +15,7 @@ read-only statistics pass over the gradients.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,11 +103,15 @@ class FusedOptimizer(Optimizer):
       * ``_sparse_grad_error``: torch.optim's message for sparse grads, or None when the
         optimizer accepts them, in which case ``_step_sparse(group, params)`` handles them;
       * ``_sparse_weight_decay_error``: torch.optim's message for a sparse grad in a group with
-        weight decay, which torch's sparse path cannot apply.
+        weight decay, which torch's sparse path cannot apply;
+      * ``_number_keys``: the group's hyperparameters the op call takes as numbers, and
+        ``_device_read_hypers(where, group)`` those that may be tensors the kernels read on the
+        device (lr; Adam adds its betas), so that a step checks them all before any op call.
     """
 
     _sparse_grad_error: str | None = None
     _sparse_weight_decay_error: str | None = None
+    _number_keys: tuple[str, ...] = ()
 
     #: The unscaled global gradient norm of the last step (before clipping), as a 0-dim float32
     #: tensor on the params' device, when that step clipped or ran under fused_opt.GradScaler;
@@ -210,10 +215,11 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Validate every group before touching any tensor, so a bad grad anywhere leaves the
-        # whole optimizer as it was.
+        # Validate every group before touching any tensor, so a bad grad or hyperparameter
+        # anywhere leaves the whole optimizer as it was.
+        seen: set[int] = set()
         sparse_params = [
-            self._validate_group(index, group) for index, group in enumerate(self.param_groups)
+            self._validate_group(index, group, seen) for index, group in enumerate(self.param_groups)
         ]
         scaling = self._scaling_by_device(any(sparse_params))
         buckets: dict[tuple[Any, ...], DeviceBucket] = {}
@@ -317,13 +323,27 @@ class FusedOptimizer(Optimizer):
                 stats.norm.copy_(total)
         return result
 
-    def _validate_group(self, group_index: int, group: dict[str, Any]) -> list[Tensor]:
-        """Checks every grad of the group; returns the params whose grads are sparse."""
+    def _validate_group(self, group_index: int, group: dict[str, Any], seen: set[int]) -> list[Tensor]:
+        """Checks every grad of the group, that no param with a grad comes twice (``seen``: the
+        ids of those of the groups before), and the hyperparameters of a group that will step;
+        returns the params whose grads are sparse."""
         sparse_params = []
+        steps = False
         for param_index, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
                 continue
+            if id(p) in seen:
+                # torch.optim steps such a param twice in a row; one op call would count its
+                # step twice and update it from two threads at once.
+                raise ValueError(
+                    f"{type(self).__name__}: "
+                    f"{self._describe_param(group_index, param_index, group, p)} is also "
+                    f"{self._first_position(p)}; fused_opt steps every param once per step, so "
+                    "list each param once"
+                )
+            seen.add(id(p))
+            steps = True
             if grad.is_sparse:
                 if self._sparse_grad_error is not None:
                     raise RuntimeError(self._sparse_grad_error)
@@ -334,7 +354,32 @@ class FusedOptimizer(Optimizer):
                 sparse_params.append(p)
                 continue
             self._check_dense_grad(group_index, param_index, group, p, grad)
+        if steps:
+            self._check_hyperparameters(f"param_groups[{group_index}]", group, stepping=True)
         return sparse_params
+
+    def _first_position(self, p: Tensor) -> str:
+        """Where a param listed more than once is listed first."""
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param_groups[{group_index}]['params'][{param_index}]"
+        raise AssertionError("the param is in no group")
+
+    def _check_hyperparameters(self, where: str, group: dict[str, Any], stepping: bool) -> None:
+        """Every hyperparameter a step reads is a real number or a one-element tensor; when the
+        group is ``stepping``, those the kernels read from a tensor themselves (lr, Adam's betas)
+        are of a float dtype on the device of every param with a grad. ``where`` names the group
+        in the messages."""
+        for key in self._number_keys:
+            _check_number(f"{where}['{key}']", group.get(key), None)
+        for label, value in self._device_read_hypers(where, group):
+            _check_number(label, value, group["params"] if stepping else None)
+
+    def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
+        """(name, value) of each hyperparameter that may be a tensor the kernels read on the
+        device, named as ``where['key']``."""
+        return [(f"{where}['lr']", group.get("lr"))]
 
     def _check_dense_grad(
         self, group_index: int, param_index: int, group: dict[str, Any], p: Tensor, grad: Tensor
@@ -378,19 +423,26 @@ class FusedOptimizer(Optimizer):
         modes = self._call_modes(group)
         keeps_step = self._keeps_step(group)
         needed = (*keys, "step") if keeps_step else tuple(keys)
-        # Plain SGD keeps no state at all, and its params get no (empty) state entries, as in torch.
-        stateful = bool(needed)
         for p in group["params"]:
             grad = p.grad
             if grad is None or grad.is_sparse:
                 continue
             with_master = uses_master(group, p)
+            # The kernels walk param, grad and states as one flat range, in the param's layout.
+            layout = p.stride() if p.numel() > 1 else None
+            # Plain SGD keeps no state but a master, and without one its params get no (empty)
+            # state entries, as in torch.
+            stateful = bool(needed) or with_master
             state = self.state[p] if stateful else {}
-            if stateful and (
-                (with_master and state.get(MASTER_KEY) is None)
-                or any(state.get(key) is None for key in needed)
-            ):
-                self._ensure_state(p, state, group, keys, with_master)
+            if stateful:
+                if (with_master and state.get(MASTER_KEY) is None) or any(
+                    state.get(key) is None for key in needed
+                ):
+                    self._ensure_state(p, state, group, keys, with_master)
+                # A param's states are made and re-laid together, so one of them tells for all.
+                first_state = state[keys[0] if keys else MASTER_KEY]
+                if layout is not None and first_state.stride() != layout:
+                    _follow_layout(p, state, keys)
             # A master-weight call also takes the float32 params of the group, their own masters.
             in_master_call = with_master or (
                 group["master_weights"] and p.dtype in _OWN_MASTER_DTYPES
@@ -401,9 +453,8 @@ class FusedOptimizer(Optimizer):
                     states={key: [] for key in keys}
                 )
             bucket.enter(group)
-            # The kernels walk param, grad and states as one flat range; autograd gives grads the
-            # param's layout, and the rare grad that differs is copied into it.
-            if p.numel() > 1 and grad.stride() != p.stride():
+            # Autograd gives grads the param's layout; the rare grad that differs is copied into it.
+            if layout is not None and grad.stride() != layout:
                 grad = torch.empty_like(p).copy_(grad)
             if p.is_complex():
                 p, grad = torch.view_as_real(p), torch.view_as_real(grad)
@@ -466,12 +517,8 @@ class FusedOptimizer(Optimizer):
                     self._load_master_state(p, state, saved_state[saved_id], keys)
                 else:
                     state.pop(MASTER_KEY, None)
-                for key in keys:
-                    value = state.get(key)
-                    # torch may have built a buffer in its grad's layout (SGD clones the grad);
-                    # the kernels walk it as the param's flat range, so give it that layout.
-                    if torch.is_tensor(value) and p.numel() > 1 and value.stride() != p.stride():
-                        state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                # torch may have built a buffer in its grad's layout (SGD clones the grad).
+                _follow_layout(p, state, keys)
 
     @staticmethod
     def _load_master_state(
@@ -564,6 +611,21 @@ class _ScalingByDevice(dict):
         return kwargs
 
 
+def _follow_layout(p: Tensor, state: dict[str, Any], keys: Sequence[str]) -> None:
+    """Gives the param's state tensors the param's memory layout, which the kernels walk all of
+    them in as one flat range. It changes when a checkpoint was saved from another layout, or when
+    the param itself is re-laid in place (``model.to(memory_format=torch.channels_last)`` keeps
+    the Parameters and changes their strides); torch.optim's ops accept any layout, so it trains
+    on there."""
+    if p.numel() <= 1:
+        return
+    stride = p.stride()
+    for key in (*keys, MASTER_KEY):
+        value = state.get(key)
+        if value is not None and value.stride() != stride:
+            state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def uses_master(group: dict[str, Any], p: Tensor) -> bool:
     """Whether the param is updated through an fp32 master copy: 16-bit params of a group with
     master_weights=True. Other params of such a group are their own masters."""
@@ -609,6 +671,37 @@ def _is_dense(t: Tensor) -> bool:
             return False
         expected_stride *= size
     return True
+
+
+# The dtypes the kernels read a hyperparameter tensor in.
+_HYPER_TENSOR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_number(label: str, value: Any, read_beside: Sequence[Tensor] | None) -> None:
+    """Refuses a hyperparameter the op calls cannot take (see _check_hyperparameters); a tensor
+    value is read by the kernels of ``read_beside``'s params that have grads (None: by none)."""
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"{label} must be a real number or a one-element real tensor, got a "
+                f"{value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        if read_beside is None:
+            return
+        devices = {p.device for p in read_beside if p.grad is not None}
+        if value.dtype not in _HYPER_TENSOR_DTYPES:
+            raise ValueError(
+                f"{label} is a {value.dtype} tensor; the kernels read float32, float64, float16 "
+                "or bfloat16"
+            )
+        elsewhere = sorted(str(d) for d in devices if d != value.device)
+        if elsewhere:
+            raise ValueError(
+                f"{label} is a tensor on {value.device}, which the kernels read on the params' "
+                f"device; the group has params on {', '.join(elsewhere)}"
+            )
+    elif not isinstance(value, numbers.Real):
+        raise TypeError(f"{label} must be a real number or a one-element tensor, got {value!r}")
 
 
 def split_hyper(value: float | Tensor) -> tuple[float, Tensor | None]:

@@ -26,6 +26,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     _sparse_weight_decay_error = (
         "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
     )
+    _number_keys = ("momentum", "dampening", "weight_decay")
 
     def __init__(
         self,
@@ -89,7 +90,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         return {}
 
     def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
-        return (group["momentum"] != 0, group["nesterov"], group["maximize"])
+        # A momentum schedule that reaches 0 turns a Nesterov group into plain SGD, as in torch.
+        has_momentum = group["momentum"] != 0
+        return (has_momentum, group["nesterov"] and has_momentum, group["maximize"])
 
     def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
         _, nesterov, maximize = self._call_modes(bucket.groups[0])

@@ -443,12 +443,18 @@ def test_grad_norm_has_the_same_bits_for_any_thread_count():
 # Master weights
 
 
+# Every optimizer with every state it has, and plain SGD, whose master is its only state.
+MASTER_CASES = [pytest.param(name, FULL_STATE_OPTIONS[name], id=name) for name in NAMES] + [
+    pytest.param("SGD", {}, id="SGD-no-momentum")
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", NAMES)
-def test_master_weights_keep_updates_that_16bit_params_lose(name, dtype):
+@pytest.mark.parametrize("name, options", MASTER_CASES)
+def test_master_weights_keep_updates_that_16bit_params_lose(name, options, dtype):
     # Updates of ~1e-5 on params of ~1 are below half a 16-bit ulp: plain 16-bit training loses
     # every one of them, the master accumulates them as fp32 training does.
-    options = {**FULL_STATE_OPTIONS[name], "lr": 1e-5}
+    options = {**options, "lr": 1e-5}
     gen = torch.Generator().manual_seed(0)
     # Magnitudes in [1, 2), where half a bf16 ulp is 2**-8 and half an fp16 ulp 2**-11.
     init = [

@@ -726,3 +726,86 @@ def test_average_that_weighs_the_new_grad_fully_is_the_grad(
             average = fused.state[p][key]
             assert torch.equal(average, p.grad.to(average.dtype)), f"{key} after step {step}"
             assert torch.equal(reference.state[q][key], q.grad), f"torch's {key}, step {step}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Params re-laid in place during training
+
+RELAID_SHAPES = [(2, 3, 4, 5), (3, 1, 2, 2), (7,)]
+RELAY_BEFORE_STEP = 4
+
+
+def _to_channels_last(params: Sequence[Tensor]) -> None:
+    """What ``model.to(memory_format=torch.channels_last)`` does to a model's 4-d params: the
+    same Parameters, their data re-laid."""
+    for p in params:
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_relaid_in_place_train_like_torch(name, device):
+    run = single_group_run(
+        name, random_params(RELAID_SHAPES, torch.float32, seed=21), device, lr=LR[name],
+        **RICH_OPTIONS[name],
+    )
+    generator = torch.Generator().manual_seed(22)
+    for step in range(1, STEPS + 1):
+        if step == RELAY_BEFORE_STEP:
+            _to_channels_last(run.fused_params[0])
+            _to_channels_last(run.torch_params[0])
+        run.random_step(generator)
+        run.check(f"after step {step}")
+    for p in run.fused_params[0]:
+        for key, value in run.fused.state[p].items():
+            if key != "step":
+                assert value.stride() == p.stride(), f"state[{key!r}] of {tuple(p.shape)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_relaid_in_place_under_master_weights_change_no_value(name, device):
+    # The element math does not depend on the layout: the re-laid run equals, bit for bit, one
+    # that kept its layout, masters and 16-bit params alike.
+    initial = random_params(RELAID_SHAPES, torch.bfloat16, seed=23)
+    runs = []
+    for relay in (True, False):
+        params = [torch.nn.Parameter(t.to(device, copy=True)) for t in initial]
+        optimizer = getattr(fused_opt, name)(
+            params, lr=LR[name], master_weights=True, **RICH_OPTIONS[name]
+        )
+        generator = torch.Generator().manual_seed(24)
+        for step in range(1, STEPS + 1):
+            if relay and step == RELAY_BEFORE_STEP:
+                _to_channels_last(params)
+            for p in params:
+                p.grad = random_grad(p, generator)
+            optimizer.step()
+        runs.append((params, optimizer))
+    (relaid, relaid_opt), (kept, kept_opt) = runs
+    for p, q in zip(relaid, kept):
+        assert torch.equal(p, q), f"param {tuple(p.shape)}"
+        assert relaid_opt.state[p].keys() == kept_opt.state[q].keys()
+        for key, value in relaid_opt.state[p].items():
+            assert torch.equal(value, kept_opt.state[q][key]), f"state[{key!r}]"
+            if key != "step":
+                assert value.stride() == p.stride(), f"state[{key!r}] of {tuple(p.shape)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Hyperparameters changed by a schedule
+
+
+def test_nesterov_group_whose_momentum_reaches_zero_steps_like_torch(device):
+    # A momentum schedule that reaches 0 for a while: torch.optim.SGD then takes plain steps and
+    # leaves the buffer as it was, to take it up again when the momentum comes back.
+    params = random_params(SMALL_SHAPES, torch.float32, seed=25)
+    run = single_group_run("SGD", params, device, lr=LR["SGD"], momentum=0.9, nesterov=True)
+    generator = torch.Generator().manual_seed(26)
+    for step in range(1, STEPS + 1):
+        momentum = 0.0 if 4 <= step <= 6 else 0.9
+        for optimizer in (run.fused, run.torch):
+            optimizer.param_groups[0]["momentum"] = momentum
+        # The reference, like torch's constructor, has no Nesterov without momentum.
+        run.ref_options[0].update(momentum=momentum, nesterov=momentum != 0)
+        run.random_step(generator)
+        run.check(f"after step {step}")
