@@ -499,8 +499,9 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict saved by this class or by its torch.optim twin.
 
-        Shapes and keys are checked for every param before anything is loaded, so a mismatched
-        checkpoint raises a ValueError naming the param and leaves the optimizer unchanged.
+        Everything is checked before anything is loaded (see _check_state_dict), so a checkpoint
+        that does not fit raises a ValueError naming what is wrong and leaves the optimizer
+        unchanged and usable.
         """
         self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
@@ -538,47 +539,89 @@ class FusedOptimizer(Optimizer):
         """Fills in what a torch.optim checkpoint of this optimizer may lack."""
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuses, before anything is loaded, a state dict that would not load whole or would
+        leave the optimizer unable to step: another optimizer's (its groups lack this one's
+        hyperparameters), bad hyperparameter values, and state values of the wrong kind, shape
+        or dtype. Messages name the entry as ``param_groups[i]['key']`` or ``state[i]['key']``,
+        the indices of the state dict, and the param it belongs to."""
+        error = f"{type(self).__name__}.load_state_dict"
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
         if saved_groups is None or saved_state is None:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: expected the keys 'state' and "
-                "'param_groups'"
-            )
+            raise ValueError(f"{error}: expected the keys 'state' and 'param_groups'")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the state dict has "
-                f"{len(saved_groups)} param groups but the optimizer has {len(self.param_groups)}"
+                f"{error}: the state dict has {len(saved_groups)} param groups but the optimizer "
+                f"has {len(self.param_groups)}"
             )
         for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: param group {group_index} has "
-                    f"{len(saved['params'])} params in the state dict but "
-                    f"{len(group['params'])} in the optimizer"
+                    f"{error}: param group {group_index} has {len(saved['params'])} params in the "
+                    f"state dict but {len(group['params'])} in the optimizer"
                 )
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            keys = self._state_keys(merged)
-            for param_index, (p, saved_id) in enumerate(zip(group["params"], saved["params"])):
+        for group_index, loaded in enumerate(self._groups_as_loaded(saved_groups)):
+            where = f"param_groups[{group_index}]"
+            missing = [key for key in self.defaults if key not in loaded]
+            if missing:
+                raise ValueError(
+                    f"{error}: {where} lacks {', '.join(repr(k) for k in missing)}, which every "
+                    f"group of {type(self).__name__} has: is it another optimizer's state dict?"
+                )
+            try:
+                self._check_hyperparameters(where, loaded, stepping=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{error}: {exc}") from None
+            group = self.param_groups[group_index]
+            keys = self._state_keys(loaded)
+            needed = (*keys, "step") if self._keeps_step(loaded) else keys
+            for param_index, (p, saved_id) in enumerate(zip(group["params"], loaded["params"])):
                 state = saved_state.get(saved_id)
                 if not state:
                     continue
                 label = self._describe_param(group_index, param_index, group, p)
-                needed = (*keys, "step") if self._keeps_step(merged) else keys
                 missing = [k for k in needed if state.get(k) is None and not self._lazy_key(k)]
                 if missing:
                     raise ValueError(
-                        f"{type(self).__name__}.load_state_dict: the state of {label} lacks "
+                        f"{error}: state[{saved_id!r}] of {label} lacks "
                         f"{', '.join(repr(k) for k in missing)}"
                     )
                 for key in (*keys, MASTER_KEY):
                     value = state.get(key)
-                    if torch.is_tensor(value) and tuple(value.shape) != tuple(p.shape):
+                    if value is not None:
+                        problem = _state_tensor_problem(p, value)
+                        if problem:
+                            raise ValueError(
+                                f"{error}: state[{saved_id!r}]['{key}'] of {label} {problem}"
+                            )
+                if "step" in needed and state.get("step") is not None:
+                    problem = _step_problem(state["step"])
+                    if problem:
                         raise ValueError(
-                            f"{type(self).__name__}.load_state_dict: state '{key}' of {label} "
-                            f"has shape {tuple(value.shape)} but the param has shape "
-                            f"{tuple(p.shape)}"
+                            f"{error}: state[{saved_id!r}]['step'] of {label} {problem}"
                         )
+
+    def _groups_as_loaded(self, saved_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The param groups that loading ``saved_groups`` would install, without installing
+        them: torch.optim's loading takes the saved groups whole (only their params are this
+        optimizer's), and the class's ``__setstate__`` then fills in the keys an older
+        checkpoint may lack. Running that ``__setstate__`` on a blank instance tells exactly
+        which keys it fills, for this class and this torch version."""
+        blank = object.__new__(type(self))
+        blank.__setstate__(
+            {
+                "defaults": dict(self.defaults),
+                "state": {},
+                "param_groups": [
+                    {**saved, "params": own["params"]}
+                    for saved, own in zip(saved_groups, self.param_groups)
+                ],
+            }
+        )
+        return [
+            {**group, "params": saved["params"]}
+            for group, saved in zip(blank.param_groups, saved_groups)
+        ]
 
     def _lazy_key(self, key: str) -> bool:
         """Whether a saved state may lack `key` (SGD's buffer is created on the first step)."""
@@ -626,6 +669,36 @@ def _follow_layout(p: Tensor, state: dict[str, Any], keys: Sequence[str]) -> Non
             state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
+def _state_tensor_problem(p: Tensor, value: Any) -> str | None:
+    """What keeps a saved state value from being a state tensor of ``p``, or None. torch.optim's
+    loading casts a real param's states to its dtype, and leaves a complex param's as they are."""
+    if not torch.is_tensor(value):
+        return f"is a {type(value).__name__}, not a tensor"
+    if value.is_sparse:
+        return "is a sparse tensor"
+    if tuple(value.shape) != tuple(p.shape):
+        return f"has shape {tuple(value.shape)} but the param has shape {tuple(p.shape)}"
+    if p.is_complex() and value.dtype != p.dtype:
+        return f"has dtype {value.dtype} but the param is {p.dtype}"
+    if not p.is_complex() and not value.is_floating_point():
+        return f"has dtype {value.dtype}; a state of a {p.dtype} param is a float tensor"
+    return None
+
+
+def _step_problem(step: Any) -> str | None:
+    """What keeps a saved value from being a step counter, or None."""
+    if torch.is_tensor(step):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+            return (
+                f"is a {step.dtype} tensor of shape {tuple(step.shape)}; a step counter is one "
+                "real number"
+            )
+        return None
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        return f"is {step!r}; a step counter is a number or a one-element tensor"
+    return None
+
+
 def uses_master(group: dict[str, Any], p: Tensor) -> bool:
     """Whether the param is updated through an fp32 master copy: 16-bit params of a group with
     master_weights=True. Other params of such a group are their own masters."""
@@ -641,7 +714,7 @@ def place_step(p: Tensor, state: dict[str, Any]) -> None:
         return
     if not torch.is_tensor(step):
         step = torch.tensor(float(step))
-    state["step"] = step.to(device=p.device, dtype=torch.float32)
+    state["step"] = step.to(device=p.device, dtype=torch.float32).reshape(())
 
 
 def new_step(p: Tensor) -> Tensor:

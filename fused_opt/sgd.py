@@ -79,11 +79,13 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             state["step"] = torch.ones((), dtype=torch.float32)
 
     def _new_state(self, p: Tensor, group: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
-        # The kernel writes the whole buffer on the first step, so it needs no zeroing.
+        # The kernel writes the whole buffer on its first step, but a first step that GradScaler
+        # skips leaves it unwritten, and state_dict() would hand out uninitialized memory as a
+        # buffer that torch.optim.SGD takes for a started one.
         if group["momentum"] != 0:
             return {
                 "step": new_step(p),
-                "momentum_buffer": torch.empty_like(
+                "momentum_buffer": torch.zeros_like(
                     p, dtype=dtype, memory_format=torch.preserve_format
                 ),
             }

@@ -270,6 +270,43 @@ def test_skipped_first_step_is_as_if_it_never_happened(name, scaler_kind):
     )
 
 
+def _reuse_nan_memory(shapes) -> None:
+    """Leaves freed NaN-filled blocks of these shapes for the allocator to hand out next, so that
+    memory taken without initializing it shows NaN."""
+    for _ in range(8):
+        blocks = [torch.full(shape, math.nan) for shape in shapes for _ in range(8)]
+        del blocks
+
+
+@pytest.mark.parametrize("scaler_kind", ["fused", "torch"])
+def test_sgd_buffer_of_a_skipped_first_step_is_saved_as_zeros(scaler_kind):
+    # torch.optim.SGD keeps no counter: a buffer in a checkpoint is a started one, so whatever
+    # fused_opt saves for a buffer that was never started is what torch.optim.SGD continues from.
+    shapes = [(1031,), (40, 50)]
+    params = make_params(torch.float32, shapes=shapes)
+    options = FULL_STATE_OPTIONS["SGD"]
+    optimizer = fused_opt.SGD(params, **options)
+    scaler = new_scaler(scaler_kind)
+    generator = torch.Generator().manual_seed(5)
+    grads = [random_grad(p, generator) for p in params]
+    for p, g in zip(params, scaled_grads(grads, INIT_SCALE, (math.inf, 0, 0))):
+        p.grad = g
+    _reuse_nan_memory(shapes)
+    scaler.step(optimizer)
+    scaler.update()
+
+    state_dict = copy.deepcopy(optimizer.state_dict())
+    for index, state in state_dict["state"].items():
+        assert torch.equal(state["momentum_buffer"], torch.zeros(shapes[index])), index
+    torch_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = torch.optim.SGD(torch_params, **options)
+    reference.load_state_dict(state_dict)
+    for p, g in zip(torch_params, grads):
+        p.grad = g.clone()
+    reference.step()
+    assert all(torch.isfinite(p).all() for p in torch_params)
+
+
 # ------------------------------------------------------------------------------------------------
 # Clipping without a scaler
 
