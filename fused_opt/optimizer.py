@@ -27,6 +27,8 @@ from torch.optim import Optimizer
 from fused_opt import _ops
 
 MASTER_KEY = "master_param"
+# The options fused_opt adds to every param group.
+_FUSED_GROUP_KEYS = ("master_weights", "max_grad_norm")
 _MASTER_DTYPES = (torch.float16, torch.bfloat16)
 # Params a master-weight op call also takes, as their own masters (complex64: pairs of float32).
 _OWN_MASTER_DTYPES = (torch.float32, torch.complex64)
@@ -145,7 +147,7 @@ class FusedOptimizer(Optimizer):
             self._set_fused_opt_defaults(group)
 
     def _set_fused_opt_defaults(self, group: dict[str, Any]) -> None:
-        for key in ("master_weights", "max_grad_norm"):
+        for key in _FUSED_GROUP_KEYS:
             group.setdefault(key, self.defaults[key])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -159,15 +161,28 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             self._set_fused_opt_defaults(group)
 
-    @property
-    def _step_supports_amp_scaling(self) -> bool:
-        """Tells GradScaler to hand over grad_scale and found_inf instead of unscaling: the
-        kernels unscale in registers and skip on the device. torch's sparse path cannot, so with
-        a sparse grad present the scaler unscales and checks first, as for torch.optim."""
+    def _kernels_take_scaling(self) -> bool:
+        """Whether a GradScaler may hand this step grad_scale and found_inf instead of unscaling:
+        the kernels unscale in registers and skip on the device. torch's sparse path cannot, so
+        with a sparse grad present the scaler unscales and checks first, as for torch.optim."""
         return self._sparse_grad_error is not None or not any(
             p.grad is not None and p.grad.is_sparse
             for group in self.param_groups
             for p in group["params"]
+        )
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler hands grad_scale and found_inf to step() when this is set, and
+        trainers read it to tell whether they may unscale and clip the grads themselves:
+        Lightning refuses ``gradient_clip_val`` while it is set (as for torch.optim's
+        fused=True), with or without a scaler. So it is set only where the optimizer clips the
+        grads itself (max_grad_norm), which a trainer's clipping would repeat; elsewhere the
+        stock scaler unscales the grads first, as for torch.optim. fused_opt.GradScaler hands
+        the scaling to the kernels either way."""
+        return (
+            any(group.get("max_grad_norm") is not None for group in self.param_groups)
+            and self._kernels_take_scaling()
         )
 
     @_step_supports_amp_scaling.setter
@@ -292,13 +307,13 @@ class FusedOptimizer(Optimizer):
     @torch.no_grad()
     def _compute_grad_stats(self, grad_scale: Tensor | None) -> dict[torch.device, GradStats]:
         """One read-only pass over every dense gradient: the global norm (divided by
-        ``grad_scale``) and whether any element is inf or NaN, left on each device."""
+        ``grad_scale``) and whether any element is inf or NaN, left on each device that holds
+        gradients (none: no entry, as GradScaler records no inf check for it)."""
         grads: dict[torch.device, list[Tensor]] = {}
         for group in self.param_groups:
             for p in group["params"]:
-                grads.setdefault(p.device, [])
                 if p.grad is not None:
-                    grads[p.device].append(_as_dense_real(p.grad))
+                    grads.setdefault(p.device, []).append(_as_dense_real(p.grad))
         # Not part of the optimizer's state: a copy or an unpickled optimizer makes its own.
         buffers: dict[torch.device, GradStats] = self.__dict__.setdefault("_grad_stats", {})
         for device, device_grads in grads.items():
@@ -495,6 +510,19 @@ class FusedOptimizer(Optimizer):
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict, with the keys of the torch.optim twin's wherever the options
+        allow: a group's ``master_weights`` and ``max_grad_norm`` are saved only where they
+        differ from the optimizer's own defaults, which a group loaded without them takes.
+        torch.distributed.checkpoint loads a checkpoint into the keys of the target's state
+        dict, so every key fused_opt added would be one that a torch.optim checkpoint lacks."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in _FUSED_GROUP_KEYS:
+                if key in group and group[key] == self.defaults[key]:
+                    del group[key]
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict saved by this class or by its torch.optim twin.

@@ -70,6 +70,19 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         # torch.optim.SGD creates the buffer on the first step and keeps no counter.
         return key in ("momentum_buffer", "step")
 
+    def state_dict(self) -> dict[str, Any]:
+        """As torch.optim.SGD's, without the step counters, so that the two have the same keys
+        (see FusedOptimizer.state_dict). A saved buffer loads as a started one, as in torch: a
+        buffer not started yet (every step so far skipped: zeros) resumes as a started one, so
+        with dampening its next grad is weighed by 1 - dampening instead of 1, as torch.optim.SGD
+        does with that checkpoint."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {
+            index: {key: value for key, value in state.items() if key != "step"}
+            for index, state in state_dict["state"].items()
+        }
+        return state_dict
+
     def _complete_loaded_state(self, state: dict[str, Any]) -> None:
         # The counter tells the kernel whether the buffer has been started. torch.optim.SGD keeps
         # none: a buffer it saved has been started; a buffer missing starts afresh, as in torch.

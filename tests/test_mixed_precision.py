@@ -307,6 +307,21 @@ def test_sgd_buffer_of_a_skipped_first_step_is_saved_as_zeros(scaler_kind):
     assert all(torch.isfinite(p).all() for p in torch_params)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_scaler_step_without_grads_refuses_like_torch(name):
+    outcomes = []
+    for scaler_kind, module in (("torch", torch.optim), ("fused", fused_opt)):
+        params = make_params(torch.float32)
+        optimizer = getattr(module, name)(params, **FULL_STATE_OPTIONS[name])
+        scaler = new_scaler(scaler_kind)
+        before = _snapshot(optimizer, params)
+        with pytest.raises(AssertionError) as excinfo:
+            scaler.step(optimizer)
+        _assert_bits_equal(_snapshot(optimizer, params), before, f"{scaler_kind} scaler")
+        outcomes.append(str(excinfo.value))
+    assert outcomes[1] == outcomes[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # Clipping without a scaler
 
@@ -573,8 +588,16 @@ def test_state_dict_reload_continues_bit_identically(name):
     resumed.load_state_dict(checkpoint["optimizer"])
     resumed_scaler.load_state_dict(checkpoint["scaler"])
     _train(resumed, resumed_params, resumed_scaler, 3, seed=2)
-    _assert_bits_equal(_snapshot(resumed, resumed_params),
-                       _snapshot(uninterrupted, uninterrupted_params), "resumed")
+    resumed_snapshot = _snapshot(resumed, resumed_params)
+    uninterrupted_snapshot = _snapshot(uninterrupted, uninterrupted_params)
+    if name == "SGD":
+        # SGD's counter only tells a started buffer, and is not saved (as in torch.optim.SGD's
+        # state dict): the resumed one counts from one.
+        for snapshot in (resumed_snapshot, uninterrupted_snapshot):
+            for entry in snapshot:
+                if isinstance(entry, dict):
+                    assert entry.pop("step").item() >= 1
+    _assert_bits_equal(resumed_snapshot, uninterrupted_snapshot, "resumed")
     for p in resumed_params:
         assert all(v.dtype == torch.float32 for v in resumed.state[p].values())
 
