@@ -27,6 +27,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     """
 
     _sparse_weight_decay_error = "weight_decay option is not compatible with sparse gradients"
+    _number_keys = ("lr_decay", "weight_decay", "eps")
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
     _sparse_grad_error = (
         "Adam does not support sparse gradients, please consider SparseAdam instead"
     )
+    _number_keys = ("eps", "weight_decay")
 
     def __init__(
         self,
@@ -63,6 +64,16 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         self._after_torch_init(master_weights, max_grad_norm)
+
+    def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
+        betas = group.get("betas")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise TypeError(f"{where}['betas'] must be a pair (beta1, beta2), got {betas!r}")
+        return [
+            *super()._device_read_hypers(where, group),
+            (f"{where}['betas'][0]", betas[0]),
+            (f"{where}['betas'][1]", betas[1]),
+        ]
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         if group["amsgrad"]:

@@ -28,7 +28,7 @@ class GradScaler(torch.amp.GradScaler):
         if not (
             self._enabled
             and isinstance(optimizer, FusedOptimizer)
-            and optimizer._step_supports_amp_scaling
+            and optimizer._kernels_take_scaling()
             and not hasattr(optimizer, "grad_scale")
             and self._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY
         ):
@@ -38,6 +38,9 @@ class GradScaler(torch.amp.GradScaler):
         scale, _ = self._check_scale_growth_tracker("step")
 
         stats = optimizer._compute_grad_stats(scale)
+        if not stats:
+            # torch's GradScaler refuses a step with no grads at all the same way.
+            raise AssertionError("No inf checks were recorded for this optimizer.")
         found_inf_per_device = {device: s.found_inf for device, s in stats.items()}
         optimizer_state = self._per_optimizer_states[id(optimizer)]
         optimizer_state["found_inf_per_device"] = found_inf_per_device

@@ -15,6 +15,7 @@ read-only statistics pass over the gradients.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from torch.optim import Optimizer
 from fused_opt import _ops
 
 MASTER_KEY = "master_param"
+# The options fused_opt adds to every param group.
+_FUSED_GROUP_KEYS = ("master_weights", "max_grad_norm")
 _MASTER_DTYPES = (torch.float16, torch.bfloat16)
 # Params a master-weight op call also takes, as their own masters (complex64: pairs of float32).
 _OWN_MASTER_DTYPES = (torch.float32, torch.complex64)
@@ -102,11 +105,15 @@ class FusedOptimizer(Optimizer):
       * ``_sparse_grad_error``: torch.optim's message for sparse grads, or None when the
         optimizer accepts them, in which case ``_step_sparse(group, params)`` handles them;
       * ``_sparse_weight_decay_error``: torch.optim's message for a sparse grad in a group with
-        weight decay, which torch's sparse path cannot apply.
+        weight decay, which torch's sparse path cannot apply;
+      * ``_number_keys``: the group's hyperparameters the op call takes as numbers, and
+        ``_device_read_hypers(where, group)`` those that may be tensors the kernels read on the
+        device (lr; Adam adds its betas), so that a step checks them all before any op call.
     """
 
     _sparse_grad_error: str | None = None
     _sparse_weight_decay_error: str | None = None
+    _number_keys: tuple[str, ...] = ()
 
     #: The unscaled global gradient norm of the last step (before clipping), as a 0-dim float32
     #: tensor on the params' device, when that step clipped or ran under fused_opt.GradScaler;
@@ -140,7 +147,7 @@ class FusedOptimizer(Optimizer):
             self._set_fused_opt_defaults(group)
 
     def _set_fused_opt_defaults(self, group: dict[str, Any]) -> None:
-        for key in ("master_weights", "max_grad_norm"):
+        for key in _FUSED_GROUP_KEYS:
             group.setdefault(key, self.defaults[key])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -154,15 +161,28 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             self._set_fused_opt_defaults(group)
 
-    @property
-    def _step_supports_amp_scaling(self) -> bool:
-        """Tells GradScaler to hand over grad_scale and found_inf instead of unscaling: the
-        kernels unscale in registers and skip on the device. torch's sparse path cannot, so with
-        a sparse grad present the scaler unscales and checks first, as for torch.optim."""
+    def _kernels_take_scaling(self) -> bool:
+        """Whether a GradScaler may hand this step grad_scale and found_inf instead of unscaling:
+        the kernels unscale in registers and skip on the device. torch's sparse path cannot, so
+        with a sparse grad present the scaler unscales and checks first, as for torch.optim."""
         return self._sparse_grad_error is not None or not any(
             p.grad is not None and p.grad.is_sparse
             for group in self.param_groups
             for p in group["params"]
+        )
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler hands grad_scale and found_inf to step() when this is set, and
+        trainers read it to tell whether they may unscale and clip the grads themselves:
+        Lightning refuses ``gradient_clip_val`` while it is set (as for torch.optim's
+        fused=True), with or without a scaler. So it is set only where the optimizer clips the
+        grads itself (max_grad_norm), which a trainer's clipping would repeat; elsewhere the
+        stock scaler unscales the grads first, as for torch.optim. fused_opt.GradScaler hands
+        the scaling to the kernels either way."""
+        return (
+            any(group.get("max_grad_norm") is not None for group in self.param_groups)
+            and self._kernels_take_scaling()
         )
 
     @_step_supports_amp_scaling.setter
@@ -210,10 +230,11 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Validate every group before touching any tensor, so a bad grad anywhere leaves the
-        # whole optimizer as it was.
+        # Validate every group before touching any tensor, so a bad grad or hyperparameter
+        # anywhere leaves the whole optimizer as it was.
+        seen: set[int] = set()
         sparse_params = [
-            self._validate_group(index, group) for index, group in enumerate(self.param_groups)
+            self._validate_group(index, group, seen) for index, group in enumerate(self.param_groups)
         ]
         scaling = self._scaling_by_device(any(sparse_params))
         buckets: dict[tuple[Any, ...], DeviceBucket] = {}
@@ -286,13 +307,13 @@ class FusedOptimizer(Optimizer):
     @torch.no_grad()
     def _compute_grad_stats(self, grad_scale: Tensor | None) -> dict[torch.device, GradStats]:
         """One read-only pass over every dense gradient: the global norm (divided by
-        ``grad_scale``) and whether any element is inf or NaN, left on each device."""
+        ``grad_scale``) and whether any element is inf or NaN, left on each device that holds
+        gradients (none: no entry, as GradScaler records no inf check for it)."""
         grads: dict[torch.device, list[Tensor]] = {}
         for group in self.param_groups:
             for p in group["params"]:
-                grads.setdefault(p.device, [])
                 if p.grad is not None:
-                    grads[p.device].append(_as_dense_real(p.grad))
+                    grads.setdefault(p.device, []).append(_as_dense_real(p.grad))
         # Not part of the optimizer's state: a copy or an unpickled optimizer makes its own.
         buffers: dict[torch.device, GradStats] = self.__dict__.setdefault("_grad_stats", {})
         for device, device_grads in grads.items():
@@ -317,13 +338,27 @@ class FusedOptimizer(Optimizer):
                 stats.norm.copy_(total)
         return result
 
-    def _validate_group(self, group_index: int, group: dict[str, Any]) -> list[Tensor]:
-        """Checks every grad of the group; returns the params whose grads are sparse."""
+    def _validate_group(self, group_index: int, group: dict[str, Any], seen: set[int]) -> list[Tensor]:
+        """Checks every grad of the group, that no param with a grad comes twice (``seen``: the
+        ids of those of the groups before), and the hyperparameters of a group that will step;
+        returns the params whose grads are sparse."""
         sparse_params = []
+        steps = False
         for param_index, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
                 continue
+            if id(p) in seen:
+                # torch.optim steps such a param twice in a row; one op call would count its
+                # step twice and update it from two threads at once.
+                raise ValueError(
+                    f"{type(self).__name__}: "
+                    f"{self._describe_param(group_index, param_index, group, p)} is also "
+                    f"{self._first_position(p)}; fused_opt steps every param once per step, so "
+                    "list each param once"
+                )
+            seen.add(id(p))
+            steps = True
             if grad.is_sparse:
                 if self._sparse_grad_error is not None:
                     raise RuntimeError(self._sparse_grad_error)
@@ -334,7 +369,32 @@ class FusedOptimizer(Optimizer):
                 sparse_params.append(p)
                 continue
             self._check_dense_grad(group_index, param_index, group, p, grad)
+        if steps:
+            self._check_hyperparameters(f"param_groups[{group_index}]", group, stepping=True)
         return sparse_params
+
+    def _first_position(self, p: Tensor) -> str:
+        """Where a param listed more than once is listed first."""
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param_groups[{group_index}]['params'][{param_index}]"
+        raise AssertionError("the param is in no group")
+
+    def _check_hyperparameters(self, where: str, group: dict[str, Any], stepping: bool) -> None:
+        """Every hyperparameter a step reads is a real number or a one-element tensor; when the
+        group is ``stepping``, those the kernels read from a tensor themselves (lr, Adam's betas)
+        are of a float dtype on the device of every param with a grad. ``where`` names the group
+        in the messages."""
+        for key in self._number_keys:
+            _check_number(f"{where}['{key}']", group.get(key), None, taken_by_value=stepping)
+        for label, value in self._device_read_hypers(where, group):
+            _check_number(label, value, group["params"] if stepping else None)
+
+    def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
+        """(name, value) of each hyperparameter that may be a tensor the kernels read on the
+        device, named as ``where['key']``."""
+        return [(f"{where}['lr']", group.get("lr"))]
 
     def _check_dense_grad(
         self, group_index: int, param_index: int, group: dict[str, Any], p: Tensor, grad: Tensor
@@ -378,19 +438,26 @@ class FusedOptimizer(Optimizer):
         modes = self._call_modes(group)
         keeps_step = self._keeps_step(group)
         needed = (*keys, "step") if keeps_step else tuple(keys)
-        # Plain SGD keeps no state at all, and its params get no (empty) state entries, as in torch.
-        stateful = bool(needed)
         for p in group["params"]:
             grad = p.grad
             if grad is None or grad.is_sparse:
                 continue
             with_master = uses_master(group, p)
+            # The kernels walk param, grad and states as one flat range, in the param's layout.
+            layout = p.stride() if p.numel() > 1 else None
+            # Plain SGD keeps no state but a master, and without one its params get no (empty)
+            # state entries, as in torch.
+            stateful = bool(needed) or with_master
             state = self.state[p] if stateful else {}
-            if stateful and (
-                (with_master and state.get(MASTER_KEY) is None)
-                or any(state.get(key) is None for key in needed)
-            ):
-                self._ensure_state(p, state, group, keys, with_master)
+            if stateful:
+                if (with_master and state.get(MASTER_KEY) is None) or any(
+                    state.get(key) is None for key in needed
+                ):
+                    self._ensure_state(p, state, group, keys, with_master)
+                # A param's states are made and re-laid together, so one of them tells for all.
+                first_state = state[keys[0] if keys else MASTER_KEY]
+                if layout is not None and first_state.stride() != layout:
+                    _follow_layout(p, state, keys)
             # A master-weight call also takes the float32 params of the group, their own masters.
             in_master_call = with_master or (
                 group["master_weights"] and p.dtype in _OWN_MASTER_DTYPES
@@ -401,9 +468,8 @@ class FusedOptimizer(Optimizer):
                     states={key: [] for key in keys}
                 )
             bucket.enter(group)
-            # The kernels walk param, grad and states as one flat range; autograd gives grads the
-            # param's layout, and the rare grad that differs is copied into it.
-            if p.numel() > 1 and grad.stride() != p.stride():
+            # Autograd gives grads the param's layout; the rare grad that differs is copied into it.
+            if layout is not None and grad.stride() != layout:
                 grad = torch.empty_like(p).copy_(grad)
             if p.is_complex():
                 p, grad = torch.view_as_real(p), torch.view_as_real(grad)
@@ -445,11 +511,25 @@ class FusedOptimizer(Optimizer):
     # ----------------------------------------------------------------------------------------
     # Checkpoints
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict, with the keys of the torch.optim twin's wherever the options
+        allow: a group's ``master_weights`` and ``max_grad_norm`` are saved only where they
+        differ from the optimizer's own defaults, which a group loaded without them takes.
+        torch.distributed.checkpoint loads a checkpoint into the keys of the target's state
+        dict, so every key fused_opt added would be one that a torch.optim checkpoint lacks."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in _FUSED_GROUP_KEYS:
+                if key in group and group[key] == self.defaults[key]:
+                    del group[key]
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict saved by this class or by its torch.optim twin.
 
-        Shapes and keys are checked for every param before anything is loaded, so a mismatched
-        checkpoint raises a ValueError naming the param and leaves the optimizer unchanged.
+        Everything is checked before anything is loaded (see _check_state_dict), so a checkpoint
+        that does not fit raises a ValueError naming what is wrong and leaves the optimizer
+        unchanged and usable.
         """
         self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
@@ -466,12 +546,8 @@ class FusedOptimizer(Optimizer):
                     self._load_master_state(p, state, saved_state[saved_id], keys)
                 else:
                     state.pop(MASTER_KEY, None)
-                for key in keys:
-                    value = state.get(key)
-                    # torch may have built a buffer in its grad's layout (SGD clones the grad);
-                    # the kernels walk it as the param's flat range, so give it that layout.
-                    if torch.is_tensor(value) and p.numel() > 1 and value.stride() != p.stride():
-                        state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                # torch may have built a buffer in its grad's layout (SGD clones the grad).
+                _follow_layout(p, state, keys)
 
     @staticmethod
     def _load_master_state(
@@ -491,47 +567,89 @@ class FusedOptimizer(Optimizer):
         """Fills in what a torch.optim checkpoint of this optimizer may lack."""
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuses, before anything is loaded, a state dict that would not load whole or would
+        leave the optimizer unable to step: another optimizer's (its groups lack this one's
+        hyperparameters), bad hyperparameter values, and state values of the wrong kind, shape
+        or dtype. Messages name the entry as ``param_groups[i]['key']`` or ``state[i]['key']``,
+        the indices of the state dict, and the param it belongs to."""
+        error = f"{type(self).__name__}.load_state_dict"
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
         if saved_groups is None or saved_state is None:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: expected the keys 'state' and "
-                "'param_groups'"
-            )
+            raise ValueError(f"{error}: expected the keys 'state' and 'param_groups'")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the state dict has "
-                f"{len(saved_groups)} param groups but the optimizer has {len(self.param_groups)}"
+                f"{error}: the state dict has {len(saved_groups)} param groups but the optimizer "
+                f"has {len(self.param_groups)}"
             )
         for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: param group {group_index} has "
-                    f"{len(saved['params'])} params in the state dict but "
-                    f"{len(group['params'])} in the optimizer"
+                    f"{error}: param group {group_index} has {len(saved['params'])} params in the "
+                    f"state dict but {len(group['params'])} in the optimizer"
                 )
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            keys = self._state_keys(merged)
-            for param_index, (p, saved_id) in enumerate(zip(group["params"], saved["params"])):
+        for group_index, loaded in enumerate(self._groups_as_loaded(saved_groups)):
+            where = f"param_groups[{group_index}]"
+            missing = [key for key in self.defaults if key not in loaded]
+            if missing:
+                raise ValueError(
+                    f"{error}: {where} lacks {', '.join(repr(k) for k in missing)}, which every "
+                    f"group of {type(self).__name__} has: is it another optimizer's state dict?"
+                )
+            try:
+                self._check_hyperparameters(where, loaded, stepping=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{error}: {exc}") from None
+            group = self.param_groups[group_index]
+            keys = self._state_keys(loaded)
+            needed = (*keys, "step") if self._keeps_step(loaded) else keys
+            for param_index, (p, saved_id) in enumerate(zip(group["params"], loaded["params"])):
                 state = saved_state.get(saved_id)
                 if not state:
                     continue
                 label = self._describe_param(group_index, param_index, group, p)
-                needed = (*keys, "step") if self._keeps_step(merged) else keys
                 missing = [k for k in needed if state.get(k) is None and not self._lazy_key(k)]
                 if missing:
                     raise ValueError(
-                        f"{type(self).__name__}.load_state_dict: the state of {label} lacks "
+                        f"{error}: state[{saved_id!r}] of {label} lacks "
                         f"{', '.join(repr(k) for k in missing)}"
                     )
                 for key in (*keys, MASTER_KEY):
                     value = state.get(key)
-                    if torch.is_tensor(value) and tuple(value.shape) != tuple(p.shape):
+                    if value is not None:
+                        problem = _state_tensor_problem(p, value)
+                        if problem:
+                            raise ValueError(
+                                f"{error}: state[{saved_id!r}]['{key}'] of {label} {problem}"
+                            )
+                if "step" in needed and state.get("step") is not None:
+                    problem = _step_problem(state["step"])
+                    if problem:
                         raise ValueError(
-                            f"{type(self).__name__}.load_state_dict: state '{key}' of {label} "
-                            f"has shape {tuple(value.shape)} but the param has shape "
-                            f"{tuple(p.shape)}"
+                            f"{error}: state[{saved_id!r}]['step'] of {label} {problem}"
                         )
+
+    def _groups_as_loaded(self, saved_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The param groups that loading ``saved_groups`` would install, without installing
+        them: torch.optim's loading takes the saved groups whole (only their params are this
+        optimizer's), and the class's ``__setstate__`` then fills in the keys an older
+        checkpoint may lack. Running that ``__setstate__`` on a blank instance tells exactly
+        which keys it fills, for this class and this torch version."""
+        blank = object.__new__(type(self))
+        blank.__setstate__(
+            {
+                "defaults": dict(self.defaults),
+                "state": {},
+                "param_groups": [
+                    {**saved, "params": own["params"]}
+                    for saved, own in zip(saved_groups, self.param_groups)
+                ],
+            }
+        )
+        return [
+            {**group, "params": saved["params"]}
+            for group, saved in zip(blank.param_groups, saved_groups)
+        ]
 
     def _lazy_key(self, key: str) -> bool:
         """Whether a saved state may lack `key` (SGD's buffer is created on the first step)."""
@@ -572,6 +690,51 @@ def plain_bool(condition: Any) -> bool:
     return True if condition else False
 
 
+def _follow_layout(p: Tensor, state: dict[str, Any], keys: Sequence[str]) -> None:
+    """Gives the param's state tensors the param's memory layout, which the kernels walk all of
+    them in as one flat range. It changes when a checkpoint was saved from another layout, or when
+    the param itself is re-laid in place (``model.to(memory_format=torch.channels_last)`` keeps
+    the Parameters and changes their strides); torch.optim's ops accept any layout, so it trains
+    on there."""
+    if p.numel() <= 1:
+        return
+    stride = p.stride()
+    for key in (*keys, MASTER_KEY):
+        value = state.get(key)
+        if value is not None and value.stride() != stride:
+            state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def _state_tensor_problem(p: Tensor, value: Any) -> str | None:
+    """What keeps a saved state value from being a state tensor of ``p``, or None. torch.optim's
+    loading casts a real param's states to its dtype, and leaves a complex param's as they are."""
+    if not torch.is_tensor(value):
+        return f"is a {type(value).__name__}, not a tensor"
+    if value.is_sparse:
+        return "is a sparse tensor"
+    if tuple(value.shape) != tuple(p.shape):
+        return f"has shape {tuple(value.shape)} but the param has shape {tuple(p.shape)}"
+    if p.is_complex() and value.dtype != p.dtype:
+        return f"has dtype {value.dtype} but the param is {p.dtype}"
+    if not p.is_complex() and not value.is_floating_point():
+        return f"has dtype {value.dtype}; a state of a {p.dtype} param is a float tensor"
+    return None
+
+
+def _step_problem(step: Any) -> str | None:
+    """What keeps a saved value from being a step counter, or None."""
+    if torch.is_tensor(step):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+            return (
+                f"is a {step.dtype} tensor of shape {tuple(step.shape)}; a step counter is one "
+                "real number"
+            )
+        return None
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        return f"is {step!r}; a step counter is a number or a one-element tensor"
+    return None
+
+
 def uses_master(group: dict[str, Any], p: Tensor) -> bool:
     """Whether the param is updated through an fp32 master copy: 16-bit params of a group with
     master_weights=True. Other params of such a group are their own masters."""
@@ -587,7 +750,7 @@ def place_step(p: Tensor, state: dict[str, Any]) -> None:
         return
     if not torch.is_tensor(step):
         step = torch.tensor(float(step))
-    state["step"] = step.to(device=p.device, dtype=torch.float32)
+    state["step"] = step.to(device=p.device, dtype=torch.float32).reshape(())
 
 
 def new_step(p: Tensor) -> Tensor:
@@ -617,6 +780,48 @@ def _is_dense(t: Tensor) -> bool:
             return False
         expected_stride *= size
     return True
+
+
+# The dtypes the kernels read a hyperparameter tensor in.
+_HYPER_TENSOR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_number(
+    label: str, value: Any, read_beside: Sequence[Tensor] | None, taken_by_value: bool = False
+) -> None:
+    """Refuses a hyperparameter the op calls cannot take (see _check_hyperparameters); a tensor
+    value is read by the kernels of ``read_beside``'s params that have grads (None: by none), or
+    ``taken_by_value`` by the step on the host."""
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"{label} must be a real number or a one-element real tensor, got a "
+                f"{value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        if taken_by_value and value.device.type != "cpu":
+            # Reading it would wait for the device on every step, and fail in a captured graph.
+            raise ValueError(
+                f"{label} is a tensor on {value.device}; fused_opt reads this hyperparameter on "
+                "the host, which would synchronize with the device every step: give a float or a "
+                "CPU tensor"
+            )
+        if read_beside is None:
+            return
+        devices = {p.device for p in read_beside if p.grad is not None}
+        if value.dtype not in _HYPER_TENSOR_DTYPES:
+            raise ValueError(
+                f"{label} is a {value.dtype} tensor; the kernels read float32, float64, float16 "
+                "or bfloat16"
+            )
+        # A CPU tensor is host memory, which the op reads without a sync (csrc/cuda/ops_cuda.cpp).
+        elsewhere = sorted(str(d) for d in devices if d != value.device)
+        if elsewhere and value.device.type != "cpu":
+            raise ValueError(
+                f"{label} is a tensor on {value.device}, which the kernels read on the params' "
+                f"device; the group has params on {', '.join(elsewhere)}"
+            )
+    elif not isinstance(value, numbers.Real):
+        raise TypeError(f"{label} must be a real number or a one-element tensor, got {value!r}")
 
 
 def split_hyper(value: float | Tensor) -> tuple[float, Tensor | None]:

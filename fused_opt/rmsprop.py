@@ -19,6 +19,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     """
 
     _sparse_grad_error = "RMSprop does not support sparse gradients"
+    _number_keys = ("alpha", "eps", "weight_decay", "momentum")
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     _sparse_weight_decay_error = (
         "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
     )
+    _number_keys = ("momentum", "dampening", "weight_decay")
 
     def __init__(
         self,
@@ -70,6 +71,19 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         # torch.optim.SGD creates the buffer on the first step and keeps no counter.
         return key in ("momentum_buffer", "step")
 
+    def state_dict(self) -> dict[str, Any]:
+        """As torch.optim.SGD's, without the step counters, so that the two have the same keys
+        (see FusedOptimizer.state_dict). A saved buffer loads as a started one, as in torch: a
+        buffer not started yet (every step so far skipped: zeros) resumes as a started one, so
+        with dampening its next grad is weighed by 1 - dampening instead of 1, as torch.optim.SGD
+        does with that checkpoint."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {
+            index: {key: value for key, value in state.items() if key != "step"}
+            for index, state in state_dict["state"].items()
+        }
+        return state_dict
+
     def _complete_loaded_state(self, state: dict[str, Any]) -> None:
         # The counter tells the kernel whether the buffer has been started. torch.optim.SGD keeps
         # none: a buffer it saved has been started; a buffer missing starts afresh, as in torch.
@@ -79,18 +93,22 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             state["step"] = torch.ones((), dtype=torch.float32)
 
     def _new_state(self, p: Tensor, group: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
-        # The kernel writes the whole buffer on the first step, so it needs no zeroing.
+        # The kernel writes the whole buffer on its first step, but a first step that GradScaler
+        # skips leaves it unwritten, and state_dict() would hand out uninitialized memory as a
+        # buffer that torch.optim.SGD takes for a started one.
         if group["momentum"] != 0:
             return {
                 "step": new_step(p),
-                "momentum_buffer": torch.empty_like(
+                "momentum_buffer": torch.zeros_like(
                     p, dtype=dtype, memory_format=torch.preserve_format
                 ),
             }
         return {}
 
     def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
-        return (plain_bool(group["momentum"] != 0), group["nesterov"], group["maximize"])
+        # A momentum schedule that reaches 0 turns a Nesterov group into plain SGD, as in torch.
+        has_momentum = plain_bool(group["momentum"] != 0)
+        return (has_momentum, group["nesterov"] and has_momentum, group["maximize"])
 
     def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
         _, nesterov, maximize = self._call_modes(bucket.groups[0])

@@ -12,6 +12,7 @@ import torch
 import fused_opt
 from fused_opt import _ops
 from optim_helpers import (
+    FULL_STATE_OPTIONS,
     GROUP_NAMES,
     NAMES,
     assert_params_close,
@@ -205,6 +206,130 @@ def test_grad_on_another_device_cannot_be_set():
     p.grad = torch.zeros(3)
     with pytest.raises(RuntimeError, match="incompatible tensor type"):
         p.grad.data = torch.zeros(3, device="meta")
+
+
+# ------------------------------------------------------------------------------------------------
+# A param listed twice, bad hyperparameters: refused before any group steps
+
+
+def _trained_in_two_calls(name):
+    """Two trained groups that step in separate op calls (the second maximizes), so that a
+    refusal found only while launching would come after the first group had stepped."""
+    params = make_params()
+    opt = build(
+        fused_opt,
+        name,
+        [{"params": params[:2]}, {"params": params[2:], "maximize": True}],
+        **FULL_STATE_OPTIONS[name],
+    )
+    for step in range(2):
+        set_grads(params, step)
+        opt.step()
+    set_grads(params, 2)
+    return params, opt
+
+
+def _counters(opt):
+    return [
+        opt.state[p]["step"].item() if "step" in opt.state.get(p, {}) else None
+        for group in opt.param_groups
+        for p in group["params"]
+    ]
+
+
+# where the duplicate goes: (group, param of FULL_STATE_OPTIONS' params it repeats, its first place)
+DUPLICATES = {"same-group": (1, 2, "param_groups[1]['params'][0]"),
+              "other-group": (1, 0, "param_groups[0]['params'][0]")}
+
+
+@pytest.mark.parametrize("where", DUPLICATES)
+@pytest.mark.parametrize("name", NAMES)
+def test_param_listed_twice_is_refused_and_changes_nothing(name, where):
+    params, opt = _trained_in_two_calls(name)
+    group, repeated, first = DUPLICATES[where]
+    # Appended after construction (as code that edits param_groups does): torch.optim's
+    # constructor only warns about a param listed twice in one group, and steps it twice.
+    opt.param_groups[group]["params"].append(params[repeated])
+    before, counters = _snapshot(opt), _counters(opt)
+
+    with pytest.raises(ValueError) as excinfo:
+        opt.step()
+
+    message = str(excinfo.value)
+    assert f"param_groups[{group}]['params'][2]" in message and first in message, message
+    assert_same_tree(_snapshot(opt), before)
+    assert _counters(opt) == counters
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_listed_twice_without_a_grad_steps_like_torch(name):
+    # A frozen param listed twice is never updated: torch.optim skips it twice, and so does
+    # fused_opt, without refusing the step.
+    results = []
+    for module in (torch.optim, fused_opt):
+        params = make_params()
+        opt = build(module, name, params[:2], **FULL_STATE_OPTIONS[name])
+        opt.param_groups[0]["params"].append(params[2])
+        opt.param_groups[0]["params"].append(params[2])
+        for step in range(3):
+            set_grads(params[:2], step)
+            opt.step()
+        results.append((params, opt))
+    (torch_params, torch_opt), (fused_params, fused) = results
+    assert_params_close(fused_params, torch_params)
+    assert_states_close(fused, fused_params[:2], torch_opt, torch_params[:2])
+
+
+# Hyperparameters every optimizer reads, and each one's own: (key, bad value).
+BAD_HYPERS = [("lr", None), ("lr", "0.1"), ("lr", torch.tensor([1e-3, 1e-3])),
+              ("lr", torch.tensor(1, dtype=torch.int64)), ("weight_decay", None),
+              ("weight_decay", torch.tensor([0.1, 0.1])),
+              # Off the CPU: read on the host, it would synchronize with the device every step.
+              ("weight_decay", torch.tensor(0.1, device="meta"))]
+OWN_BAD_HYPERS = {
+    "Adam": [("eps", None), ("betas", (0.9,)), ("betas", (0.9, None)),
+             ("betas", (torch.tensor([0.9, 0.8]), 0.999))],
+    "AdamW": [("eps", "1e-8"), ("betas", None)],
+    "SGD": [("momentum", None), ("dampening", "0.1")],
+    "RMSprop": [("alpha", None), ("eps", None), ("momentum", [0.9])],
+    "Adagrad": [("lr_decay", None), ("eps", None)],
+}
+BAD_HYPER_CASES = [
+    pytest.param(name, key, value, id=f"{name}-{key}={value!r}")
+    for name in NAMES
+    for key, value in BAD_HYPERS + OWN_BAD_HYPERS[name]
+]
+
+
+@pytest.mark.parametrize("name, key, value", BAD_HYPER_CASES)
+def test_bad_hyperparameter_in_a_later_group_is_refused_before_any_group_steps(name, key, value):
+    _, opt = _trained_in_two_calls(name)
+    opt.param_groups[1][key] = value
+    before, counters = _snapshot(opt), _counters(opt)
+
+    with pytest.raises((TypeError, ValueError)) as excinfo:
+        opt.step()
+
+    assert f"param_groups[1]['{key}']" in str(excinfo.value), str(excinfo.value)
+    assert_same_tree(_snapshot(opt), before)
+    assert _counters(opt) == counters
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cpu_tensor_weight_decay_steps_as_its_value(name):
+    """A CPU tensor is host memory: taken by value without a sync, it steps as the float does."""
+    runs = []
+    for weight_decay in (0.1, torch.tensor(0.1, dtype=torch.float64)):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((4, 3), (7,))]
+        opt = getattr(fused_opt, name)(params, lr=0.01, weight_decay=weight_decay)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append(params)
+    for index, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), f"params[{index}]"
 
 
 # ------------------------------------------------------------------------------------------------

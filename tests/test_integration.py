@@ -1,18 +1,34 @@
-"""fused_opt inside the machinery of real training: torch.compile, DDP and ZeroRedundancyOptimizer."""
+"""fused_opt inside the machinery of real training: torch.compile, DDP, ZeroRedundancyOptimizer,
+torch.distributed.checkpoint, and a trainer's clipping under mixed precision (Lightning where it
+is installed)."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import os
 import socket
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import fused_opt
-from optim_helpers import FULL_STATE_OPTIONS, NAMES
+from optim_helpers import (
+    FULL_STATE_OPTIONS,
+    NAMES,
+    assert_params_close,
+    assert_same_tree,
+    assert_states_close,
+)
 
 STEPS = 3
 
@@ -122,3 +138,155 @@ def _unclipped_reference() -> list[torch.Tensor]:
         ((_loss(model, batch0) + _loss(model, batch1)) / 2).backward()
         optimizer.step()
     return [p.detach() for p in model.parameters()]
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.distributed.checkpoint
+
+MODULES = {"torch": torch.optim, "fused": fused_opt}
+
+
+def _train_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches) -> None:
+    for batch in batches:
+        optimizer.zero_grad()
+        _loss(model, batch).backward()
+        optimizer.step()
+
+
+# One process, no process group: DCP says it saves and loads as a single process.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize("direction", ["torch-to-fused", "fused-to-torch"])
+@pytest.mark.parametrize("name", NAMES)
+def test_distributed_checkpoint_moves_between_torch_and_fused(name, direction, tmp_path):
+    # DCP loads a checkpoint into the keys of the target's own state dict: a key that only the
+    # target has is a missing key. Loaded, the target must train on exactly as one that loaded
+    # the same checkpoint with load_state_dict (tests/test_state_dict.py compares those with
+    # torch.optim).
+    source_module, target_module = (MODULES[side] for side in direction.split("-to-"))
+    options = FULL_STATE_OPTIONS[name]
+    source_model = _model()
+    source = getattr(source_module, name)(source_model.parameters(), **options)
+    _train_model(source_model, source, _batches(20))
+    dcp.save({"optim": get_optimizer_state_dict(source_model, source)}, checkpoint_id=tmp_path)
+
+    trained = []
+    for through_dcp in (True, False):
+        model = copy.deepcopy(source_model)
+        target = getattr(target_module, name)(model.parameters(), **options)
+        if through_dcp:
+            loaded = {"optim": get_optimizer_state_dict(model, target)}
+            dcp.load(loaded, checkpoint_id=tmp_path)
+            set_optimizer_state_dict(model, target, optim_state_dict=loaded["optim"])
+        else:
+            target.load_state_dict(copy.deepcopy(source.state_dict()))
+        _train_model(model, target, _batches(21))
+        trained.append(([p.detach() for p in model.parameters()], target.state_dict()))
+    assert_same_tree(trained[0], trained[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# A trainer's own clipping under mixed precision
+
+
+def _trainer_step(optimizer, scaler, loss: torch.Tensor, params, clip: float) -> None:
+    """One step as trainers drive an optimizer (Lightning's MixedPrecision plugin): an optimizer
+    that declares _step_supports_amp_scaling unscales in its step, so the trainer cannot clip
+    its grads; any other has its grads unscaled by the trainer and then clipped."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise RuntimeError("does not allow for gradient clipping")
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+SCALERS = {
+    "no-scaler": lambda: None,
+    "torch-scaler": lambda: torch.amp.GradScaler("cpu", init_scale=2.0**10),
+    "fused-scaler": lambda: fused_opt.GradScaler("cpu", init_scale=2.0**10),
+}
+
+
+@pytest.mark.parametrize("scaler_kind", SCALERS)
+@pytest.mark.parametrize("name", NAMES)
+def test_trainer_clipping_with_or_without_a_scaler_trains_like_torch(name, scaler_kind):
+    results = []
+    for module in (torch.optim, fused_opt):
+        model = _model()
+        optimizer = getattr(module, name)(model.parameters(), **FULL_STATE_OPTIONS[name])
+        scaler = SCALERS[scaler_kind]()
+        for batch in _batches(30):
+            optimizer.zero_grad()
+            _trainer_step(optimizer, scaler, _loss(model, batch), list(model.parameters()), 0.1)
+        results.append((list(model.parameters()), optimizer))
+    (torch_params, torch_opt), (fused_params, fused) = results
+    assert_params_close(fused_params, torch_params)
+    assert_states_close(fused, fused_params, torch_opt, torch_params)
+
+
+def test_optimizer_that_clips_itself_takes_the_scaling_in_its_kernels():
+    # With max_grad_norm the optimizer clips, so a trainer must not; torch's GradScaler then
+    # hands it grad_scale and found_inf, and no pass writes the grads.
+    model = _model()
+    optimizer = fused_opt.AdamW(model.parameters(), max_grad_norm=0.1)
+    assert optimizer._step_supports_amp_scaling
+    assert not fused_opt.AdamW(model.parameters())._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(_loss(model, _batches(31)[0])).backward()
+    versions = [p.grad._version for p in model.parameters()]
+    scaler.step(optimizer)
+    assert [p.grad._version for p in model.parameters()] == versions
+
+
+LIGHTNING = importlib.util.find_spec("lightning") is not None
+
+
+@pytest.mark.skipif(not LIGHTNING, reason="Lightning is not installed (pip install lightning)")
+@pytest.mark.parametrize("scaler_kind", [None, "torch-scaler", "fused-scaler"],
+                         ids=["bf16-mixed", "16-mixed-torch-scaler", "16-mixed-fused-scaler"])
+def test_lightning_gradient_clipping_trains_like_torch(scaler_kind):
+    import lightning
+    from lightning.pytorch.plugins import MixedPrecision
+
+    def precision():
+        # Lightning turns precision="16-mixed" into bf16 on a CPU; its plugin keeps fp16 and the
+        # scaler it is given.
+        if scaler_kind is None:
+            return {"precision": "bf16-mixed"}
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=SCALERS[scaler_kind]())]}
+
+    class Module(lightning.LightningModule):
+        def __init__(self, optimizer_class):
+            super().__init__()
+            self.net, self.optimizer_class = _model(), optimizer_class
+
+        def training_step(self, batch, batch_index):
+            return _loss(self.net, batch)
+
+        def configure_optimizers(self):
+            return self.optimizer_class(self.parameters(), lr=1e-2)
+
+    generator = torch.Generator().manual_seed(32)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(24, 16, generator=generator), torch.randn(24, 4, generator=generator)
+    )
+    trained = []
+    for optimizer_class in (torch.optim.AdamW, fused_opt.AdamW):
+        module = Module(optimizer_class)
+        trainer = lightning.Trainer(
+            accelerator="cpu", **precision(), gradient_clip_val=0.1, max_steps=3,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        with warnings.catch_warnings():
+            # Lightning's advice on workers and logging says nothing about fused_opt.
+            warnings.simplefilter("ignore")
+            trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+        trained.append(list(module.parameters()))
+    assert_params_close(trained[1], trained[0])

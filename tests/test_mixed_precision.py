@@ -271,6 +271,58 @@ def test_skipped_first_step_is_as_if_it_never_happened(name, scaler_kind, kernel
     )
 
 
+def _reuse_nan_memory(shapes) -> None:
+    """Leaves freed NaN-filled blocks of these shapes for the allocator to hand out next, so that
+    memory taken without initializing it shows NaN."""
+    for _ in range(8):
+        blocks = [torch.full(shape, math.nan) for shape in shapes for _ in range(8)]
+        del blocks
+
+
+@pytest.mark.parametrize("scaler_kind", ["fused", "torch"])
+def test_sgd_buffer_of_a_skipped_first_step_is_saved_as_zeros(scaler_kind):
+    # torch.optim.SGD keeps no counter: a buffer in a checkpoint is a started one, so whatever
+    # fused_opt saves for a buffer that was never started is what torch.optim.SGD continues from.
+    shapes = [(1031,), (40, 50)]
+    params = make_params(torch.float32, shapes=shapes)
+    options = FULL_STATE_OPTIONS["SGD"]
+    optimizer = fused_opt.SGD(params, **options)
+    scaler = new_scaler(scaler_kind)
+    generator = torch.Generator().manual_seed(5)
+    grads = [random_grad(p, generator) for p in params]
+    for p, g in zip(params, scaled_grads(grads, INIT_SCALE, (math.inf, 0, 0))):
+        p.grad = g
+    _reuse_nan_memory(shapes)
+    scaler.step(optimizer)
+    scaler.update()
+
+    state_dict = copy.deepcopy(optimizer.state_dict())
+    for index, state in state_dict["state"].items():
+        assert torch.equal(state["momentum_buffer"], torch.zeros(shapes[index])), index
+    torch_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = torch.optim.SGD(torch_params, **options)
+    reference.load_state_dict(state_dict)
+    for p, g in zip(torch_params, grads):
+        p.grad = g.clone()
+    reference.step()
+    assert all(torch.isfinite(p).all() for p in torch_params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_scaler_step_without_grads_refuses_like_torch(name):
+    outcomes = []
+    for scaler_kind, module in (("torch", torch.optim), ("fused", fused_opt)):
+        params = make_params(torch.float32)
+        optimizer = getattr(module, name)(params, **FULL_STATE_OPTIONS[name])
+        scaler = new_scaler(scaler_kind)
+        before = _snapshot(optimizer, params)
+        with pytest.raises(AssertionError) as excinfo:
+            scaler.step(optimizer)
+        _assert_bits_equal(_snapshot(optimizer, params), before, f"{scaler_kind} scaler")
+        outcomes.append(str(excinfo.value))
+    assert outcomes[1] == outcomes[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # Clipping without a scaler
 
@@ -444,12 +496,18 @@ def test_grad_norm_has_the_same_bits_for_any_thread_count():
 # Master weights
 
 
+# Every optimizer with every state it has, and plain SGD, whose master is its only state.
+MASTER_CASES = [pytest.param(name, FULL_STATE_OPTIONS[name], id=name) for name in NAMES] + [
+    pytest.param("SGD", {}, id="SGD-no-momentum")
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", NAMES)
-def test_master_weights_keep_updates_that_16bit_params_lose(name, dtype, kernels):
+@pytest.mark.parametrize("name, options", MASTER_CASES)
+def test_master_weights_keep_updates_that_16bit_params_lose(name, options, dtype, kernels):
     # Updates of ~1e-5 on params of ~1 are below half a 16-bit ulp: plain 16-bit training loses
     # every one of them, the master accumulates them as fp32 training does.
-    options = {**FULL_STATE_OPTIONS[name], "lr": 1e-5}
+    options = {**options, "lr": 1e-5}
     gen = torch.Generator().manual_seed(0)
     # Magnitudes in [1, 2), where half a bf16 ulp is 2**-8 and half an fp16 ulp 2**-11.
     init = [
@@ -531,8 +589,16 @@ def test_state_dict_reload_continues_bit_identically(name, kernels):
     resumed.load_state_dict(checkpoint["optimizer"])
     resumed_scaler.load_state_dict(checkpoint["scaler"])
     _train(resumed, resumed_params, resumed_scaler, 3, seed=2)
-    _assert_bits_equal(_snapshot(resumed, resumed_params),
-                       _snapshot(uninterrupted, uninterrupted_params), "resumed")
+    resumed_snapshot = _snapshot(resumed, resumed_params)
+    uninterrupted_snapshot = _snapshot(uninterrupted, uninterrupted_params)
+    if name == "SGD":
+        # SGD's counter only tells a started buffer, and is not saved (as in torch.optim.SGD's
+        # state dict): the resumed one counts from one.
+        for snapshot in (resumed_snapshot, uninterrupted_snapshot):
+            for entry in snapshot:
+                if isinstance(entry, dict):
+                    assert entry.pop("step").item() >= 1
+    _assert_bits_equal(resumed_snapshot, uninterrupted_snapshot, "resumed")
     for p in resumed_params:
         assert all(v.dtype == torch.float32 for v in resumed.state[p].values())
 

@@ -654,3 +654,158 @@ def test_comparison_detects_wrong_hyperparameter(name, wrong):
     run.ref_options[0].update(wrong)
     with pytest.raises(AssertionError, match="vs reference"):
         run_and_check(run, seed=17)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decay rates near one and at zero
+
+NEAR_ONE_STEPS = 20
+# Rates whose float32 rounding is a large part of 1 - rate: a kernel that takes 1 - rate in float32
+# from the rounded rate makes the moment it weighs 1.7e-4 (0.9999) to 19% (0.9999999) too large.
+NEAR_ONE_CASES = [
+    pytest.param(name, options, id=f"{name}-{options_id(options)}")
+    for name, options in [
+        ("Adam", {"betas": (0.9, 0.9999)}),
+        ("Adam", {"betas": (0.99999, 0.99999), "amsgrad": True}),
+        ("Adam", {"betas": (0.9, 0.9999999), "weight_decay": WEIGHT_DECAY}),
+        ("AdamW", {"betas": (0.9999, 0.999999), "weight_decay": WEIGHT_DECAY}),
+        ("RMSprop", {"alpha": 0.9999}),
+        ("RMSprop", {"alpha": 0.9999999, "centered": True, "momentum": 0.9}),
+    ]
+]
+
+
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
+@pytest.mark.parametrize("name, options", NEAR_ONE_CASES)
+def test_decay_rates_near_one(name, options, dtype, device):
+    run = single_group_run(
+        name, random_params(SMALL_SHAPES, dtype, seed=18), device, lr=LR[name], **options
+    )
+    generator = torch.Generator().manual_seed(19)
+    for step in range(1, NEAR_ONE_STEPS + 1):
+        run.random_step(generator)
+        run.check(f"after step {step}")
+
+
+def _shrinking_grads(t: Tensor, step: int) -> Tensor:
+    """A grad of 1 then one a million times smaller, alternating in sign: a running average that
+    weighs the new grad fully must hold the small one exactly, with nothing left of the large."""
+    return torch.full_like(t, (-1.0) ** step * 10.0 ** (-6 * (step % 2)))
+
+
+# Weight 1 on the new grad: Adam's beta1 = 0, centered RMSprop's alpha = 0 (its grad_avg).
+WEIGHT_ONE_CASES = [
+    pytest.param("Adam", {"betas": (0.0, 0.999)}, "exp_avg", id="Adam-beta1=0"),
+    pytest.param("AdamW", {"betas": (0.0, 0.999)}, "exp_avg", id="AdamW-beta1=0"),
+    pytest.param("RMSprop", {"alpha": 0.0, "centered": True}, "grad_avg", id="RMSprop-alpha=0"),
+]
+
+
+@pytest.mark.parametrize("master_weights", [False, True], ids=["own", "master"])
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]])
+@pytest.mark.parametrize("name, options, key", WEIGHT_ONE_CASES)
+def test_average_that_weighs_the_new_grad_fully_is_the_grad(
+    name, options, key, dtype, master_weights, device
+):
+    params = [
+        torch.nn.Parameter(t.to(device))
+        for t in random_params([(1031,), (3, 7, 5)], dtype, seed=20)
+    ]
+    fused = getattr(fused_opt, name)(
+        params, lr=LR[name], master_weights=master_weights, **options
+    )
+    torch_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = getattr(torch.optim, name)(torch_params, lr=LR[name], foreach=False, **options)
+    for step in range(6):
+        for p, q in zip(params, torch_params):
+            p.grad = _shrinking_grads(p, step)
+            q.grad = p.grad.clone()
+        fused.step()
+        reference.step()
+        for p, q in zip(params, torch_params):
+            average = fused.state[p][key]
+            assert torch.equal(average, p.grad.to(average.dtype)), f"{key} after step {step}"
+            assert torch.equal(reference.state[q][key], q.grad), f"torch's {key}, step {step}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Params re-laid in place during training
+
+RELAID_SHAPES = [(2, 3, 4, 5), (3, 1, 2, 2), (7,)]
+RELAY_BEFORE_STEP = 4
+
+
+def _to_channels_last(params: Sequence[Tensor]) -> None:
+    """What ``model.to(memory_format=torch.channels_last)`` does to a model's 4-d params: the
+    same Parameters, their data re-laid."""
+    for p in params:
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_relaid_in_place_train_like_torch(name, device):
+    run = single_group_run(
+        name, random_params(RELAID_SHAPES, torch.float32, seed=21), device, lr=LR[name],
+        **RICH_OPTIONS[name],
+    )
+    generator = torch.Generator().manual_seed(22)
+    for step in range(1, STEPS + 1):
+        if step == RELAY_BEFORE_STEP:
+            _to_channels_last(run.fused_params[0])
+            _to_channels_last(run.torch_params[0])
+        run.random_step(generator)
+        run.check(f"after step {step}")
+    for p in run.fused_params[0]:
+        for key, value in run.fused.state[p].items():
+            if key != "step":
+                assert value.stride() == p.stride(), f"state[{key!r}] of {tuple(p.shape)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_relaid_in_place_under_master_weights_change_no_value(name, device):
+    # The element math does not depend on the layout: the re-laid run equals, bit for bit, one
+    # that kept its layout, masters and 16-bit params alike.
+    initial = random_params(RELAID_SHAPES, torch.bfloat16, seed=23)
+    runs = []
+    for relay in (True, False):
+        params = [torch.nn.Parameter(t.to(device, copy=True)) for t in initial]
+        optimizer = getattr(fused_opt, name)(
+            params, lr=LR[name], master_weights=True, **RICH_OPTIONS[name]
+        )
+        generator = torch.Generator().manual_seed(24)
+        for step in range(1, STEPS + 1):
+            if relay and step == RELAY_BEFORE_STEP:
+                _to_channels_last(params)
+            for p in params:
+                p.grad = random_grad(p, generator)
+            optimizer.step()
+        runs.append((params, optimizer))
+    (relaid, relaid_opt), (kept, kept_opt) = runs
+    for p, q in zip(relaid, kept):
+        assert torch.equal(p, q), f"param {tuple(p.shape)}"
+        assert relaid_opt.state[p].keys() == kept_opt.state[q].keys()
+        for key, value in relaid_opt.state[p].items():
+            assert torch.equal(value, kept_opt.state[q][key]), f"state[{key!r}]"
+            if key != "step":
+                assert value.stride() == p.stride(), f"state[{key!r}] of {tuple(p.shape)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Hyperparameters changed by a schedule
+
+
+def test_nesterov_group_whose_momentum_reaches_zero_steps_like_torch(device):
+    # A momentum schedule that reaches 0 for a while: torch.optim.SGD then takes plain steps and
+    # leaves the buffer as it was, to take it up again when the momentum comes back.
+    params = random_params(SMALL_SHAPES, torch.float32, seed=25)
+    run = single_group_run("SGD", params, device, lr=LR["SGD"], momentum=0.9, nesterov=True)
+    generator = torch.Generator().manual_seed(26)
+    for step in range(1, STEPS + 1):
+        momentum = 0.0 if 4 <= step <= 6 else 0.9
+        for optimizer in (run.fused, run.torch):
+            optimizer.param_groups[0]["momentum"] = momentum
+        # The reference, like torch's constructor, has no Nesterov without momentum.
+        run.ref_options[0].update(momentum=momentum, nesterov=momentum != 0)
+        run.random_step(generator)
+        run.check(f"after step {step}")

@@ -167,10 +167,30 @@ def _missing_param(state_dict, name):
         group["param_names"] = group["param_names"][:INDEX]
 
 
+def _replace_state(key_of, value):
+    def corrupt(state_dict, name):
+        state_dict["state"][FLAT_INDEX][key_of(name)] = value
+
+    return corrupt
+
+
+def _state_key(name):
+    return STATE_KEY[name]
+
+
+def _step_key(name):
+    return "step"
+
+
 PER_PARAM = {
     "state-shape": _corrupt_shape,
     "missing-state-key": _drop_key,
     "missing-step": _drop_step,
+    "state-not-a-tensor": _replace_state(_state_key, [0.0] * 6),
+    "state-of-int-dtype": _replace_state(_state_key, torch.zeros((2, 1, 3), dtype=torch.int64)),
+    "step-a-string": _replace_state(_step_key, "three"),
+    "step-of-shape-2": _replace_state(_step_key, torch.tensor([2.0, 2.0])),
+    "step-a-bool-tensor": _replace_state(_step_key, torch.tensor(True)),
 }
 PER_GROUP = {
     "extra-group": _extra_group,
@@ -178,7 +198,7 @@ PER_GROUP = {
     "missing-param": _missing_param,
 }
 
-# SGD keeps no step, and a missing momentum buffer is legal (see the SGD test below).
+# SGD saves no step, and a missing momentum buffer is legal (see the SGD test below).
 _NOT_APPLICABLE = {("SGD", "missing-step"), ("SGD", "missing-state-key")}
 MISMATCHES = [
     pytest.param(name, corrupt, kind in PER_PARAM, named, id=f"{name}-{kind}-{naming}")
@@ -189,22 +209,38 @@ MISMATCHES = [
 ]
 
 
-def _trained_two_groups(module, name, named=False):
-    params = make_params()
+def _trained_two_groups(module, name, named=False, params=None):
+    params = make_params() if params is None else params
     opt = two_groups(module, name, params, named)
     train(opt, params, 2)
     return opt
 
 
-@pytest.mark.parametrize(("name", "corrupt", "names_param", "named"), MISMATCHES)
-def test_mismatched_state_dict_is_refused_and_changes_nothing(name, corrupt, names_param, named):
-    opt = _trained_two_groups(fused_opt, name, named)
-    state_dict = copy.deepcopy(opt.state_dict())
-    corrupt(state_dict, name)
-    before = copy.deepcopy((opt.state_dict(), opt.param_groups))
-
+def _assert_refused_and_usable(name, opt, params, state_dict, named=False):
+    """Loading state_dict into opt (trained 2 steps on params) raises a ValueError and changes
+    nothing: the optimizer then trains on bit for bit as a twin that was never handed it."""
+    before = copy.deepcopy((opt.state_dict(), opt.param_groups, [p.detach() for p in params]))
     with pytest.raises(ValueError) as excinfo:
         opt.load_state_dict(state_dict)
+    assert_same_tree((opt.state_dict(), opt.param_groups, [p.detach() for p in params]), before)
+
+    twin_params = make_params()
+    twin = _trained_two_groups(fused_opt, name, named, twin_params)
+    train(opt, params, 2, start=2)
+    train(twin, twin_params, 2, start=2)
+    assert_same_tree([p.detach() for p in params], [p.detach() for p in twin_params])
+    assert_same_tree(opt.state_dict(), twin.state_dict())
+    return str(excinfo.value)
+
+
+@pytest.mark.parametrize(("name", "corrupt", "names_param", "named"), MISMATCHES)
+def test_mismatched_state_dict_is_refused_and_changes_nothing(name, corrupt, names_param, named):
+    params = make_params()
+    opt = _trained_two_groups(fused_opt, name, named, params)
+    state_dict = copy.deepcopy(opt.state_dict())
+    corrupt(state_dict, name)
+
+    message = _assert_refused_and_usable(name, opt, params, state_dict, named)
 
     if names_param:
         label = (
@@ -212,8 +248,7 @@ def test_mismatched_state_dict_is_refused_and_changes_nothing(name, corrupt, nam
             if named
             else f"param_groups[{GROUP}]['params'][{INDEX}]"
         )
-        assert label in str(excinfo.value)
-    assert_same_tree((opt.state_dict(), opt.param_groups), before)
+        assert label in message and f"state[{FLAT_INDEX}]" in message, message
 
 
 @pytest.mark.parametrize("corrupt", PER_GROUP.values(), ids=PER_GROUP.keys())
@@ -226,6 +261,48 @@ def test_torch_also_refuses_mismatched_groups(name, corrupt):
     corrupt(state_dict, name)
     with pytest.raises(ValueError):
         reference.load_state_dict(state_dict)
+
+
+# Group values a checkpoint of this optimizer cannot have: (key, value, words of the message).
+BAD_GROUP_VALUES = {
+    "lr-none": ("lr", None, "param_groups[1]['lr']"),
+    "lr-of-two-elements": ("lr", torch.tensor([0.1, 0.1]), "param_groups[1]['lr']"),
+    "weight_decay-a-string": ("weight_decay", "0.1", "param_groups[1]['weight_decay']"),
+}
+
+
+@pytest.mark.parametrize("corruption", BAD_GROUP_VALUES)
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_group_value_is_refused_and_changes_nothing(name, corruption):
+    key, value, words = BAD_GROUP_VALUES[corruption]
+    params = make_params()
+    opt = _trained_two_groups(fused_opt, name, params=params)
+    state_dict = copy.deepcopy(opt.state_dict())
+    state_dict["param_groups"][GROUP][key] = value
+    message = _assert_refused_and_usable(name, opt, params, state_dict)
+    assert words in message, message
+
+
+# A checkpoint of another optimizer, and what the target's groups have that its groups lack.
+OTHER_OPTIMIZERS = {
+    "SGD": ("Adam", ("momentum", "dampening")),
+    "Adam": ("SGD", ("betas", "eps")),
+    "AdamW": ("RMSprop", ("betas",)),
+    "RMSprop": ("Adagrad", ("alpha",)),
+    "Adagrad": ("SGD", ("lr_decay", "eps", "initial_accumulator_value")),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_another_optimizers_state_dict_is_refused_and_changes_nothing(name):
+    # torch.optim loads it and fails in the next step (an Adam state dict in SGD: KeyError
+    # 'momentum'); fused_opt says so before loading anything.
+    source, lacking = OTHER_OPTIMIZERS[name]
+    state_dict = copy.deepcopy(_trained_two_groups(torch.optim, source).state_dict())
+    params = make_params()
+    opt = _trained_two_groups(fused_opt, name, params=params)
+    message = _assert_refused_and_usable(name, opt, params, state_dict)
+    assert "param_groups[0]" in message and all(repr(key) in message for key in lacking), message
 
 
 def test_sgd_checkpoint_without_momentum_buffer_loads_like_torch():

@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "fused_opt/math/lerp.h"
 #include "fused_opt/math/macros.h"
 
 namespace fused_opt::math {
@@ -21,10 +22,14 @@ struct AdamHyper {
 };
 
 // Everything that depends only on the hyperparameters and the tensor's own step, computed
-// once per tensor so the element loop does no pow().
+// once per tensor so the element loop does no pow(). Every `1 - beta` is taken in double and
+// rounded once, as torch does: in T, 1 - T(beta) keeps the rounding error of T(beta) and makes
+// it relative to a small number (beta2 = 0.9999 in float32: the second moment 1.7e-4 too
+// large, 0.9999999: 19%).
 template <typename T>
 struct AdamTensorScalars {
-  T beta1, beta2, eps, l2, param_decay, step_size, bias_correction2_sqrt;
+  LerpWeight<T> exp_avg_weight;  // 1 - beta1
+  T beta2, one_minus_beta2, eps, l2, param_decay, step_size, bias_correction2_sqrt;
 };
 
 template <typename T>
@@ -32,8 +37,9 @@ FUSED_OPT_HD AdamTensorScalars<T> adam_tensor_scalars(const AdamHyper& h, double
   const double bias_correction1 = 1.0 - std::pow(h.beta1, step);
   const double bias_correction2 = 1.0 - std::pow(h.beta2, step);
   AdamTensorScalars<T> s;
-  s.beta1 = static_cast<T>(h.beta1);
+  s.exp_avg_weight = lerp_weight<T>(1.0 - h.beta1);
   s.beta2 = static_cast<T>(h.beta2);
+  s.one_minus_beta2 = static_cast<T>(1.0 - h.beta2);
   s.eps = static_cast<T>(h.eps);
   s.l2 = static_cast<T>(h.weight_decay);
   s.param_decay = static_cast<T>(1.0 - h.lr * h.weight_decay);
@@ -56,8 +62,8 @@ struct AdamElement {
     if constexpr (kWeightDecay == WeightDecay::kL2) grad += s.l2 * param;
     if constexpr (kWeightDecay == WeightDecay::kDecoupled) param *= s.param_decay;
 
-    exp_avg += (grad - exp_avg) * (T(1) - s.beta1);
-    exp_avg_sq = s.beta2 * exp_avg_sq + (T(1) - s.beta2) * grad * grad;
+    exp_avg = lerp(exp_avg, grad, s.exp_avg_weight);
+    exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * grad * grad;
 
     T second_moment = exp_avg_sq;
     if constexpr (kAmsgrad) {

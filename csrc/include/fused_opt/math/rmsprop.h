@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "fused_opt/math/lerp.h"
 #include "fused_opt/math/macros.h"
 
 namespace fused_opt::math {
@@ -12,15 +13,22 @@ struct RmspropHyper {
   double lr, alpha, eps, weight_decay, momentum;
 };
 
+// 1 - alpha is taken in double and rounded once, as torch does (see AdamTensorScalars).
 template <typename T>
 struct RmspropTensorScalars {
-  T lr, alpha, eps, weight_decay, momentum;
+  T lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
+  LerpWeight<T> grad_avg_weight;  // 1 - alpha
 };
 
 template <typename T>
 FUSED_OPT_HD RmspropTensorScalars<T> rmsprop_tensor_scalars(const RmspropHyper& h) {
-  return {static_cast<T>(h.lr), static_cast<T>(h.alpha), static_cast<T>(h.eps),
-          static_cast<T>(h.weight_decay), static_cast<T>(h.momentum)};
+  return {static_cast<T>(h.lr),
+          static_cast<T>(h.alpha),
+          static_cast<T>(1.0 - h.alpha),
+          static_cast<T>(h.eps),
+          static_cast<T>(h.weight_decay),
+          static_cast<T>(h.momentum),
+          lerp_weight<T>(1.0 - h.alpha)};
 }
 
 template <typename T, bool kMaximize, bool kWeightDecay, bool kCentered, bool kMomentum>
@@ -36,11 +44,11 @@ struct RmspropElement {
     if constexpr (kWeightDecay) grad += s.weight_decay * param;
 
     T& square_avg = states[0];
-    square_avg = s.alpha * square_avg + (T(1) - s.alpha) * grad * grad;
+    square_avg = s.alpha * square_avg + s.one_minus_alpha * grad * grad;
     T variance = square_avg;
     if constexpr (kCentered) {
       T& grad_avg = states[1];
-      grad_avg += (grad - grad_avg) * (T(1) - s.alpha);
+      grad_avg = lerp(grad_avg, grad, s.grad_avg_weight);
       variance -= grad_avg * grad_avg;
     }
     const T avg = std::sqrt(variance) + s.eps;
