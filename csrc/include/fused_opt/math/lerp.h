@@ -13,7 +13,9 @@ template <typename T>
 struct LerpWeight {
   // weight when counting from the start, weight - 1 when counting from the end
   T coefficient;
-  bool from_end;
+  // 1 when counting from the end, else 0: a number, not a bool, so that the per-element select
+  // stays a vector blend in every CPU clone (a bool member kept GCC's AVX-512 clone scalar).
+  T from_end;
 };
 
 // `weight` is taken in double (1 - beta computed there) and rounded once to T, as torch rounds
@@ -24,12 +26,12 @@ FUSED_OPT_HD LerpWeight<T> lerp_weight(double weight) {
   const bool from_end = !(w < T(0.5) && w > T(-0.5));
   // For |w| >= 0.5, w - 1 is exact, and `end + (w - 1) * (end - start)` has the bits of torch's
   // `end - (end - start) * (1 - w)`: IEEE rounding is symmetric in sign.
-  return {from_end ? w - T(1) : w, from_end};
+  return {from_end ? w - T(1) : w, from_end ? T(1) : T(0)};
 }
 
 template <typename T>
 FUSED_OPT_HD T lerp(T start, T end, const LerpWeight<T>& weight) {
-  return (weight.from_end ? end : start) + weight.coefficient * (end - start);
+  return (weight.from_end != T(0) ? end : start) + weight.coefficient * (end - start);
 }
 
 }  // namespace fused_opt::math
