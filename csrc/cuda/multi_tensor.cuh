@@ -47,14 +47,15 @@ constexpr int kVectorBytes = 16;
 // master and states, 8 of the 16-bit grad and param, so that one aligned load or store covers the
 // same elements of each.
 constexpr int kMasterVectorElems = 4;
-// Loads in flight per thread and per tensor: one vector (2 to 8 elements) on the aligned path,
-// two elements on the scalar path, one for doubles. More costs registers beyond the 128 and
-// spills: the group's hyperparameters sit at an offset known only at run time, so the element
-// math keeps them in registers instead of reading them as constant operands, and two doubles
-// of each of five tensors in flight no longer fit beside them.
+// Loads in flight per thread and per tensor: one vector (2 to 8 elements) on the aligned path;
+// on the scalar path two elements for float32 with up to two states, else one. More costs
+// registers beyond the 128 and spills: the group's hyperparameters sit at an offset known only
+// at run time, so the element math keeps them in registers instead of reading them as constant
+// operands, and two elements of each of five tensors no longer fit beside them (float64; and
+// Adam's AMSGrad in float32 on sm_100 and sm_120 since its lerp became two-sided).
 constexpr int kVectorsInFlight = 1;
-template <typename M>
-constexpr int kScalarsInFlight = sizeof(M) == 8 ? 1 : 2;
+template <typename M, int kStates>
+constexpr int kScalarsInFlight = sizeof(M) == 8 || kStates > 2 ? 1 : 2;
 // Kernel parameter space since CUDA 12.1 (Volta and newer). The table of tensors fills all of it
 // but what the groups' hyperparameters, the gradient scaling and the block counter take, so that
 // a whole model usually goes in one launch.
@@ -387,7 +388,7 @@ __device__ __forceinline__ void update_chunk(const Table& table, const typename 
       M* rest_states[kMaxStates] = {};
 #pragma unroll
       for (int s = 0; s < Table::kStates; ++s) rest_states[s] = states[s] + vectorized;
-      update_packs<M, S, 1, kScalarsInFlight<M>, kCopy>(
+      update_packs<M, S, 1, kScalarsInFlight<M, Table::kStates>, kCopy>(
           param + vectorized, grad + vectorized, rest_states,
           kCopy ? copy + vectorized : nullptr, n - vectorized, factor, element);
     }
