@@ -145,6 +145,7 @@ class FusedOptimizer(Optimizer):
         self.defaults["max_grad_norm"] = None if max_grad_norm is None else float(max_grad_norm)
         for group in self.param_groups:
             self._set_fused_opt_defaults(group)
+        self._master_versions: dict[Tensor, int] = {}
 
     def _set_fused_opt_defaults(self, group: dict[str, Any]) -> None:
         for key in _FUSED_GROUP_KEYS:
@@ -160,6 +161,9 @@ class FusedOptimizer(Optimizer):
         # Groups loaded from a torch.optim checkpoint lack fused_opt's options.
         for group in self.param_groups:
             self._set_fused_opt_defaults(group)
+        # A copy or unpickled optimizer knows no versions: its first step compares every master
+        # with its param, which keeps whatever still agrees.
+        self._master_versions = {}
 
     def _kernels_take_scaling(self) -> bool:
         """Whether a GradScaler may hand this step grad_scale and found_inf instead of unscaling:
@@ -483,7 +487,11 @@ class FusedOptimizer(Optimizer):
             if keeps_step:
                 bucket.steps.append(state["step"])
             if with_master:
-                bucket.masters.append(state[MASTER_KEY])
+                master = state[MASTER_KEY]
+                # Read no version under torch.compile: dynamo cannot branch on one.
+                if not torch.compiler.is_compiling() and self._master_versions.get(p) != p._version:
+                    self._refresh_master(p, master)
+                bucket.masters.append(master)
 
     def _ensure_state(
         self,
@@ -496,6 +504,7 @@ class FusedOptimizer(Optimizer):
         """Creates whatever state the param lacks: all of it on its first step."""
         if with_master and state.get(MASTER_KEY) is None:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
+            self._master_versions[p] = p._version
             # States made before the master (master_weights switched on during training) move
             # to float32.
             for key in keys:
@@ -507,6 +516,31 @@ class FusedOptimizer(Optimizer):
             for key, value in self._new_state(p, group, dtype).items():
                 if state.get(key) is None:
                     state[key] = value
+
+    def _refresh_master(self, p: Tensor, master: Tensor) -> None:
+        """Re-starts from the param every element of its master whose rounding the param no longer
+        holds, and keeps the float32 bits of every other element: a write to the 16-bit param
+        since the last step (a pruning mask, clipping, EMA weights swapped in, a model's
+        load_state_dict) is kept, not overwritten from a stale master, and a write that left an
+        element as it was (loading the same weights) costs that element no precision. Device
+        ops only, no sync; they run only for a param whose version counter moved."""
+        master.copy_(torch.where(master.to(p.dtype) == p, master, p.to(torch.float32)))
+        self._master_versions[p] = p._version
+
+    @torch.no_grad()
+    def refresh_master_weights(self) -> None:
+        """Brings every float32 master in line with its 16-bit param: each element whose param no
+        longer holds the master's rounding restarts from the param; the others keep their
+        float32 bits. step() does this by itself for every param whose version counter moved
+        since the last step. Call it after in-place edits that step() cannot see: writes through
+        ``param.data`` (which do not count as versions), and edits between the steps of a
+        ``torch.compile``d or CUDA-graph-captured step, which cannot branch on version counters
+        and so never checks them."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                master = self.state[p].get(MASTER_KEY) if p in self.state else None
+                if master is not None and uses_master(group, p):
+                    self._refresh_master(p, master)
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -544,6 +578,10 @@ class FusedOptimizer(Optimizer):
                 place_step(p, state)
                 if uses_master(group, p):
                     self._load_master_state(p, state, saved_state[saved_id], keys)
+                    # The master is the checkpoint's; a model loaded after the optimizer then
+                    # moves the param's version, and the next step keeps the master wherever
+                    # the param holds its rounding.
+                    self._master_versions[p] = p._version
                 else:
                     state.pop(MASTER_KEY, None)
                 # torch may have built a buffer in its grad's layout (SGD clones the grad).

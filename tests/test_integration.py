@@ -76,6 +76,31 @@ def test_compiled_step_equals_eager_step(name):
             assert torch.equal(compiled.state[b][key], value), key
 
 
+def test_compiled_step_with_master_weights_equals_eager_and_refreshes_on_request():
+    # A compiled step cannot branch on version counters, so it never looks for edits;
+    # refresh_master_weights() after an edit gives what the eager step does by itself.
+    eager_model, compiled_model = _model().bfloat16(), _model().bfloat16()
+    eager = fused_opt.AdamW(eager_model.parameters(), lr=1e-2, master_weights=True)
+    compiled = fused_opt.AdamW(compiled_model.parameters(), lr=1e-2, master_weights=True)
+    compiled_step = torch.compile(compiled.step)
+    for index, batch in enumerate(_batches(2)):
+        if index == 2:
+            with torch.no_grad():
+                for model in (eager_model, compiled_model):
+                    model[0].weight.clamp_(-0.125, 0.125)
+            compiled.refresh_master_weights()
+        for model in (eager_model, compiled_model):
+            model.zero_grad()
+            _loss(model, tuple(t.bfloat16() for t in batch)).backward()
+        eager.step()
+        compiled_step()
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.equal(a, b)
+        for key, value in eager.state[a].items():
+            assert torch.equal(compiled.state[b][key], value), key
+    assert eager_model[0].weight.abs().max() < 0.2, "the clipping was kept"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

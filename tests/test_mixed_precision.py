@@ -553,6 +553,134 @@ def test_master_weights_leave_fp32_params_of_the_group_alone(kernels):
     assert optimizer.state[params[1]][fused_opt.optimizer.MASTER_KEY].dtype == torch.float32
 
 
+# Edits to a 16-bit param between steps. The rule: every element whose param no longer holds its
+# master's rounding restarts its master from the param; every other element keeps its fp32 bits.
+# The oracle is torch.optim on fp32 copies of the params (the masters), to which the same rule
+# applies the edit.
+
+
+def _prune(params):
+    gen = torch.Generator().manual_seed(11)
+    for p in params:
+        p.mul_(torch.rand(p.shape, generator=gen) < 0.5)
+
+
+def _clip(params):
+    for p in params:
+        p.clamp_(-0.5, 0.5)  # bounds a bf16 and an fp16 param hold exactly
+
+
+def _load_other_weights(params):
+    # What swapping in EMA weights or loading a model's checkpoint does: copy_ into the params.
+    gen = torch.Generator().manual_seed(12)
+    module = torch.nn.ParameterList(params)
+    module.load_state_dict(
+        {str(i): torch.randn(p.shape, generator=gen).to(p.dtype) for i, p in enumerate(params)}
+    )
+
+
+EDITS = {"prune": _prune, "clip": _clip, "load-other-weights": _load_other_weights}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+@pytest.mark.parametrize("name, options", MASTER_CASES)
+def test_edits_to_16bit_params_between_steps_are_kept(name, options, edit, kernels):
+    dtype = torch.bfloat16
+    init = [t.to(dtype) for t in _randn_tensors([(1031,), (17, 3), (0,), (1,)], seed=2)]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    masters = [torch.nn.Parameter(t.float()) for t in init]
+    fused = getattr(fused_opt, name)(params, master_weights=True, **options)
+    oracle = getattr(torch.optim, name)(masters, **options)
+    generator = torch.Generator().manual_seed(7)
+
+    def step():
+        for p, m in zip(params, masters):
+            g = random_grad(m, generator).to(dtype)
+            p.grad, m.grad = g, g.float()
+        fused.step()
+        oracle.step()
+
+    for _ in range(2):
+        step()
+    with torch.no_grad():
+        EDITS[edit](params)
+        for p, m in zip(params, masters):
+            m.copy_(torch.where(m.to(dtype) == p, m, p.float()))
+    assert all(torch.equal(p, m.to(dtype)) for p, m in zip(params, masters))
+    for _ in range(3):
+        step()
+    for p, m in zip(params, masters):
+        state = fused.state[p]
+        torch.testing.assert_close(state[fused_opt.optimizer.MASTER_KEY], m.detach(),
+                                   **tolerance(torch.float32))
+        assert torch.equal(p, state[fused_opt.optimizer.MASTER_KEY].to(dtype))
+        for key, value in as_torch_state(name, oracle.state[m]).items():
+            if key != "step":
+                torch.testing.assert_close(state[key], value, **tolerance(torch.float32))
+
+
+def _randn_tensors(shapes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for shape in shapes]
+
+
+@pytest.mark.parametrize("name, options", MASTER_CASES)
+def test_steps_without_edits_never_compare_masters(name, options, monkeypatch, kernels):
+    params = [torch.nn.Parameter(t.bfloat16()) for t in _randn_tensors([(1031,), (5,)], seed=3)]
+    optimizer = getattr(fused_opt, name)(params, master_weights=True, **options)
+    refreshed = []
+    monkeypatch.setattr(optimizer, "_refresh_master", lambda p, master: refreshed.append(p))
+    versions = [p._version for p in params]
+    generator = torch.Generator().manual_seed(8)
+    for _ in range(4):
+        for p in params:
+            p.grad = random_grad(p, generator)
+        optimizer.step()
+    # The op writes the params without moving their versions, so only an outside write does.
+    assert [p._version for p in params] == versions
+    assert refreshed == []
+    with torch.no_grad():
+        params[1].mul_(2)
+    optimizer.step()
+    assert refreshed == [params[1]]
+
+
+def test_model_loaded_after_the_optimizer_keeps_the_checkpoint_masters(kernels):
+    params = [torch.nn.Parameter(t.bfloat16()) for t in _randn_tensors([(1031,), (5,)], seed=4)]
+    optimizer = fused_opt.AdamW(params, lr=1e-3, master_weights=True)
+    generator = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        for p in params:
+            p.grad = random_grad(p, generator)
+        optimizer.step()
+    checkpoint = _save_and_load({"optimizer": optimizer.state_dict(),
+                                 "model": {str(i): p.detach().clone() for i, p in enumerate(params)}})
+    masters = [optimizer.state[p][fused_opt.optimizer.MASTER_KEY].clone() for p in params]
+    assert any(not torch.equal(m, p.float()) for m, p in zip(masters, params)), "masters hold more"
+
+    resumed = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    resumed_opt = fused_opt.AdamW(resumed, lr=1e-3, master_weights=True)
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    torch.nn.ParameterList(resumed).load_state_dict(checkpoint["model"])
+    grads = [random_grad(p, generator) for p in params]
+    for optimizer_, params_ in ((optimizer, params), (resumed_opt, resumed)):
+        for p, g in zip(params_, grads):
+            p.grad = g.clone()
+        optimizer_.step()
+    _assert_bits_equal(_snapshot(resumed_opt, resumed), _snapshot(optimizer, params), "resumed")
+
+
+def test_writes_through_data_need_refresh_master_weights(kernels):
+    params = [torch.nn.Parameter(torch.randn(33).bfloat16())]
+    optimizer = fused_opt.SGD(params, lr=0.1, momentum=0.9, master_weights=True)
+    params[0].grad = torch.ones_like(params[0])
+    optimizer.step()
+    params[0].data.zero_()  # .data has a version counter of its own: step() cannot see this
+    optimizer.refresh_master_weights()
+    assert torch.equal(optimizer.state[params[0]][fused_opt.optimizer.MASTER_KEY],
+                       torch.zeros(33))
+
+
 def _save_and_load(state_dict):
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
