@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fused_opt import _ops
+from fused_opt import _distributed, _ops
 
 MASTER_KEY = "master_param"
 # The options fused_opt adds to every param group.
@@ -312,18 +312,43 @@ class FusedOptimizer(Optimizer):
     def _compute_grad_stats(self, grad_scale: Tensor | None) -> dict[torch.device, GradStats]:
         """One read-only pass over every dense gradient: the global norm (divided by
         ``grad_scale``) and whether any element is inf or NaN, left on each device that holds
-        gradients (none: no entry, as GradScaler records no inf check for it)."""
-        grads: dict[torch.device, list[Tensor]] = {}
+        gradients (none: no entry, as GradScaler records no inf check for it).
+
+        Global means over every param of every group, on every device and, for DTensor params,
+        over every rank of their mesh: each rank measures its local shards, and one collective
+        sums the squares and the inf/NaN flags, so every rank clips by the same coefficient and
+        skips the same steps. An element replicated over mesh dimensions counts once (its square
+        is divided by its number of replicas); a plain tensor beside DTensors counts as
+        replicated over the whole mesh, as DDP's grads are."""
+        # Grads by (device, replicas): one pass each; replicas None for plain tensors.
+        grads: dict[tuple[torch.device, int | None], list[Tensor]] = {}
+        mesh = None
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    grads.setdefault(p.device, []).append(_as_dense_real(p.grad))
+                grad = p.grad
+                if grad is None:
+                    continue
+                count = None
+                if _distributed.is_dtensor(grad):
+                    if mesh is None:
+                        mesh = grad.device_mesh
+                    elif grad.device_mesh != mesh:
+                        raise ValueError(
+                            f"{type(self).__name__}: the global gradient norm of params on more "
+                            f"than one device mesh ({mesh} and {grad.device_mesh}) is not "
+                            "supported; clip and scale with one optimizer per mesh"
+                        )
+                    count = _distributed.replicas(p)
+                    grad = _distributed.local_grad(p, grad)
+                grads.setdefault((grad.device, count), []).append(_as_dense_real(grad))
         # Not part of the optimizer's state: a copy or an unpickled optimizer makes its own.
-        buffers: dict[torch.device, GradStats] = self.__dict__.setdefault("_grad_stats", {})
-        for device, device_grads in grads.items():
-            stats = buffers.get(device)
+        buffers: dict[tuple[torch.device, int | None], GradStats] = self.__dict__.setdefault(
+            "_grad_stats", {}
+        )
+        for (device, count), device_grads in grads.items():
+            stats = buffers.get((device, count))
             if stats is None:
-                stats = buffers[device] = GradStats.on(device)
+                stats = buffers[device, count] = GradStats.on(device)
             _ops.op_namespace.grad_norm_(
                 device_grads,
                 stats.norm,
@@ -331,16 +356,36 @@ class FusedOptimizer(Optimizer):
                 stats.workspace,
                 grad_scale=_on(grad_scale, device),
             )
-        result = {device: buffers[device] for device in grads}
-        if len(result) > 1:
-            # Params on several devices: the global norm combines the per-device norms.
-            first = next(iter(result))
-            total = torch.linalg.vector_norm(
-                torch.stack([stats.norm.to(first) for stats in result.values()])
-            )
-            for stats in result.values():
-                stats.norm.copy_(total)
+        result: dict[torch.device, GradStats] = {}
+        for device, count in grads:
+            result.setdefault(device, buffers[device, count])
+        if len(grads) > 1 or mesh is not None:
+            self._combine_grad_stats({key: buffers[key] for key in grads}, result, mesh)
         return result
+
+    @staticmethod
+    def _combine_grad_stats(
+        parts: dict[tuple[torch.device, int | None], GradStats],
+        result: dict[torch.device, GradStats],
+        mesh: Any,
+    ) -> None:
+        """Leaves in every ``result`` the norm and inf flag of all ``parts`` together, summed over
+        the ranks of ``mesh`` too when there is one. Device-side ops only: nothing waits."""
+        first = next(iter(result))
+        # Squares summed in double: the float32 norms of the parts are squared exactly.
+        total = torch.zeros(2, dtype=torch.float64, device=first)
+        world = mesh.size() if mesh is not None else 1
+        for (_, count), stats in parts.items():
+            square = stats.norm.to(first, torch.float64).square()
+            total[0] += square / (world if count is None else count)
+            total[1] += stats.found_inf.to(first, torch.float64)
+        if mesh is not None:
+            _distributed.all_reduce_sum(total, mesh)
+        norm = total[0].sqrt().to(torch.float32)
+        found_inf = (total[1] > 0).to(torch.float32)
+        for device, stats in result.items():
+            stats.norm.copy_(norm)
+            stats.found_inf.copy_(found_inf)
 
     def _validate_group(self, group_index: int, group: dict[str, Any], seen: set[int]) -> list[Tensor]:
         """Checks every grad of the group, that no param with a grad comes twice (``seen``: the
@@ -403,6 +448,12 @@ class FusedOptimizer(Optimizer):
     def _check_dense_grad(
         self, group_index: int, param_index: int, group: dict[str, Any], p: Tensor, grad: Tensor
     ) -> None:
+        problem = _distributed.placement_problem(p, grad)
+        if problem:
+            raise RuntimeError(
+                f"{type(self).__name__}: {self._describe_param(group_index, param_index, group, p)}"
+                f": {problem}"
+            )
         # One cheap test per step and param; the message is built only for a mismatch.
         if grad.dtype != p.dtype or grad.device != p.device or grad.shape != p.shape:
             for what, got, want in (
@@ -462,6 +513,13 @@ class FusedOptimizer(Optimizer):
                 first_state = state[keys[0] if keys else MASTER_KEY]
                 if layout is not None and first_state.stride() != layout:
                     _follow_layout(p, state, keys)
+            # Read no version under torch.compile: dynamo cannot branch on one.
+            if (
+                with_master
+                and not torch.compiler.is_compiling()
+                and self._master_versions.get(p) != p._version
+            ):
+                self._refresh_master(p, state[MASTER_KEY])
             # A master-weight call also takes the float32 params of the group, their own masters.
             in_master_call = with_master or (
                 group["master_weights"] and p.dtype in _OWN_MASTER_DTYPES
@@ -475,6 +533,9 @@ class FusedOptimizer(Optimizer):
             # Autograd gives grads the param's layout; the rare grad that differs is copied into it.
             if layout is not None and grad.stride() != layout:
                 grad = torch.empty_like(p).copy_(grad)
+            if _distributed.is_dtensor(p):
+                grad = _distributed.local_grad(p, grad)
+                p, state = p.to_local(), _distributed.local_state(state)
             if p.is_complex():
                 p, grad = torch.view_as_real(p), torch.view_as_real(grad)
                 state = {key: torch.view_as_real(state[key]) for key in keys} | {
@@ -487,11 +548,7 @@ class FusedOptimizer(Optimizer):
             if keeps_step:
                 bucket.steps.append(state["step"])
             if with_master:
-                master = state[MASTER_KEY]
-                # Read no version under torch.compile: dynamo cannot branch on one.
-                if not torch.compiler.is_compiling() and self._master_versions.get(p) != p._version:
-                    self._refresh_master(p, master)
-                bucket.masters.append(master)
+                bucket.masters.append(state[MASTER_KEY])
 
     def _ensure_state(
         self,

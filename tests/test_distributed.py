@@ -1,0 +1,273 @@
+"""DTensor params on two ranks (gloo, CPU): FSDP2's fully_shard, tensor-parallel placements on 1-D
+and 2-D meshes, the global gradient norm and inf/NaN skip across ranks, and distributed
+checkpoints. torch.optim on the same models is the oracle.
+
+Each test spawns two processes that assert for themselves; a failure on either rank fails the
+test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fused_opt
+from config import tolerance
+from optim_helpers import FULL_STATE_OPTIONS, NAMES
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+
+if dist.is_available():
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+WORLD = 2
+STEPS = 3
+# Small enough that every step clips.
+MAX_NORM = 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(worker, *args) -> None:
+    mp.spawn(_run, args=(worker, _free_port(), args), nprocs=WORLD, join=True)
+
+
+def _run(rank: int, worker, port: int, args) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _assert_close(actual, expected, what: str) -> None:
+    torch.testing.assert_close(_full(actual), _full(expected), **tolerance(torch.float32),
+                               msg=lambda m: f"rank {dist.get_rank()}, {what}: {m}")
+
+
+def _fsdp_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    # Odd sizes: rank 0 holds 7 rows of the first weight and rank 1 six.
+    model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+    model.to(dtype)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _backward(model: torch.nn.Module, rank: int, step: int, scaler=None) -> None:
+    gen = torch.Generator().manual_seed(100 * step + rank)  # each rank its own data, as in DP
+    x, y = torch.randn(5, 7, generator=gen), torch.randn(5, 3, generator=gen)
+    dtype = next(model.parameters()).dtype
+    loss = torch.nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype))
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def _assert_same_training(fused_model, fused, torch_model, torch_opt) -> None:
+    for (name, a), b in zip(fused_model.named_parameters(), torch_model.parameters()):
+        assert isinstance(a, DTensor) and a.placements == b.placements
+        _assert_close(a, b, name)
+        fused_state, torch_state = fused.state[a], torch_opt.state[b]
+        for key, value in torch_state.items():
+            if key == "step":
+                assert float(fused_state[key]) == float(value), name
+                continue
+            assert isinstance(fused_state[key], DTensor), f"{name}: state {key} is no DTensor"
+            assert fused_state[key].placements == value.placements, (name, key)
+            _assert_close(fused_state[key], value, f"{name} state {key}")
+
+
+def _fsdp_worker(rank: int, name: str) -> None:
+    options = FULL_STATE_OPTIONS[name]
+    fused_model, torch_model = _fsdp_model(), _fsdp_model()
+    fused = getattr(fused_opt, name)(fused_model.parameters(), max_grad_norm=MAX_NORM, **options)
+    torch_opt = getattr(torch.optim, name)(torch_model.parameters(), **options)
+    for step in range(STEPS):
+        for model in (fused_model, torch_model):
+            model.zero_grad()
+            _backward(model, rank, step)
+        fused.step()
+        torch_norm = torch.nn.utils.clip_grad_norm_(torch_model.parameters(), MAX_NORM)
+        torch_opt.step()
+        assert float(_full(torch_norm)) > MAX_NORM, "the step clips"
+        _assert_close(fused.last_grad_norm, _full(torch_norm).float(), "global grad norm")
+    _assert_same_training(fused_model, fused, torch_model, torch_opt)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2_trains_like_torch_with_global_clipping(name):
+    _spawn(_fsdp_worker, name)
+
+
+def _placements_worker(rank: int, mesh_shape: tuple[int, ...], master: bool) -> None:
+    # Tensor-parallel placements: the same full params and grads on every rank, distributed.
+    # With master weights the params are bf16 and the oracle trains their fp32 masters.
+    mesh = init_device_mesh("cpu", mesh_shape)
+    if len(mesh_shape) == 1:
+        layouts = [[Shard(0)], [Shard(1)], [Replicate()], [Shard(0)]]
+    else:
+        layouts = [[Shard(0), Replicate()], [Replicate(), Shard(1)], [Replicate(), Replicate()],
+                   [Shard(0), Shard(1)]]
+    dtype = torch.bfloat16 if master else torch.float32
+    shapes = [(9, 4), (3, 5), (6,), (1031, 2)]
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
+    plain = [torch.nn.Parameter(t.float()) for t in full]
+    sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, layout))
+               for t, layout in zip(full, layouts)]
+    fused = fused_opt.AdamW(sharded, lr=1e-2, amsgrad=True, max_grad_norm=MAX_NORM,
+                            master_weights=master)
+    torch_opt = torch.optim.AdamW(plain, lr=1e-2, amsgrad=True)
+    for _ in range(STEPS):
+        grads = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
+        for p, q, g, layout in zip(sharded, plain, grads, layouts):
+            p.grad = distribute_tensor(g.clone(), mesh, layout)
+            q.grad = g.float()
+        fused.step()
+        torch_norm = torch.nn.utils.clip_grad_norm_(plain, MAX_NORM)
+        torch_opt.step()
+        # Replicated elements count once, not once per rank that holds them.
+        _assert_close(fused.last_grad_norm, torch_norm, "global grad norm")
+    for index, (p, q) in enumerate(zip(sharded, plain)):
+        state = fused.state[p]
+        if master:
+            assert state["master_param"].placements == p.placements
+            _assert_close(state["master_param"], q, f"param {index} master")
+            assert torch.equal(p.full_tensor(), state["master_param"].full_tensor().to(dtype))
+        else:
+            _assert_close(p, q, f"param {index}")
+        for key, value in torch_opt.state[q].items():
+            if key != "step":
+                assert state[key].placements == p.placements
+                _assert_close(state[key], value, f"param {index} state {key}")
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 1), (1, 2)], ids=["1d", "2d-dp", "2d-tp"])
+def test_tensor_parallel_placements_train_like_torch(mesh_shape, master):
+    _spawn(_placements_worker, mesh_shape, master)
+
+
+def _inf_worker(rank: int) -> None:
+    model = _fsdp_model()
+    optimizer = fused_opt.AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
+    scaler = fused_opt.GradScaler("cpu", init_scale=2.0**8)
+    for step in range(STEPS):
+        model.zero_grad()
+        _backward(model, rank, step, scaler)
+        before = [p.detach().full_tensor() for p in model.parameters()]
+        if step == 1 and rank == 1:
+            next(model.parameters()).grad.to_local()[0, 0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+        after = [p.detach().full_tensor() for p in model.parameters()]
+        skipped = step == 1
+        # Only rank 1 saw the inf; both skip and both back off.
+        assert float(optimizer.last_step_skipped) == float(skipped), (rank, step)
+        assert all(torch.equal(a, b) for a, b in zip(before, after)) == skipped, (rank, step)
+        assert scaler.get_scale() == (2.0**7 if step >= 1 else 2.0**8), (rank, step)
+    scales = [None] * WORLD
+    dist.all_gather_object(scales, scaler.get_scale())
+    assert scales[0] == scales[1]
+
+
+def test_inf_on_one_rank_skips_the_step_on_every_rank():
+    _spawn(_inf_worker)
+
+
+def _checkpoint_worker(rank: int, name: str, master: bool, directory: str) -> None:
+    options = {**FULL_STATE_OPTIONS[name], "master_weights": master}
+
+    def build(module=fused_opt):
+        model = _fsdp_model(torch.bfloat16 if master else torch.float32)
+        opts = options if module is fused_opt else FULL_STATE_OPTIONS[name]
+        return model, getattr(module, name)(model.parameters(), **opts)
+
+    def train(model, optimizer, steps):
+        for step in steps:
+            optimizer.zero_grad()
+            _backward(model, rank, step)
+            optimizer.step()
+
+    def load(model, optimizer):
+        state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=directory)
+        model.load_state_dict(state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+
+    model, optimizer = build()
+    train(model, optimizer, range(2))
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=directory)
+    saved = {key: {k: _full(v).clone() for k, v in optimizer.state[p].items()}
+             for key, p in model.named_parameters()}
+    train(model, optimizer, range(2, 4))
+
+    resumed_model, resumed = build()
+    load(resumed_model, resumed)
+    train(resumed_model, resumed, range(2, 4))
+    for (key, a), b in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(a.full_tensor(), b.full_tensor()), key
+        for state_key, value in optimizer.state[a].items():
+            if name == "SGD" and state_key == "step":
+                continue  # not saved, as torch.optim.SGD saves none: it only tells a started buffer
+            assert torch.equal(_full(resumed.state[b][state_key]), _full(value)), (key, state_key)
+        if master:
+            assert resumed.state[b]["master_param"].placements == b.placements
+
+    # Into torch.optim: the same states, rounded to the params' dtype (torch has no master).
+    torch_model, torch_opt = build(torch.optim)
+    load(torch_model, torch_opt)
+    for key, p in torch_model.named_parameters():
+        for state_key, value in torch_opt.state[p].items():
+            if state_key != "step":
+                expected = saved[key][state_key].to(p.dtype)
+                assert torch.equal(_full(value), expected), (key, state_key)
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
+@pytest.mark.parametrize("name", NAMES)
+def test_distributed_checkpoint_resumes_bit_identically(name, master, tmp_path):
+    _spawn(_checkpoint_worker, name, master, str(tmp_path))
+
+
+def _bad_grad_worker(rank: int) -> None:
+    model = _fsdp_model()
+    optimizer = fused_opt.Adam(model.parameters(), lr=1e-2)
+    _backward(model, rank, 0)
+    weight = model[2].weight
+    weight.grad = weight.grad.full_tensor()  # a plain tensor for a sharded param
+    before = [p.detach().full_tensor() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[2\].*the grad is a "
+                                           "plain tensor but the param is a DTensor"):
+        optimizer.step()
+    assert all(torch.equal(a, p.detach().full_tensor()) for a, p in zip(before, model.parameters()))
+    assert not optimizer.state
+
+
+def test_plain_grad_of_a_dtensor_param_is_refused_before_any_change():
+    _spawn(_bad_grad_worker)
