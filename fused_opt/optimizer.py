@@ -448,7 +448,11 @@ class FusedOptimizer(Optimizer):
     def _check_dense_grad(
         self, group_index: int, param_index: int, group: dict[str, Any], p: Tensor, grad: Tensor
     ) -> None:
-        problem = _distributed.placement_problem(p, grad)
+        problem = (
+            _distributed.placement_problem(p, grad)
+            if isinstance(p, _distributed.DTensor) or isinstance(grad, _distributed.DTensor)
+            else None
+        )
         if problem:
             raise RuntimeError(
                 f"{type(self).__name__}: {self._describe_param(group_index, param_index, group, p)}"
