@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from fused_opt.bench import harness, implementations, peers, plot, report
-from fused_opt.bench import __main__ as bench_main
 from fused_opt.bench.__main__ import main, parse_args
 from fused_opt.bench.implementations import CASES, Case, Unsupported, select_cases, step_bytes_per_param
 from fused_opt.bench.progress import ProgressBar
@@ -642,7 +641,7 @@ def test_default_output_is_the_users_folder_and_record_is_the_projects(monkeypat
 
 
 def test_record_refuses_a_copy_that_is_not_a_clone(monkeypatch, capsys):
-    monkeypatch.setattr(bench_main, "recorded_results_dir", lambda: None)
+    monkeypatch.setattr(report, "recorded_results_dir", lambda: None)
     with pytest.raises(SystemExit):
         parse_args(["--device", "cpu", "--record"])
     assert "is not run from one; use --output DIR" in capsys.readouterr().err

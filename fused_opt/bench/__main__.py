@@ -62,20 +62,6 @@ def program_name() -> str:
     return "fused-opt-bench" if Path(sys.argv[0]).name == "fused-opt-bench" else "python -m fused_opt.bench"
 
 
-def user_results_dir() -> Path:
-    """Where a run writes by default: a folder of the user's own, the same from any working directory,
-    never the project's published results (benchmarks/results/ of a clone, written only with --record)."""
-    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(data_home) / "fused_opt" / "bench"
-
-
-def recorded_results_dir() -> Path | None:
-    """The project's published results, benchmarks/results/ of the clone this package runs from; None for
-    an installed copy, which has none."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-    return path if path.is_dir() else None
-
-
 def _case_label(case) -> str:
     return f"{case.name} {case.dtype}"
 
@@ -102,7 +88,7 @@ def _epilog() -> str:
              "32-bit and 8-bit (both)."),
         "output:",
         item("the tables and a one-line summary per case on stdout, progress and warnings on stderr; in the "
-             f"results folder (default {user_results_dir()}, or --output DIR): results.jsonl (one row per "
+             f"results folder (default {report.user_results_dir()}, or --output DIR): results.jsonl (one row per "
              "implementation, appended), latest-<device>.md (the tables) and latest-<device>.png (the plot, "
              "with matplotlib: pip install 'fused_opt[plot]'). The project's published results "
              "(benchmarks/results/ of a clone) are written only with --record."),
@@ -145,19 +131,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--output", type=Path,
                        help=f"directory for results.jsonl, latest-<device>.md and .png (default: "
-                            f"{user_results_dir()})")
+                            f"{report.user_results_dir()})")
     where.add_argument("--record", action="store_true",
                        help="write into the project's published results, benchmarks/results/ of the clone "
                             "this runs from (for maintainers recording a run for the README)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
     if args.record:
-        args.output = recorded_results_dir()
+        args.output = report.recorded_results_dir()
         if args.output is None:
             parser.error("--record writes benchmarks/results/ of a clone of fused_opt, and this fused_opt "
                          f"({Path(__file__).resolve().parents[1]}) is not run from one; use --output DIR")
     elif args.output is None:
-        args.output = user_results_dir()
+        args.output = report.user_results_dir()
     defaults = TINY_DEFAULTS if args.tiny else FULL_DEFAULTS if args.full else DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:

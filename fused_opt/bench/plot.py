@@ -4,7 +4,7 @@ measured ceiling, so a reader sees at a glance how close each comes to the limit
 It reads result rows only (those of the run, or of results.jsonl), so it is apart from the measuring code.
 matplotlib is an optional extra (`pip install 'fused_opt[plot]'`), imported only when a plot is drawn.
 
-    python -m fused_opt.bench.plot [benchmarks/results/results.jsonl] --device cpu [--output PNG]
+    python -m fused_opt.bench.plot [RESULTS.jsonl] --device cpu [--output PNG]
 
 redraws the latest run of one device from the stored rows.
 """
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .implementations import REFERENCE, TORCH_IMPLEMENTATIONS
-from .report import implementation_label, load_warning, significant, table_title
+from .report import implementation_label, load_warning, significant, table_title, user_results_dir
 
 # fused_opt stands out; torch.optim's three share a hue, darkest for its fastest kind; peers get their own.
 _COLORS = {
@@ -169,7 +169,8 @@ def plot_run(rows: list[dict], path: Path, warning: str | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused_opt.bench.plot",
                                      description="Draws the latest run of one device from stored result rows.")
-    parser.add_argument("results", type=Path, nargs="?", default=Path("benchmarks/results/results.jsonl"))
+    parser.add_argument("results", type=Path, nargs="?", default=user_results_dir() / "results.jsonl",
+                        help="result rows (default: the benchmark's own results folder, %(default)s)")
     parser.add_argument("--device", required=True, help="cpu or cuda: whose latest run to draw")
     parser.add_argument("--output", type=Path, help="PNG path (default: latest-<device>.png beside results)")
     args = parser.parse_args(argv)

@@ -34,6 +34,20 @@ ROW_KEYS = (
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def user_results_dir() -> Path:
+    """Where a run writes by default: a folder of the user's own, the same from any working directory,
+    never the project's published results (benchmarks/results/ of a clone, written only with --record)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "fused_opt" / "bench"
+
+
+def recorded_results_dir() -> Path | None:
+    """The project's published results, benchmarks/results/ of the clone this package runs from; None for
+    an installed copy, which has none."""
+    path = _REPO_ROOT / "benchmarks" / "results"
+    return path if path.is_dir() else None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
