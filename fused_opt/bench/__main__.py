@@ -1,7 +1,6 @@
 """Command line of the benchmark: `python -m fused_opt.bench [--full] [--workloads gpt2] ...`."""
 
 import argparse
-import os
 import shlex
 import sys
 import textwrap
