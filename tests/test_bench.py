@@ -679,6 +679,8 @@ def test_terminal_tables_fit_100_columns_and_keep_every_note_whole(tiny_run):
             if row["case_note"]:
                 assert " ".join(row["case_note"].split()) in flat
         assert "left out to fit 100 columns" in text  # the variant rows' labels leave no room for all
+    long_title = [{**row, "device_name": "a CPU whose model name runs on and on " * 2} for row in rows]
+    assert max(len(line) for line in report.format_table(long_title).splitlines()) <= report.TERMINAL_WIDTH
 
 
 def test_summary_has_one_line_per_case_with_fused_opts_speed_ups(tiny_run):

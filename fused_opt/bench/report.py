@@ -305,7 +305,7 @@ def format_table(rows: list[dict]) -> str:
     are named below it), the cost of each pipeline against its baseline, then every note, wrapped."""
     columns, lines = _terminal_cells(rows)
     table, dropped = _fit(columns, lines)
-    out = [table_title(rows)] + table
+    out = wrap(table_title(rows), indent="") + table
     if dropped:
         out += wrap(f"(left out to fit {TERMINAL_WIDTH} columns: {', '.join(dropped)}; all columns are in "
                      f"latest-{rows[0]['device']}.md)", indent="")
