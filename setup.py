@@ -24,7 +24,13 @@ CUDA_TOOLKIT = cuda_toolkit.find_cuda_home()
 if CUDA_TOOLKIT is not None:
     os.environ["CUDA_HOME"] = str(CUDA_TOOLKIT)
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:
+    # pip's isolated build environment (plain `pip install .`, `python -m build`) holds only the
+    # build-system requirements, on purpose without torch: a torch fetched there (often a multi-GB
+    # CUDA build) would not be the torch the extension later loads into.
+    sys.exit(cuda_toolkit.NO_TORCH_MESSAGE)
 from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -85,7 +91,12 @@ setup(
     name="fused_opt",
     version="0.1.0",
     description="Fused optimizer steps for PyTorch: drop-in Adam, AdamW, SGD, RMSprop, Adagrad",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license_expression="BSD-3-Clause",
+    license_files=["LICENSE"],
     packages=find_packages(include=["fused_opt", "fused_opt.*"]),
+    package_data={"fused_opt": ["py.typed"]},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",

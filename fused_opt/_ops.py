@@ -9,9 +9,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import importlib.util
+
 import torch
 
-from fused_opt import _C  # noqa: F401  (registers torch.ops.fused_opt.*)
+try:
+    from fused_opt import _C  # noqa: F401  (registers torch.ops.fused_opt.*)
+except ImportError as exc:
+    # Python words a missing _C as "partially initialized module ... circular import", which points
+    # away from the cause: the extension was never built, or was built against another torch.
+    if importlib.util.find_spec("fused_opt._C") is None:
+        raise ImportError(
+            "fused_opt's compiled extension (fused_opt._C) is not built: build it first, from the "
+            "clone's root: pip install --no-build-isolation -e .  (README: Install)") from exc
+    raise ImportError(
+        f"fused_opt's compiled extension does not load ({exc}); it must be built against the torch "
+        f"that imports it (torch {torch.__version__} here): rebuild it with "
+        "pip install --no-build-isolation -e .  (README: Install)") from exc
 
 OP_NAMES = ("adam_", "sgd_", "rmsprop_", "adagrad_", "grad_norm_")
 # Elements of the float32 workspace grad_norm_ takes: room for the CUDA kernel's per-block

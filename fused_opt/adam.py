@@ -12,16 +12,45 @@ from fused_opt.optimizer import DeviceBucket, FusedOptimizer
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
-    """Drop-in for :class:`torch.optim.Adam`: same signature, defaults, errors and state.
+    """Drop-in for :class:`torch.optim.Adam`: same signature, defaults, errors and state, with
+    every group's step in one fused op call per device.
 
-    ``foreach``, ``fused`` and ``capturable`` are accepted and stored in the param groups so
-    state dicts round-trip, but every step runs fused_opt's kernel; ``differentiable=True``
-    raises NotImplementedError. fused_opt's own keywords, here and on every optimizer:
+    Args:
+        params: an iterable of tensors or of param group dicts, as for torch.optim.
+        lr: learning rate, a float or a one-element float tensor (read on the device by the
+            kernel when it is on the params' device). Default 1e-3.
+        betas: the running averages' coefficients (beta1, beta2), floats or one-element
+            tensors. Default (0.9, 0.999).
+        eps: added to the denominator. Default 1e-8.
+        weight_decay: L2 penalty added to the gradient (decoupled, as AdamW, when
+            ``decoupled_weight_decay``). Default 0.
+        amsgrad: keep the maximum of the second moments (``max_exp_avg_sq``). Default False.
+        maximize: ascend instead of descending. Default False.
+        decoupled_weight_decay: decay the params directly, as AdamW. Default False.
+        master_weights: keep a float32 master copy of every float16/bfloat16 param in the state
+            (``"master_param"``, made from the param on its first step) with float32 states, and
+            update master, states and the 16-bit param in the same single pass. Other params
+            are their own masters. Default False.
+        max_grad_norm: clip the global L2 norm of all gradients of all groups to this value,
+            with ``torch.nn.utils.clip_grad_norm_``'s formula, in registers after one read-only
+            norm pass (the gradients are never written). Every group must have the same value.
+            Default None: no clipping.
+        foreach, fused, capturable: accepted and stored in the param groups, so state dicts
+            round-trip with torch.optim; they do not change how fused_opt computes.
+        differentiable: must be False; True raises NotImplementedError.
 
-    * ``master_weights``: float16/bfloat16 params are updated through a float32 master copy
-      kept in the state (``"master_param"``), with float32 moments, in the same single pass.
-    * ``max_grad_norm``: clip the global L2 norm of all gradients to this value, as
-      ``torch.nn.utils.clip_grad_norm_`` does, in registers after one read-only norm pass.
+    Attributes:
+        param_groups, state, defaults: as in torch.optim; checkpoints have torch.optim's keys.
+        last_grad_norm: the unscaled global gradient norm of the last step, before clipping, as
+            a 0-dim float32 tensor on the params' device, when that step clipped or ran under
+            :class:`fused_opt.GradScaler`; else None. The next step reuses the tensor: clone it
+            to keep it.
+        last_step_skipped: the GradScaler's ``found_inf`` of the last step, a 0-dim tensor that
+            is nonzero when an inf/NaN gradient skipped the step (nothing changed: params,
+            states, step counters); None when the step ran without a scaler.
+
+    State per param (as torch): ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``
+    with amsgrad, and ``master_param`` under master weights.
     """
 
     _sparse_grad_error = (
@@ -109,7 +138,46 @@ class Adam(FusedOptimizer, torch.optim.Adam):
 
 
 class AdamW(Adam, torch.optim.AdamW):
-    """Drop-in for :class:`torch.optim.AdamW` (Adam with decoupled weight decay)."""
+    """Drop-in for :class:`torch.optim.AdamW` (Adam with decoupled weight decay): same
+    signature, defaults, errors and state, with every group's step in one fused op call per
+    device.
+
+    Args:
+        params: an iterable of tensors or of param group dicts, as for torch.optim.
+        lr: learning rate, a float or a one-element float tensor (read on the device by the
+            kernel when it is on the params' device). Default 1e-3.
+        betas: the running averages' coefficients (beta1, beta2), floats or one-element
+            tensors. Default (0.9, 0.999).
+        eps: added to the denominator. Default 1e-8.
+        weight_decay: decoupled weight decay, params multiplied by ``1 - lr * weight_decay``.
+            Default 1e-2.
+        amsgrad: keep the maximum of the second moments (``max_exp_avg_sq``). Default False.
+        maximize: ascend instead of descending. Default False.
+        master_weights: keep a float32 master copy of every float16/bfloat16 param in the state
+            (``"master_param"``, made from the param on its first step) with float32 states, and
+            update master, states and the 16-bit param in the same single pass. Other params
+            are their own masters. Default False.
+        max_grad_norm: clip the global L2 norm of all gradients of all groups to this value,
+            with ``torch.nn.utils.clip_grad_norm_``'s formula, in registers after one read-only
+            norm pass (the gradients are never written). Every group must have the same value.
+            Default None: no clipping.
+        foreach, fused, capturable: accepted and stored in the param groups, so state dicts
+            round-trip with torch.optim; they do not change how fused_opt computes.
+        differentiable: must be False; True raises NotImplementedError.
+
+    Attributes:
+        param_groups, state, defaults: as in torch.optim; checkpoints have torch.optim's keys.
+        last_grad_norm: the unscaled global gradient norm of the last step, before clipping, as
+            a 0-dim float32 tensor on the params' device, when that step clipped or ran under
+            :class:`fused_opt.GradScaler`; else None. The next step reuses the tensor: clone it
+            to keep it.
+        last_step_skipped: the GradScaler's ``found_inf`` of the last step, a 0-dim tensor that
+            is nonzero when an inf/NaN gradient skipped the step (nothing changed: params,
+            states, step counters); None when the step ran without a scaler.
+
+    State per param (as torch): ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``
+    with amsgrad, and ``master_param`` under master weights.
+    """
 
     def __init__(
         self,

@@ -12,6 +12,27 @@ import simt  # noqa: E402
 from devices import DEVICES, requires_simt  # noqa: E402
 
 
+# Marked slow, so that `-m "not slow"` gives a quick first run; the plain command runs them all.
+# Each emulated ("simt") case runs whole CUDA launches as fibers; these take seconds each.
+SLOW_TESTS = {
+    "test_large_tensor_split_across_threads",
+    "test_compiled_step_equals_eager_step",
+    "test_ddp_and_zero_redundancy_train_like_torch",
+    "test_command_line_entry_point",
+    "test_readme_snippet_runs_verbatim",
+}
+SLOW_FILES = {"test_simt.py", "test_packaging.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        emulated = callspec is not None and "simt" in callspec.params.values()
+        if (emulated or item.originalname in SLOW_TESTS or item.path.name in SLOW_FILES
+                or "tiny_run" in item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> Iterator[str]:
     """The device a device-parametrized test puts its params on: every test that takes it runs

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -502,3 +504,20 @@ def test_float64_default_dtype(name):
     for p in fused_params:
         step = fused.state[p].get("step")
         assert step is None or step.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [fused_opt.Adam, fused_opt.AdamW, fused_opt.SGD, fused_opt.RMSprop,
+                                 fused_opt.Adagrad], ids=lambda cls: cls.__name__)
+def test_every_class_documents_its_parameters_and_attributes(cls):
+    """help(cls) is where a user looks first: every constructor argument and fused_opt's own
+    attributes are listed in the class's own docstring, not only on Adam's."""
+    doc = cls.__dict__["__doc__"]
+    documented = set(re.findall(r"^        (\w+(?:, \w+)*):", doc, re.MULTILINE))
+    names = {name for entry in documented for name in entry.split(", ")}
+    parameters = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    assert parameters <= names, sorted(parameters - names)
+    assert {"last_grad_norm", "last_step_skipped", "master_weights", "max_grad_norm"} <= names
+
+
+def test_the_package_ships_py_typed():
+    assert (Path(fused_opt.__file__).parent / "py.typed").is_file()

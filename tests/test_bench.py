@@ -624,3 +624,94 @@ def test_command_line_entry_point(tmp_path):
     rows = read_jsonl(tmp_path / "results.jsonl")
     assert {row["case"] for row in rows} == {"sgd-momentum", "sgd-nesterov"}
     assert all(row["command"].startswith("python -m fused_opt.bench --tiny") for row in rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a user sees: where results go, the terminal's width, the summary, warnings and exit codes
+
+
+def test_default_output_is_the_users_folder_and_record_is_the_projects(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert parse_args(["--device", "cpu"]).output == tmp_path / "data" / "fused_opt" / "bench"
+    assert parse_args(["--device", "cpu", "--output", "elsewhere"]).output == Path("elsewhere")
+    assert parse_args(["--device", "cpu", "--record"]).output == REPO_ROOT / "benchmarks" / "results"
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--record", "--output", "elsewhere"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_record_refuses_a_copy_that_is_not_a_clone(monkeypatch, capsys):
+    monkeypatch.setattr(report, "recorded_results_dir", lambda: None)
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--record"])
+    assert "is not run from one; use --output DIR" in capsys.readouterr().err
+
+
+def test_a_run_with_nothing_to_measure_fails_and_writes_nothing(tmp_path, capsys):
+    assert main(["--tiny", "--device", "cpu", "--optimizers", "rmsprop", "--implementations", "deepspeed-cpuadam",
+                 "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: nothing to measure" in err and "rmsprop fp32" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_where_every_implementation_fails_exits_non_zero(tmp_path, monkeypatch, capsys):
+    class FailingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(implementations, "load_fused_opt",
+                        lambda: types.SimpleNamespace(SGD=FailingSGD, __version__="stand-in"))
+    assert main(["--tiny", "--device", "cpu", "--workloads", "large", "--optimizers", "sgd-momentum",
+                 "--dtypes", "fp32", "--rounds", "1", "--implementations", "fused_opt", "--no-plot",
+                 "--output", str(tmp_path)]) == 1
+    assert "error: no requested case was measured" in capsys.readouterr().err
+
+
+def test_terminal_tables_fit_100_columns_and_keep_every_note_whole(tiny_run):
+    _, rows = tiny_run
+    for workload in ("large", "gpt2"):
+        own = [row for row in rows if row["workload"] == workload]
+        text = report.format_table(own)
+        assert max(len(line) for line in text.splitlines()) <= report.TERMINAL_WIDTH, text
+        flat = " ".join(text.split())
+        for row in own:
+            if row["case_note"]:
+                assert " ".join(row["case_note"].split()) in flat
+        assert "left out to fit 100 columns" in text  # the variant rows' labels leave no room for all
+    long_title = [{**row, "device_name": "a CPU whose model name runs on and on " * 2} for row in rows]
+    assert max(len(line) for line in report.format_table(long_title).splitlines()) <= report.TERMINAL_WIDTH
+
+
+def test_summary_has_one_line_per_case_with_fused_opts_speed_ups(tiny_run):
+    _, rows = tiny_run
+    cases = {(row["workload"], row["case"], row["dtype"]) for row in rows if not report.is_probe(row)}
+    summaries = report.case_summaries(rows)
+    assert len(summaries) == len(cases)
+    adamw = next(line for line in summaries if line.startswith("gpt2 adamw fp32: fused_opt "))
+    assert "% of ceiling; speed-up over torch-forloop" in adamw and "torch-fused" in adamw
+
+
+def test_a_busy_machine_is_warned_about_at_the_start_at_the_end_and_in_the_plot(tmp_path, monkeypatch, capsys):
+    assert report.load_warning(0.9, cores=2) is None and report.load_warning(None) is None
+    monkeypatch.setattr(report, "load_average", lambda: 7.5)
+    drawn = {}
+    monkeypatch.setattr(plot, "plot_run", lambda rows, path, warning=None: drawn.setdefault("warning", warning))
+    assert main(["--tiny", "--device", "cpu", "--workloads", "large", "--optimizers", "sgd-momentum",
+                 "--dtypes", "fp32", "--rounds", "1", "--implementations", "fused_opt",
+                 "--output", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("warning: at start, load average 7.50")
+    assert err[-2].startswith("warning: load average 7.50") and err[-1].startswith("done in")
+    assert drawn["warning"].startswith("load average 7.50")
+
+
+def test_bad_numbers_and_the_program_name_in_usage(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--rounds", "two"])
+    assert "argument --rounds: expected a whole number, got 'two'" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/fused-opt-bench"])
+    with pytest.raises(SystemExit):
+        parse_args(["--rounds", "0"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fused-opt-bench") and "must be at least 1, got 0" in err

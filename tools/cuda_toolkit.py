@@ -24,6 +24,19 @@ MIN_SM = 70
 # sm_121), plus sm_120's PTX, which the driver compiles for GPUs newer than all of these.
 DEFAULT_ARCH_LIST = "8.0;9.0;10.0;12.0+PTX"
 ARCH_LIST_VARIABLE = "TORCH_CUDA_ARCH_LIST"
+# What setup.py says when it cannot import torch, which is what pip's isolated build looks like.
+NO_TORCH_MESSAGE = f"""\
+fused_opt: cannot import torch, so there is nothing to compile the extension against.
+fused_opt compiles against the torch that will run it, and pip's isolated build environment
+(`pip install .` or `pip install fused_opt-*.tar.gz` without --no-build-isolation, or
+`python -m build` without --no-isolation) has no torch. Install torch first, then build in
+your own environment:
+
+    pip install --no-build-isolation .
+
+With a CUDA build of torch: FUSED_OPT_CUDA=0 builds the CPU kernels only; {ARCH_LIST_VARIABLE}
+(e.g. "9.0") picks the GPU architectures (default: the visible GPUs, else {DEFAULT_ARCH_LIST}).
+See the README's "Install fails?"."""
 
 
 def is_toolkit(home: Path) -> bool:

@@ -1,7 +1,6 @@
 """Command line of the benchmark: `python -m fused_opt.bench [--full] [--workloads gpt2] ...`."""
 
 import argparse
-import os
 import shlex
 import sys
 import textwrap
@@ -36,18 +35,30 @@ def _name_list(choices):
     return parse
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
+
+
+def program_name() -> str:
+    """How the user started the benchmark, for the usage line and the recorded command."""
+    return "fused-opt-bench" if Path(sys.argv[0]).name == "fused-opt-bench" else "python -m fused_opt.bench"
 
 
 def _case_label(case) -> str:
@@ -75,16 +86,18 @@ def _epilog() -> str:
         item("apex FusedAdam/FusedSGD and DeepSpeed FusedAdam (CUDA), DeepSpeed CPUAdam (CPU), bitsandbytes "
              "32-bit and 8-bit (both)."),
         "output:",
-        item("the tables on stdout, progress on stderr; in --output: results.jsonl (one row per "
+        item("the tables and a one-line summary per case on stdout, progress and warnings on stderr; in the "
+             f"results folder (default {report.user_results_dir()}, or --output DIR): results.jsonl (one row per "
              "implementation, appended), latest-<device>.md (the tables) and latest-<device>.png (the plot, "
-             "with matplotlib: pip install 'fused_opt[plot]')."),
+             "with matplotlib: pip install 'fused_opt[plot]'). The project's published results "
+             "(benchmarks/results/ of a clone) are written only with --record."),
     ])
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     case_names = {case.name for case in CASES}
     parser = argparse.ArgumentParser(
-        prog="python -m fused_opt.bench",
+        prog=program_name(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Times one optimizer step of fused_opt, torch.optim (for-loop, foreach, fused) and the "
                     "peer libraries found, in interleaved rounds beside a memory bandwidth probe (the "
@@ -114,11 +127,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true",
                         help="tiny workloads with the same tensor structure and few rounds: a smoke test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the params and grads (default 0)")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"),
-                        help="directory for results.jsonl, latest-<device>.md and .png "
-                             "(default: benchmarks/results)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--output", type=Path,
+                       help=f"directory for results.jsonl, latest-<device>.md and .png (default: "
+                            f"{report.user_results_dir()})")
+    where.add_argument("--record", action="store_true",
+                       help="write into the project's published results, benchmarks/results/ of the clone "
+                            "this runs from (for maintainers recording a run for the README)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
+    if args.record:
+        args.output = report.recorded_results_dir()
+        if args.output is None:
+            parser.error("--record writes benchmarks/results/ of a clone of fused_opt, and this fused_opt "
+                         f"({Path(__file__).resolve().parents[1]}) is not run from one; use --output DIR")
+    elif args.output is None:
+        args.output = report.user_results_dir()
     defaults = TINY_DEFAULTS if args.tiny else FULL_DEFAULTS if args.full else DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -169,19 +193,30 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events and synchronize act on the current device
     fused_opt = implementations.load_fused_opt()
-    command = " ".join(["python -m fused_opt.bench", *map(shlex.quote, argv)])
+    command = " ".join([program_name(), *map(shlex.quote, argv)])
     metadata = report.run_metadata(device, command, fused_opt)
-    load = metadata["load_average"]
-    if device.type == "cpu" and load is not None and load >= 0.5 * os.cpu_count():
-        print(f"note: load average {load:.2f} on {os.cpu_count()} cores at start; while other processes run, "
-              "times are noisy", file=sys.stderr)
+    start_warning = report.load_warning(metadata["load_average"]) if device.type == "cpu" else None
+    if start_warning:
+        print(f"warning: at start, {start_warning}", file=sys.stderr)
 
     memory = device_memory_bytes(device)
     workloads = [make_workload(name, device.type, tiny=args.tiny, memory_bytes=memory) for name in args.workloads]
     candidates, peers_line = choose_implementations(args, fused_opt)
     print(f"note: {peers_line}", file=sys.stderr)
-    plan = [(workload, [(case, [impl for impl in candidates if impl.runs(case)]) for case in args.cases])
+    # A case that no chosen implementation runs would time the probe alone: it is left out, and a run
+    # left with nothing to measure stops here.
+    plan = [(workload, [(case, chosen) for case in args.cases
+                        if (chosen := [impl for impl in candidates if impl.runs(case)])])
             for workload in workloads]
+    unmeasured = [_case_label(case) for case in args.cases if not any(impl.runs(case) for impl in candidates)]
+    if not any(cases for _, cases in plan):
+        print(f"error: nothing to measure: no implementation among those available "
+              f"({', '.join(impl.name for impl in candidates) or 'none'}) runs the cases asked for "
+              f"({', '.join(unmeasured)}); {peers_line}", file=sys.stderr)
+        return 2
+    if unmeasured:
+        print(f"note: not measured, no chosen implementation runs them: {', '.join(unmeasured)}",
+              file=sys.stderr)
     # Weighted by the bytes each case moves, times its contenders: a rough share of the run's time.
     bar = ProgressBar([workload.numel * case.bytes_per_param * (len(chosen) * len(case.variants) + 1)
                        for workload, cases in plan for case, chosen in cases])
@@ -212,18 +247,33 @@ def main(argv: list[str] | None = None) -> int:
         report.append_jsonl(workload_rows, jsonl_path)
         run_rows += workload_rows
 
+    summaries = report.case_summaries(run_rows)
+    print("summary (speed-up: median of per-round ratios; > 1: fused_opt is faster)")
+    for line in summaries:
+        print("\n".join(report.wrap(line)))
+    end_load = report.load_average()
+    warning = (report.load_warning(max(metadata["load_average"] or 0, end_load or 0))
+               if device.type == "cpu" else None)
     plot_name = None
     if not args.no_plot:
         plot_path = args.output / f"latest-{device.type}.png"
         try:
-            plot.plot_run(run_rows, plot_path)
+            plot.plot_run(run_rows, plot_path, warning=warning)
             plot_name = plot_path.name
         except plot.PlotUnavailable as exc:
             print(f"note: {exc}", file=sys.stderr)
     markdown_path = args.output / f"latest-{device.type}.md"
     report.write_markdown(run_rows, markdown_path, peers_line, plot_name)
     written = [str(jsonl_path) + " (appended)", str(markdown_path)] + ([str(plot_path)] if plot_name else [])
-    print(f"done in {time.monotonic() - started:.0f} s; wrote {', '.join(written)}", file=sys.stderr)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    measured = [row for row in run_rows if row["status"] == "ok" and not report.is_probe(row)]
+    if not measured:
+        print(f"error: no requested case was measured: every implementation was skipped or failed (see the "
+              f"notes); rows written to {args.output}", file=sys.stderr)
+        return 1
+    print(f"done in {time.monotonic() - started:.0f} s; results in {args.output}: {', '.join(written)}",
+          file=sys.stderr)
     return 0
 
 

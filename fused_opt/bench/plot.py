@@ -4,7 +4,7 @@ measured ceiling, so a reader sees at a glance how close each comes to the limit
 It reads result rows only (those of the run, or of results.jsonl), so it is apart from the measuring code.
 matplotlib is an optional extra (`pip install 'fused_opt[plot]'`), imported only when a plot is drawn.
 
-    python -m fused_opt.bench.plot [benchmarks/results/results.jsonl] --device cpu [--output PNG]
+    python -m fused_opt.bench.plot [RESULTS.jsonl] --device cpu [--output PNG]
 
 redraws the latest run of one device from the stored rows.
 """
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .implementations import REFERENCE, TORCH_IMPLEMENTATIONS
-from .report import implementation_label, significant, table_title
+from .report import implementation_label, load_warning, significant, table_title, user_results_dir
 
 # fused_opt stands out; torch.optim's three share a hue, darkest for its fastest kind; peers get their own.
 _COLORS = {
@@ -81,9 +81,10 @@ def _lines(rows: list[dict]) -> list[tuple[str, dict | None]]:
     return lines
 
 
-def plot_run(rows: list[dict], path: Path) -> Path:
+def plot_run(rows: list[dict], path: Path, warning: str | None = None) -> Path:
     """Draws one run's rows (one device) into `path`: per workload, horizontal bars of the median time per
-    step with the min-max spread, the byte floor of each implementation as a dashed line, log time axis."""
+    step with the min-max spread, the byte floor of each implementation as a dashed line, log time axis;
+    `warning` (a busy machine, say) goes into the subtitle, in red."""
     Figure, FigureCanvasAgg, Line2D, Patch = _matplotlib()
     devices = {row["device"] for row in rows}
     if len(devices) != 1:
@@ -91,7 +92,7 @@ def plot_run(rows: list[dict], path: Path) -> Path:
     workloads = list(dict.fromkeys(row["workload"] for row in rows))
     per_workload = {name: [row for row in rows if row["workload"] == name] for name in workloads}
     line_counts = [len(_lines(per_workload[name])) for name in workloads]
-    height = sum(count * _ROW_INCHES + 0.9 for count in line_counts) + 1.0
+    height = sum(count * _ROW_INCHES + 0.9 for count in line_counts) + 1.5 + (0.2 if warning else 0)
     figure = Figure(figsize=(11, height))
     FigureCanvasAgg(figure)
     axes_list = figure.subplots(len(workloads), 1, squeeze=False,
@@ -131,28 +132,35 @@ def plot_run(rows: list[dict], path: Path) -> Path:
             axes.set_xlim(min(times) / 1.5, max(times) * 4)
         axes.grid(axis="x", which="both", alpha=0.25)
         axes.set_title(table_title(per_workload[name]), fontsize=9, loc="left")
-        axes.set_xlabel("ms per step (log scale)", fontsize=8)
+        axes.set_xlabel("ms per step (log scale): lower is better", fontsize=8)
         axes.tick_params(axis="x", labelsize=8)
 
     first = rows[0]
     ceiling = "device-to-device copy" if first["device"] == "cuda" else "in-place add"
     figure.suptitle(f"fused_opt benchmark on {first['device']} ({first['device_name']}), torch "
                     f"{first['torch_version']}, {first['timestamp']}\n"
-                    f"bars: median time per step, whiskers: min-max over rounds; dashed: the floor, bytes the "
-                    f"step must move / bandwidth of an {ceiling} measured in the same rounds",
+                    f"bars: median time per step (lower is better), whiskers: min-max over rounds\n"
+                    f"dashed: the floor, bytes the step must move / bandwidth of an {ceiling} measured in the "
+                    f"same rounds\n"
+                    f"% of ceiling above 100: the step moved its bytes faster than that {ceiling} did; the "
+                    f"probe is a measured reference, not a bound",
                     fontsize=9, x=0.01, y=1 - 0.08 / height, ha="left", va="top")
+    if warning:
+        figure.text(0.01, 1 - 0.82 / height, f"warning: {warning}", color="#b00000", fontsize=9,
+                    ha="left", va="top")
     present = list(dict.fromkeys(row["implementation"] for row in rows if row["implementation"] in colors))
     ordered = [name for name in (REFERENCE, *TORCH_IMPLEMENTATIONS) if name in present] + \
               [name for name in present if name not in _COLORS]
     handles = [Patch(color=colors[name], label=name) for name in ordered]
     handles.append(Line2D([], [], label="floor: bytes / ceiling", **_FLOOR_STYLE))
     columns = min(len(handles), _LEGEND_COLUMNS)
-    figure.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.01, 1 - 0.45 / height), fontsize=8,
+    legend_top = 0.8 + (0.2 if warning else 0)
+    figure.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.01, 1 - legend_top / height), fontsize=8,
                   ncols=columns, frameon=False)
     figure.tight_layout()
     # After tight_layout, which would otherwise lay the axes over the titles and the legend.
     legend_rows = math.ceil(len(handles) / columns)
-    figure.subplots_adjust(top=1 - (0.8 + 0.25 * legend_rows) / height)
+    figure.subplots_adjust(top=1 - (legend_top + 0.35 + 0.25 * legend_rows) / height)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return path
@@ -161,7 +169,8 @@ def plot_run(rows: list[dict], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused_opt.bench.plot",
                                      description="Draws the latest run of one device from stored result rows.")
-    parser.add_argument("results", type=Path, nargs="?", default=Path("benchmarks/results/results.jsonl"))
+    parser.add_argument("results", type=Path, nargs="?", default=user_results_dir() / "results.jsonl",
+                        help="result rows (default: the benchmark's own results folder, %(default)s)")
     parser.add_argument("--device", required=True, help="cpu or cuda: whose latest run to draw")
     parser.add_argument("--output", type=Path, help="PNG path (default: latest-<device>.png beside results)")
     args = parser.parse_args(argv)
@@ -171,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no rows of device {args.device!r} in {args.results}")
     output = args.output or args.results.parent / f"latest-{args.device}.png"
     try:
-        plot_run(run, output)
+        plot_run(run, output, warning=load_warning(run[0].get("load_average")))
     except PlotUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

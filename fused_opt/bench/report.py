@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import subprocess
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +32,20 @@ ROW_KEYS = (
 )
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def user_results_dir() -> Path:
+    """Where a run writes by default: a folder of the user's own, the same from any working directory,
+    never the project's published results (benchmarks/results/ of a clone, written only with --record)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "fused_opt" / "bench"
+
+
+def recorded_results_dir() -> Path | None:
+    """The project's published results, benchmarks/results/ of the clone this package runs from; None for
+    an installed copy, which has none."""
+    path = _REPO_ROOT / "benchmarks" / "results"
+    return path if path.is_dir() else None
 
 
 def device_name(device: torch.device) -> str:
@@ -163,7 +178,7 @@ def _table_cells(rows: list[dict]) -> list[list[str]]:
     previous = None
     for row in rows:
         # The probe row closes its case's block; its own dtype is the probe's fp32, not the case's.
-        identity = None if _is_probe(row) else (row["case"], row["dtype"])
+        identity = None if is_probe(row) else (row["case"], row["dtype"])
         cells.append(_cells(row, identity is not None and identity != previous))
         previous = identity
     return cells
@@ -194,7 +209,7 @@ def _load_text(load: float | None) -> str:
     return "unknown" if load is None else f"{load:.2f}"
 
 
-def _is_probe(row: dict) -> bool:
+def is_probe(row: dict) -> bool:
     return row["implementation"].startswith("probe")
 
 
@@ -213,15 +228,15 @@ def notes(rows: list[dict]) -> list[str]:
     if rows[0]["workload_note"]:
         lines.append(f"{rows[0]['workload']}: {rows[0]['workload_note']}")
     for (case, dtype), note in dict.fromkeys(((row["case"], row["dtype"]), row["case_note"]) for row in rows
-                                             if row["case_note"] and not _is_probe(row)):
+                                             if row["case_note"] and not is_probe(row)):
         lines.append(f"{case} {dtype}: {note}")
     return lines
 
 
 def _render_table(columns: tuple[str, ...], cells: list[list[str]], numeric: set[int]) -> list[str]:
     """A plain-text table's lines, columns padded to their widest cell, numbers right-aligned; a None in
-    `cells` stands for an empty line between blocks."""
-    filled = [line for line in cells if line is not None]
+    `cells` stands for an empty line between blocks, a str for a line of its own (a block's heading)."""
+    filled = [line for line in cells if isinstance(line, list)]
     widths = [max(len(line[i]) for line in [list(columns)] + filled) for i in range(len(columns))]
 
     def render(line):
@@ -229,24 +244,126 @@ def _render_table(columns: tuple[str, ...], cells: list[list[str]], numeric: set
                          for i, (cell, width) in enumerate(zip(line, widths))).rstrip()
 
     return ([render(columns), render(["-" * width for width in widths])]
-            + ["" if line is None else render(line) for line in cells])
+            + ["" if line is None else line if isinstance(line, str) else render(line) for line in cells])
 
 
-def format_table(rows: list[dict], max_note: int = 50) -> str:
-    """A plain-text table of one workload's rows, the cost of each pipeline measured against a baseline,
-    then the notes."""
-    cells = []
-    for row, line in zip(rows, _table_cells(rows)):
-        cells.append([cell if len(cell) <= max_note else cell[:max_note - 3] + "..." for cell in line])
-        # Each case lists its probe row last, so the probe closes the case's block.
-        if _is_probe(row) and row is not rows[-1]:
-            cells.append(None)
-    lines = [table_title(rows)] + _render_table(_columns(rows), cells, _NUMERIC_COLUMNS)
+TERMINAL_WIDTH = 100
+# The terminal table's columns that give way, first to last, when its lines would pass TERMINAL_WIDTH;
+# the markdown file and results.jsonl keep all of them.
+_OPTIONAL_COLUMNS = ("state B/param", "GB/s", "ops/step", "kernels/step", "B/param")
+# Shorter headers for the terminal, explained by SPEEDUP_LEGEND under its table.
+_TERMINAL_HEADERS = {"ms/step median [min-max]": "ms/step [min-max]",
+                     "fused_opt speed-up [min-max]": "speed-up [min-max]"}
+SPEEDUP_LEGEND = ("ms/step: median [min-max] over rounds; speed-up: the row's time over fused_opt's, median "
+                  "[min-max] of per-round ratios (> 1: fused_opt is faster)")
+CEILING_OVER_100 = ("% of ceiling above 100: the step moved its bytes faster than the probe did in the same "
+                    "rounds; the probe is a measured reference, not a bound (a loop with several read streams "
+                    "can draw more bandwidth than one add, and the bandwidth moves between rounds)")
+
+
+def wrap(text: str, indent: str = "  ") -> list[str]:
+    return textwrap.wrap(text, width=TERMINAL_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_on_hyphens=False, break_long_words=False)
+
+
+def _terminal_cells(rows: list[dict]) -> tuple[tuple[str, ...], list[list[str] | str | None]]:
+    """The terminal table: the case and dtype on a line of their own above each case's block (a str), a
+    row per implementation without the note column (the notes follow the table), None between blocks."""
+    columns = _columns(rows)
+    keep = [i for i, name in enumerate(columns) if name not in ("case", "dtype", "note")]
+    lines: list[list[str] | str | None] = []
+    previous = None
+    for row in rows:
+        if not is_probe(row) and (row["case"], row["dtype"]) != previous:
+            if previous is not None:
+                lines.append(None)
+            lines.append(f"{row['case']} {row['dtype']}")
+            previous = (row["case"], row["dtype"])
+        cells = _cells(row, False)
+        if row["status"] != "ok":
+            cells[4] = row["status"]
+        lines.append([cells[i] for i in keep])
+    return tuple(_TERMINAL_HEADERS.get(columns[i], columns[i]) for i in keep), lines
+
+
+def _fit(columns: tuple[str, ...], lines: list) -> tuple[list[str], list[str]]:
+    """The rendered table, with optional columns dropped until it fits TERMINAL_WIDTH, and the dropped."""
+    dropped: list[str] = []
+    while True:
+        keep = [i for i, name in enumerate(columns) if name not in dropped]
+        kept = tuple(columns[i] for i in keep)
+        cells = [line if not isinstance(line, list) else [line[i] for i in keep] for line in lines]
+        rendered = _render_table(kept, cells, {j for j, name in enumerate(kept) if name != "implementation"})
+        removable = [name for name in _OPTIONAL_COLUMNS if name in kept]
+        if max(map(len, rendered)) <= TERMINAL_WIDTH or not removable:
+            return rendered, dropped
+        dropped.append(removable[0])
+
+
+def format_table(rows: list[dict]) -> str:
+    """One workload's rows as plain text within TERMINAL_WIDTH columns: the table (columns that do not fit
+    are named below it), the cost of each pipeline against its baseline, then every note, wrapped."""
+    columns, lines = _terminal_cells(rows)
+    table, dropped = _fit(columns, lines)
+    out = wrap(table_title(rows), indent="") + table
+    if dropped:
+        out += wrap(f"(left out to fit {TERMINAL_WIDTH} columns: {', '.join(dropped)}; all columns are in "
+                     f"latest-{rows[0]['device']}.md)", indent="")
     baseline_cells = _baseline_cells(rows)
+    out += wrap(SPEEDUP_LEGEND, indent="")
     if baseline_cells:
-        lines += ["", BASELINE_TITLE] + _render_table(BASELINE_COLUMNS, baseline_cells, _BASELINE_NUMERIC_COLUMNS)
-    lines += [f"  note: {line}" for line in notes(rows)]
-    return "\n".join(lines)
+        # Narrower than the markdown's: case and dtype in one cell, the baseline named in the title.
+        baselines = ", ".join(dict.fromkeys(line[4] for line in baseline_cells))
+        out += ["", *wrap(f"{BASELINE_TITLE} (baseline: {baselines})", indent="")]
+        narrow = [[f"{line[0]} {line[1]}", line[2], line[3], line[5], line[6]] for line in baseline_cells]
+        out += _render_table(("case", "implementation", "ms/step", "baseline ms/step",
+                              "time / baseline [min-max]"), narrow, {2, 3, 4})
+    for line in notes(rows) + status_notes(rows):
+        out += wrap(f"note: {line}")
+    if any(row["status"] == "ok" and (row["frac_of_probe"] or 0) > 1 for row in rows):
+        out += wrap(f"note: {CEILING_OVER_100}")
+    return "\n".join(out)
+
+
+def status_notes(rows: list[dict]) -> list[str]:
+    """Why an implementation was skipped or failed, one line each, in full."""
+    return [f"{row['case']} {row['dtype']}, {implementation_label(row)}: {row['status']}: {row['note']}"
+            for row in rows if row["status"] != "ok" and row["note"]]
+
+
+def case_summaries(rows: list[dict]) -> list[str]:
+    """One line per workload and case: fused_opt's time and share of the ceiling, and its speed-up over
+    each other implementation (> 1: fused_opt is faster); for a case fused_opt did not run, the fastest."""
+    lines = []
+    for key in dict.fromkeys((row["workload"], row["case"], row["dtype"]) for row in rows if not is_probe(row)):
+        own = [row for row in rows if (row["workload"], row["case"], row["dtype"]) == key and not is_probe(row)
+               and not row.get("variant")]
+        label = " ".join(key)
+        ours = next((row for row in own if row["implementation"] == REFERENCE and row["status"] == "ok"), None)
+        measured = [row for row in own if row["status"] == "ok"]
+        if ours is None:
+            if measured:
+                best = min(measured, key=lambda row: row["ms_median"])
+                lines.append(f"{label}: fused_opt not measured; fastest {best['implementation']} "
+                             f"{significant(best['ms_median'])} ms")
+            else:
+                lines.append(f"{label}: nothing measured")
+            continue
+        ceiling = f", {100 * ours['frac_of_probe']:.0f}% of ceiling" if ours["frac_of_probe"] else ""
+        others = [f"{row['implementation']} {row['speedup_vs_fused_opt_median']:.2f}x" for row in measured
+                  if row is not ours and row["speedup_vs_fused_opt_median"] is not None]
+        lines.append(f"{label}: fused_opt {significant(ours['ms_median'])} ms{ceiling}"
+                     + (f"; speed-up over {', '.join(others)}" if others else ""))
+    return lines
+
+
+def load_warning(load: float | None, cores: int | None = None) -> str | None:
+    """A warning when the machine was busy (load average of at least half its cores), else None."""
+    cores = cores or os.cpu_count() or 1
+    if load is None or load < 0.5 * cores:
+        return None
+    return (f"load average {load:.2f} on {cores} cores: other processes were running, so times and ratios "
+            "are noisy; rerun on an idle machine before trusting them")
 
 
 def _explanations(rows: list[dict]) -> list[str]:
@@ -262,6 +379,7 @@ def _explanations(rows: list[dict]) -> list[str]:
         "step moves per parameter, with the passes over grads or copies its way of running the case's "
         "pipeline adds (each tensor counted once per read and once per write), from which GB/s, % of ceiling "
         "and the floor follow",
+        f"- {CEILING_OVER_100}",
         f"- {launches}: {first['launches_counted']} in one step (torch.profiler); state B/param: bytes of the "
         "optimizer's state tensors per parameter, and of the fp32 copies a pipeline keeps beside them",
     ]
