@@ -44,6 +44,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         fused: bool | None = None,
         master_weights: bool = False,
         max_grad_norm: float | None = None,
+        l1_decay: float | Tensor = 0.0,
+        l1_mode: str = "subgradient",
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.Adagrad.__init__(
@@ -59,7 +61,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init(master_weights, max_grad_norm)
+        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode)
         for group in self.param_groups:
             for p in group["params"]:
                 place_step(p, self.state[p])

@@ -22,6 +22,11 @@ class Adam(FusedOptimizer, torch.optim.Adam):
       kept in the state (``"master_param"``), with float32 moments, in the same single pass.
     * ``max_grad_norm``: clip the global L2 norm of all gradients to this value, as
       ``torch.nn.utils.clip_grad_norm_`` does, in registers after one read-only norm pass.
+    * ``l1_decay`` (per group, >= 0) with ``l1_mode``: L1 regularization in the same pass, and
+      with ``weight_decay`` elastic net. ``"subgradient"`` adds ``l1_decay * sign(p)`` to the
+      gradient (the step on ``loss + l1_decay * p.abs().sum()``); ``"proximal"`` soft-thresholds
+      the param after the update by ``l1_decay`` times its per-element step size, giving exact
+      zeros (csrc/include/fused_opt/math/l1.h). Sparse grads (SGD, Adagrad) take no L1.
     """
 
     _sparse_grad_error = (
@@ -46,6 +51,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         decoupled_weight_decay: bool = False,
         master_weights: bool = False,
         max_grad_norm: float | None = None,
+        l1_decay: float | Tensor = 0.0,
+        l1_mode: str = "subgradient",
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.Adam.__init__(
@@ -63,7 +70,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._after_torch_init(master_weights, max_grad_norm)
+        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode)
 
     def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
         betas = group.get("betas")
@@ -127,6 +134,8 @@ class AdamW(Adam, torch.optim.AdamW):
         fused: bool | None = None,
         master_weights: bool = False,
         max_grad_norm: float | None = None,
+        l1_decay: float | Tensor = 0.0,
+        l1_mode: str = "subgradient",
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.AdamW.__init__(
@@ -143,4 +152,4 @@ class AdamW(Adam, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init(master_weights, max_grad_norm)
+        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode)

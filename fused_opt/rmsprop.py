@@ -37,6 +37,8 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         *,
         master_weights: bool = False,
         max_grad_norm: float | None = None,
+        l1_decay: float | Tensor = 0.0,
+        l1_mode: str = "subgradient",
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.RMSprop.__init__(
@@ -53,7 +55,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             maximize,
             differentiable,
         )
-        self._after_torch_init(master_weights, max_grad_norm)
+        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys = ("square_avg",)
