@@ -6,7 +6,7 @@ the machine's memory bandwidth drifts between levels, so only ratios taken withi
 something. Reports the median over rounds of each round's ratio to the step without L1.
 
     python benchmarks/l1_cost.py [--numel 16000000] [--rounds 9] [--steps 5] [--threads 1]
-        [--output benchmarks/results/l1]
+        [--clock wall|thread] [--output benchmarks/results/l1]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -46,17 +47,26 @@ def commit() -> str:
         return "unknown"
 
 
-def step_ms(optimizer: torch.optim.Optimizer, steps: int) -> float:
+# wall: elapsed time. thread: CPU time of the calling thread, which runs the whole step with one
+# intra-op thread; unlike wall time it leaves out the time the OS gives other processes, the
+# largest noise on a shared, loaded machine (it still counts memory stalls, so bandwidth shared
+# with others still shows).
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def step_ms(optimizer: torch.optim.Optimizer, steps: int, clock) -> float:
     """The median time of `steps` steps, in milliseconds."""
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        start = clock()
         optimizer.step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return 1e3 * statistics.median(times)
 
 
-def measure(name: str, options: dict, numel: int, rounds: int, steps: int) -> dict[str, list]:
+def measure(
+    name: str, options: dict, numel: int, rounds: int, steps: int, clock
+) -> dict[str, list]:
     generator = torch.Generator().manual_seed(0)
     initial = torch.randn(numel, generator=generator)
     grad = torch.randn(numel, generator=generator)
@@ -71,7 +81,7 @@ def measure(name: str, options: dict, numel: int, rounds: int, steps: int) -> di
     for round_index in range(rounds):
         rotated = order[round_index % len(order):] + order[: round_index % len(order)]
         for variant in rotated:
-            times[variant].append(step_ms(optimizers[variant], steps))
+            times[variant].append(step_ms(optimizers[variant], steps, clock))
     return times
 
 
@@ -81,8 +91,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=CLOCKS, default="wall")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread times the calling thread only: use --threads 1")
     torch.set_num_threads(args.threads)
 
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -91,12 +104,14 @@ def main() -> None:
         "device": "cpu",
         "device_name": platform.processor() or platform.machine(),
         "threads": args.threads,
+        "clock": args.clock,
         "torch_version": torch.__version__,
         "git_commit": commit(),
         "numel": args.numel,
         "dtype": "fp32",
         "rounds": args.rounds,
         "steps_per_round": args.steps,
+        "load_average": os.getloadavg()[0],
     }
     rows = []
     lines = [
@@ -105,17 +120,20 @@ def main() -> None:
         f"- when: {when}; device: cpu ({meta['device_name']}), {args.threads} thread(s); "
         f"torch {torch.__version__}; commit {meta['git_commit']}",
         f"- command: `python benchmarks/l1_cost.py --numel {args.numel} --rounds {args.rounds} "
-        f"--steps {args.steps} --threads {args.threads}`",
+        f"--steps {args.steps} --threads {args.threads} --clock {args.clock}`",
         f"- one fp32 tensor of {args.numel / 1e6:.1f}M params; {args.rounds} interleaved rounds "
-        f"of {args.steps} steps per variant; ms/step: median over rounds of each round's median; "
+        f"of {args.steps} steps per variant, timed by the {args.clock} clock; ms/step: median "
+        "over rounds of each round's median; "
         "ratio: median [min-max] over rounds of the round's time over the same round's time "
         "without L1 (same bytes moved)",
+        f"- load average at start: {meta['load_average']:.2f} on {os.cpu_count()} cores (other "
+        "work on the machine slows every variant of a round alike, but widens the spread)",
         "",
         "| case | L1 | ms/step | ratio to no L1 [min-max] |",
         "|---|---|---:|---:|",
     ]
     for case, (name, options) in CASES.items():
-        times = measure(name, options, args.numel, args.rounds, args.steps)
+        times = measure(name, options, args.numel, args.rounds, args.steps, CLOCKS[args.clock])
         for variant, variant_times in times.items():
             ratios = [t / base for t, base in zip(variant_times, times["none"])]
             row = {
@@ -140,7 +158,7 @@ def main() -> None:
     print(report)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / "cost-cpu.md").write_text(report)
+        (args.output / f"cost-cpu-{args.clock}.md").write_text(report)
         with open(args.output / "cost-cpu.jsonl", "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
