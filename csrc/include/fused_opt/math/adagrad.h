@@ -16,15 +16,14 @@ struct AdagradHyper {
 template <typename T>
 struct AdagradTensorScalars {
   T clr, weight_decay, eps;
-  // l1_decay, and l1_decay * clr: the proximal threshold before the division by the root.
-  T l1, l1_step;
+  T l1;  // l1_decay
 };
 
 template <typename T>
 FUSED_OPT_HD AdagradTensorScalars<T> adagrad_tensor_scalars(const AdagradHyper& h, double step) {
   const double clr = h.lr / (1.0 + (step - 1.0) * h.lr_decay);
   return {static_cast<T>(clr), static_cast<T>(h.weight_decay), static_cast<T>(h.eps),
-          static_cast<T>(h.l1_decay), static_cast<T>(h.l1_decay * clr)};
+          static_cast<T>(h.l1_decay)};
 }
 
 // Proximal L1 (math/l1.h): lr_eff = clr / (sqrt(sum) + eps), the diagonal form of Duchi et al.
@@ -43,8 +42,13 @@ struct AdagradElement {
     T& sum = states[0];
     sum += grad * grad;
     const T denom = std::sqrt(sum) + s.eps;
-    param -= s.clr * grad / denom;
-    if constexpr (kL1 == L1Mode::kProximal) param = soft_threshold(param, s.l1_step / denom);
+    if constexpr (kL1 == L1Mode::kProximal) {
+      // One division, as without L1: the element's step size serves update and threshold.
+      const T lr_eff = s.clr / denom;
+      param = soft_threshold(param - lr_eff * grad, lr_eff * s.l1);
+    } else {
+      param -= s.clr * grad / denom;
+    }
   }
 };
 

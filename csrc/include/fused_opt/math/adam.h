@@ -31,9 +31,7 @@ template <typename T>
 struct AdamTensorScalars {
   LerpWeight<T> exp_avg_weight;  // 1 - beta1
   T beta2, one_minus_beta2, eps, l2, param_decay, step_size, bias_correction2_sqrt;
-  // l1_decay, and l1_decay * step_size: the proximal threshold before the per-element
-  // preconditioner divides it.
-  T l1, l1_step;
+  T l1;  // l1_decay
 };
 
 template <typename T>
@@ -50,7 +48,6 @@ FUSED_OPT_HD AdamTensorScalars<T> adam_tensor_scalars(const AdamHyper& h, double
   s.step_size = static_cast<T>(h.lr / bias_correction1);
   s.bias_correction2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
   s.l1 = static_cast<T>(h.l1_decay);
-  s.l1_step = static_cast<T>(h.lr / bias_correction1 * h.l1_decay);
   return s;
 }
 
@@ -83,8 +80,13 @@ struct AdamElement {
       second_moment = max_exp_avg_sq;
     }
     const T denom = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
-    param -= s.step_size * exp_avg / denom;
-    if constexpr (kL1 == L1Mode::kProximal) param = soft_threshold(param, s.l1_step / denom);
+    if constexpr (kL1 == L1Mode::kProximal) {
+      // One division, as without L1: the element's step size serves update and threshold.
+      const T lr_eff = s.step_size / denom;
+      param = soft_threshold(param - lr_eff * exp_avg, lr_eff * s.l1);
+    } else {
+      param -= s.step_size * exp_avg / denom;
+    }
   }
 };
 

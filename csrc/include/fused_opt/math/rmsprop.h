@@ -61,15 +61,20 @@ struct RmspropElement {
       variance -= grad_avg * grad_avg;
     }
     const T avg = std::sqrt(variance) + s.eps;
+    // Proximal L1 divides once, as the step without it does: 1 / avg serves the update and the
+    // threshold.
+    constexpr bool kProximal = kL1 == L1Mode::kProximal;
+    T inverse_avg = T(0);
+    if constexpr (kProximal) inverse_avg = T(1) / avg;
 
     if constexpr (kMomentum) {
       T& buffer = states[kCentered ? 2 : 1];
-      buffer = s.momentum * buffer + grad / avg;
+      buffer = s.momentum * buffer + (kProximal ? grad * inverse_avg : grad / avg);
       param -= s.lr * buffer;
     } else {
-      param -= s.lr * grad / avg;
+      param -= kProximal ? s.lr * grad * inverse_avg : s.lr * grad / avg;
     }
-    if constexpr (kL1 == L1Mode::kProximal) param = soft_threshold(param, s.l1_step / avg);
+    if constexpr (kProximal) param = soft_threshold(param, s.l1_step * inverse_avg);
   }
 };
 
