@@ -7,6 +7,9 @@
 // tensors exist (amsgrad, centered, momentum on or off) are the same for the whole call.
 //
 // Every step op ends with the same arguments:
+//   l1_decay / l1_proximal: per group, the L1 penalty and whether it is applied as a proximal
+//     step after the update (exact zeros) instead of a subgradient added to the gradient (see
+//     math/l1.h). A group with l1_decay 0 runs the loops compiled without L1.
 //   master_params: empty, or one float32 master per float16/bfloat16 param, in the params'
 //     order. Such a param's update then runs on its master (with float32 states) and writes
 //     its rounding into the param; float32 params of the call are their own masters.
@@ -31,7 +34,7 @@ namespace schema_detail {
 
 inline const std::string kStepArgs =
     "Tensor(z!)[] master_params, *, int[] group_sizes, float[] lr, {hyper}, "
-    "Tensor?[] lr_tensor, Tensor? grad_scale=None, Tensor? found_inf=None, "
+    "float[] l1_decay, bool[] l1_proximal, Tensor?[] lr_tensor, Tensor? grad_scale=None, Tensor? found_inf=None, "
     "Tensor? grad_norm=None, float? max_grad_norm=None, Tensor(w!)? workspace=None) -> ()";
 
 // Parsed by def() at once, so the string may be a temporary.

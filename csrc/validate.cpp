@@ -1,5 +1,7 @@
 #include "fused_opt/validate.h"
 
+#include <cmath>
+
 namespace fused_opt {
 namespace {
 
@@ -179,6 +181,13 @@ bool same_in_every_group(std::string_view op, std::string_view name,
 void check_step_args(std::string_view op, at::TensorList params, at::TensorList steps,
                      const StepArgs& step) {
   step.groups.check_entries("lr", step.lr.size());
+  step.groups.check_entries("l1_decay", step.l1_decay.size());
+  step.groups.check_entries("l1_proximal", step.l1_proximal.size());
+  for (size_t g = 0; g < step.l1_decay.size(); ++g) {
+    // Also refuses NaN; an infinite penalty would zero (proximal) or NaN (subgradient) weights.
+    TORCH_CHECK(step.l1_decay[g] >= 0.0 && std::isfinite(step.l1_decay[g]), op, ": l1_decay[", g,
+                "] is ", step.l1_decay[g], "; it must be a finite number >= 0");
+  }
   if (params.empty()) {
     step.groups.check_entries("lr_tensor", step.lr_tensor.size());
     return;

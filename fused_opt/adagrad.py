@@ -38,6 +38,12 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             with ``torch.nn.utils.clip_grad_norm_``'s formula, in registers after one read-only
             norm pass (the gradients are never written). Every group must have the same value.
             Default None: no clipping.
+        l1_decay: L1 penalty per group (>= 0), with ``weight_decay`` the elastic net, in the
+            same pass. Default 0: none.
+        l1_mode: ``"subgradient"`` adds ``l1_decay * sign(p)`` to the gradient (the step on
+            ``loss + l1_decay * p.abs().sum()``); ``"proximal"`` soft-thresholds the param after
+            the update by ``l1_decay`` times its per-element step size, which gives exact zeros
+            (csrc/include/fused_opt/math/l1.h). Sparse grads take no L1. Default ``"subgradient"``.
         foreach, fused: accepted and stored in the param groups, so state dicts round-trip with
             torch.optim; they do not change how fused_opt computes.
         differentiable: must be False; True raises NotImplementedError.
@@ -75,6 +81,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         fused: bool | None = None,
         master_weights: bool = False,
         max_grad_norm: float | None = None,
+        l1_decay: float | Tensor = 0.0,
+        l1_mode: str = "subgradient",
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.Adagrad.__init__(
@@ -90,7 +98,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init(master_weights, max_grad_norm)
+        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode)
         for group in self.param_groups:
             for p in group["params"]:
                 place_step(p, self.state[p])

@@ -27,8 +27,13 @@ from torch.optim import Optimizer
 from fused_opt import _distributed, _ops
 
 MASTER_KEY = "master_param"
+#: The ways ``l1_mode`` applies ``l1_decay`` (csrc/include/fused_opt/math/l1.h).
+L1_MODES = ("subgradient", "proximal")
+# A group without these keys (a torch.optim checkpoint, or one saved before fused_opt had L1) was
+# trained without L1; state_dict() leaves them out of a group that has these values.
+_L1_NEUTRAL = {"l1_decay": 0.0, "l1_mode": "subgradient"}
 # The options fused_opt adds to every param group.
-_FUSED_GROUP_KEYS = ("master_weights", "max_grad_norm")
+_FUSED_GROUP_KEYS = ("master_weights", "max_grad_norm", *_L1_NEUTRAL)
 _MASTER_DTYPES = (torch.float16, torch.bfloat16)
 # Params a master-weight op call also takes, as their own masters (complex64: pairs of float32).
 _OWN_MASTER_DTYPES = (torch.float32, torch.complex64)
@@ -131,7 +136,13 @@ class FusedOptimizer(Optimizer):
                 "use torch.optim for differentiating through the optimizer step"
             )
 
-    def _after_torch_init(self, master_weights: bool, max_grad_norm: float | None) -> None:
+    def _after_torch_init(
+        self,
+        master_weights: bool,
+        max_grad_norm: float | None,
+        l1_decay: float | Tensor = 0.0,
+        l1_mode: str = "subgradient",
+    ) -> None:
         """Adds fused_opt's own options to the defaults and to every param group."""
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
@@ -141,6 +152,9 @@ class FusedOptimizer(Optimizer):
             and max_grad_norm >= 0
         ):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        _check_l1("", {"l1_decay": l1_decay, "l1_mode": l1_mode}, stepping=False)
+        self.defaults["l1_decay"] = l1_decay
+        self.defaults["l1_mode"] = l1_mode
         self.defaults["master_weights"] = master_weights
         self.defaults["max_grad_norm"] = None if max_grad_norm is None else float(max_grad_norm)
         for group in self.param_groups:
@@ -158,8 +172,13 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Groups loaded from a torch.optim checkpoint lack fused_opt's options.
+        # Groups loaded from a torch.optim checkpoint lack fused_opt's options; one without L1's
+        # keys was trained without L1, whatever this optimizer's defaults say.
+        for key, neutral in _L1_NEUTRAL.items():
+            self.defaults.setdefault(key, neutral)
         for group in self.param_groups:
+            for key, neutral in _L1_NEUTRAL.items():
+                group.setdefault(key, neutral)
             self._set_fused_opt_defaults(group)
         # A copy or unpickled optimizer knows no versions: its first step compares every master
         # with its param, which keeps whatever still agrees.
@@ -249,6 +268,8 @@ class FusedOptimizer(Optimizer):
             common = {
                 "group_sizes": bucket.group_sizes,
                 "lr": lr,
+                "l1_decay": bucket.hypers("l1_decay"),
+                "l1_proximal": [group["l1_mode"] == "proximal" for group in bucket.groups],
                 "lr_tensor": lr_tensor,
                 "workspace": self._step_workspace(device) if bucket.steps else None,
                 **scaling[device],
@@ -415,6 +436,14 @@ class FusedOptimizer(Optimizer):
                 # before any tensor is touched.
                 if group["weight_decay"] != 0:
                     raise RuntimeError(self._sparse_weight_decay_error)
+                if group.get("l1_decay", 0) != 0:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: param_groups[{group_index}] has l1_decay="
+                        f"{group['l1_decay']} and "
+                        f"{self._describe_param(group_index, param_index, group, p)} has a sparse "
+                        "grad; sparse grads take torch's own update, which has no L1: use dense "
+                        "grads or l1_decay=0 in this group"
+                    )
                 sparse_params.append(p)
                 continue
             self._check_dense_grad(group_index, param_index, group, p, grad)
@@ -439,6 +468,7 @@ class FusedOptimizer(Optimizer):
             _check_number(f"{where}['{key}']", group.get(key), None, taken_by_value=stepping)
         for label, value in self._device_read_hypers(where, group):
             _check_number(label, value, group["params"] if stepping else None)
+        _check_l1(where, group, stepping)
 
     def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
         """(name, value) of each hyperparameter that may be a tensor the kernels read on the
@@ -609,13 +639,16 @@ class FusedOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict, with the keys of the torch.optim twin's wherever the options
         allow: a group's ``master_weights`` and ``max_grad_norm`` are saved only where they
-        differ from the optimizer's own defaults, which a group loaded without them takes.
+        differ from the optimizer's own defaults, which a group loaded without them takes;
+        ``l1_decay`` and ``l1_mode`` only where L1 is configured (not 0.0 / "subgradient"),
+        and a group loaded without them has no L1.
         torch.distributed.checkpoint loads a checkpoint into the keys of the target's state
         dict, so every key fused_opt added would be one that a torch.optim checkpoint lacks."""
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             for key in _FUSED_GROUP_KEYS:
-                if key in group and group[key] == self.defaults[key]:
+                omitted = _L1_NEUTRAL[key] if key in _L1_NEUTRAL else self.defaults[key]
+                if key in group and _same_value(group[key], omitted):
                     del group[key]
         return state_dict
 
@@ -921,6 +954,31 @@ def _check_number(
             )
     elif not isinstance(value, numbers.Real):
         raise TypeError(f"{label} must be a real number or a one-element tensor, got {value!r}")
+
+
+def _check_l1(where: str, group: dict[str, Any], stepping: bool) -> None:
+    """``l1_decay`` is a finite number >= 0 (or a one-element CPU tensor of one) and ``l1_mode``
+    one of L1_MODES; ``where`` names the group (empty: the constructor's arguments)."""
+    label = f"{where}['l1_decay']" if where else "l1_decay"
+    value = group.get("l1_decay")
+    _check_number(label, value, None, taken_by_value=stepping)
+    # A GPU tensor outside a step (a checkpoint's) is left to the step, which refuses it.
+    if not torch.is_tensor(value) or value.device.type == "cpu":
+        number = float(value)
+        if not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"Invalid {label} value: {number}; it must be a finite number >= 0")
+    mode = group.get("l1_mode")
+    if not (isinstance(mode, str) and mode in L1_MODES):
+        mode_label = f"{where}['l1_mode']" if where else "l1_mode"
+        raise ValueError(
+            f"Invalid {mode_label} value: {mode!r}; it must be one of "
+            f"{', '.join(repr(m) for m in L1_MODES)}"
+        )
+
+
+def _same_value(value: Any, omitted: Any) -> bool:
+    """Whether a group's option is the value state_dict() leaves out; a tensor is always kept."""
+    return not torch.is_tensor(value) and value == omitted
 
 
 def split_hyper(value: float | Tensor) -> tuple[float, Tensor | None]:

@@ -33,6 +33,12 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             with ``torch.nn.utils.clip_grad_norm_``'s formula, in registers after one read-only
             norm pass (the gradients are never written). Every group must have the same value.
             Default None: no clipping.
+        l1_decay: L1 penalty per group (>= 0), with ``weight_decay`` the elastic net, in the
+            same pass. Default 0: none.
+        l1_mode: ``"subgradient"`` adds ``l1_decay * sign(p)`` to the gradient (the step on
+            ``loss + l1_decay * p.abs().sum()``); ``"proximal"`` soft-thresholds the param after
+            the update by ``l1_decay`` times its per-element step size, which gives exact zeros
+            (csrc/include/fused_opt/math/l1.h). Default ``"subgradient"``.
         foreach, capturable: accepted and stored in the param groups, so state dicts round-trip with
             torch.optim; they do not change how fused_opt computes.
         differentiable: must be False; True raises NotImplementedError.
@@ -70,6 +76,8 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         *,
         master_weights: bool = False,
         max_grad_norm: float | None = None,
+        l1_decay: float | Tensor = 0.0,
+        l1_mode: str = "subgradient",
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.RMSprop.__init__(
@@ -86,7 +94,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             maximize,
             differentiable,
         )
-        self._after_torch_init(master_weights, max_grad_norm)
+        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys = ("square_avg",)

@@ -32,7 +32,12 @@ FULL_STATE_OPTIONS = {
 
 # What fused_opt adds to torch.optim's param groups (with the defaults), and to the state of a
 # param: SGD with momentum counts steps so that its kernel knows when to start the buffer.
-FUSED_GROUP_DEFAULTS = {"master_weights": False, "max_grad_norm": None}
+FUSED_GROUP_DEFAULTS = {
+    "master_weights": False,
+    "max_grad_norm": None,
+    "l1_decay": 0.0,
+    "l1_mode": "subgradient",
+}
 FUSED_STATE_KEYS = {"SGD": ("step",)}
 
 

@@ -285,7 +285,9 @@ BAD_HYPERS = [("lr", None), ("lr", "0.1"), ("lr", torch.tensor([1e-3, 1e-3])),
               ("lr", torch.tensor(1, dtype=torch.int64)), ("weight_decay", None),
               ("weight_decay", torch.tensor([0.1, 0.1])),
               # Off the CPU: read on the host, it would synchronize with the device every step.
-              ("weight_decay", torch.tensor(0.1, device="meta"))]
+              ("weight_decay", torch.tensor(0.1, device="meta")),
+              ("l1_decay", None), ("l1_decay", -0.1), ("l1_decay", float("nan")),
+              ("l1_decay", float("inf")), ("l1_mode", "lasso"), ("l1_mode", None)]
 OWN_BAD_HYPERS = {
     "Adam": [("eps", None), ("betas", (0.9,)), ("betas", (0.9, None)),
              ("betas", (torch.tensor([0.9, 0.8]), 0.999))],
@@ -373,6 +375,8 @@ def _valid_fp32_call(op_name, **modes):
         "master_params": [],
         "group_sizes": [1, 1],
         "lr": [0.1, 0.05],
+        "l1_decay": [0.0, 0.01],
+        "l1_proximal": [False, True],
         "lr_tensor": [None, None],
         "maximize": False,
         "workspace": torch.zeros(1, dtype=torch.int32),
@@ -627,6 +631,30 @@ OP_CASES = {
         {},
         lambda call: call.update(grad_norm=torch.tensor(1.0), max_grad_norm=-1.0),
         "max_grad_norm must be >= 0, got -1",
+    ),
+    "adam-negative-l1_decay": (
+        "adam_",
+        {},
+        _set("l1_decay", 1, lambda _: -0.5),
+        "l1_decay[1] is -0.5; it must be a finite number >= 0",
+    ),
+    "sgd-nan-l1_decay": (
+        "sgd_",
+        {},
+        _set("l1_decay", 0, lambda _: float("nan")),
+        "l1_decay[0] is nan; it must be a finite number >= 0",
+    ),
+    "rmsprop-l1_proximal-one-entry-for-two-groups": (
+        "rmsprop_",
+        {},
+        _replace("l1_proximal", lambda flags: flags[:1]),
+        "got 2 param groups but 1 l1_proximal (one per group)",
+    ),
+    "adagrad-l1_decay-three-entries-for-two-groups": (
+        "adagrad_",
+        {},
+        _replace("l1_decay", lambda values: values + [0.1]),
+        "got 2 param groups but 3 l1_decay (one per group)",
     ),
     "sgd-nesterov-without-momentum": (
         "sgd_",

@@ -8,16 +8,20 @@
 namespace fused_opt::cpu {
 namespace {
 
+using math::L1Mode;
+
 void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                  at::TensorList steps, at::TensorList master_params,
                  c10::ArrayRef<int64_t> group_sizes, c10::ArrayRef<double> lr,
                  c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
-                 c10::ArrayRef<double> eps, bool maximize, const HyperTensors& lr_tensor,
+                 c10::ArrayRef<double> eps, bool maximize, c10::ArrayRef<double> l1_decay,
+                 const c10::List<bool>& l1_proximal, const HyperTensors& lr_tensor,
                  const std::optional<at::Tensor>& grad_scale,
                  const std::optional<at::Tensor>& found_inf,
                  const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
                  const std::optional<at::Tensor>& workspace) {
-  const StepArgs step{ParamGroups(kAdagradOp, group_sizes, params.size()), lr, lr_tensor,
+  const StepArgs step{ParamGroups(kAdagradOp, group_sizes, params.size()), lr, l1_decay,
+                      l1_proximal, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_adagrad_args(params, grads, state_sums, steps, master_params, step, lr_decay,
                      weight_decay, eps);
@@ -25,16 +29,20 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   const auto update_group = [&](const GroupRange& group, float grad_factor) {
     const size_t g = group.group;
     const math::AdagradHyper hyper{host_value(lr[g], lr_tensor.get(g)), lr_decay[g],
-                                   weight_decay[g], eps[g]};
+                                   weight_decay[g], eps[g], l1_decay[g]};
     const at::TensorList group_steps = group.of(steps);
     with_bool(maximize, [&](auto kMaximize) {
       with_bool(weight_decay[g] != 0.0, [&](auto kWeightDecay) {
-        apply_elementwise<1>(
-            group.of(params), group.of(grads), group.masters_of(master_params),
-            {group.of(state_sums)}, grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
-              using T = decltype(opmath_tag);
-              run(math::AdagradElement<T, kMaximize, kWeightDecay>{
-                  math::adagrad_tensor_scalars<T>(hyper, step_value(group_steps[t]))});
+        with_constant<L1Mode::kNone, L1Mode::kSubgradient, L1Mode::kProximal>(
+            step.l1_mode(g), [&](auto kL1) {
+              apply_elementwise<1>(
+                  group.of(params), group.of(grads), group.masters_of(master_params),
+                  {group.of(state_sums)}, grad_factor,
+                  [&](auto opmath_tag, size_t t, const auto& run) {
+                    using T = decltype(opmath_tag);
+                    run(math::AdagradElement<T, kMaximize, kWeightDecay, kL1>{
+                        math::adagrad_tensor_scalars<T>(hyper, step_value(group_steps[t]))});
+                  });
             });
       });
     });

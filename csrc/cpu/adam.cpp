@@ -8,6 +8,7 @@
 namespace fused_opt::cpu {
 namespace {
 
+using math::L1Mode;
 using math::WeightDecay;
 
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -16,12 +17,14 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               c10::ArrayRef<double> lr, c10::ArrayRef<double> beta1, c10::ArrayRef<double> beta2,
               c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps, bool amsgrad,
               bool maximize, bool decoupled_weight_decay, const HyperTensors& beta1_tensor,
-              const HyperTensors& beta2_tensor, const HyperTensors& lr_tensor,
+              const HyperTensors& beta2_tensor, c10::ArrayRef<double> l1_decay,
+              const c10::List<bool>& l1_proximal, const HyperTensors& lr_tensor,
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
               const std::optional<at::Tensor>& workspace) {
-  const StepArgs step{ParamGroups(kAdamOp, group_sizes, params.size()), lr, lr_tensor,
+  const StepArgs step{ParamGroups(kAdamOp, group_sizes, params.size()), lr, l1_decay,
+                      l1_proximal, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
                   step, beta1, beta2, weight_decay, eps, amsgrad, beta1_tensor, beta2_tensor);
@@ -31,7 +34,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     const math::AdamHyper hyper{host_value(lr[g], lr_tensor.get(g)),
                                 host_value(beta1[g], beta1_tensor.get(g)),
                                 host_value(beta2[g], beta2_tensor.get(g)), eps[g],
-                                weight_decay[g]};
+                                weight_decay[g], l1_decay[g]};
     const at::TensorList group_steps = group.of(steps);
     const WeightDecay mode =
         math::adam_weight_decay_mode(weight_decay[g], decoupled_weight_decay);
@@ -39,13 +42,16 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
       with_bool(maximize, [&](auto kMaximize) {
         with_constant<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>(
             mode, [&](auto kMode) {
-              apply_elementwise<3>(
-                  group.of(params), group.of(grads), group.masters_of(master_params),
-                  {group.of(exp_avgs), group.of(exp_avg_sqs), group.of(max_exp_avg_sqs)},
-                  grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
-                    using T = decltype(opmath_tag);
-                    run(math::AdamElement<T, kAmsgrad, kMaximize, kMode>{
-                        math::adam_tensor_scalars<T>(hyper, step_value(group_steps[t]))});
+              with_constant<L1Mode::kNone, L1Mode::kSubgradient, L1Mode::kProximal>(
+                  step.l1_mode(g), [&](auto kL1) {
+                    apply_elementwise<3>(
+                        group.of(params), group.of(grads), group.masters_of(master_params),
+                        {group.of(exp_avgs), group.of(exp_avg_sqs), group.of(max_exp_avg_sqs)},
+                        grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
+                          using T = decltype(opmath_tag);
+                          run(math::AdamElement<T, kAmsgrad, kMaximize, kMode, kL1>{
+                              math::adam_tensor_scalars<T>(hyper, step_value(group_steps[t]))});
+                        });
                   });
             });
       });

@@ -3,10 +3,14 @@
 #include "fused_opt/math/adagrad.h"
 #include "fused_opt/static_switch.h"
 
+#include <utility>
+
 namespace fused_opt::cuda {
 namespace {
 
-template <bool kMaximize, bool kWeightDecay>
+using math::L1Mode;
+
+template <bool kMaximize, bool kWeightDecay, L1Mode kL1>
 struct AdagradOp {
   using Group = AdagradGroup;
   static constexpr int kNumStates = 1;
@@ -17,7 +21,7 @@ struct AdagradOp {
                                       const Run& run) {
     math::AdagradHyper h = group.hyper;
     h.lr = value_or(group.lr, h.lr);
-    run(math::AdagradElement<T, kMaximize, kWeightDecay>{
+    run(math::AdagradElement<T, kMaximize, kWeightDecay, kL1>{
         math::adagrad_tensor_scalars<T>(h, tensor.step)});
   }
 };
@@ -27,11 +31,17 @@ struct AdagradOp {
 void adagrad_step(const StepCall& call, const AdagradGroup* groups, bool maximize) {
   // L2 decay by zero adds 0 * param (NaN for an infinite param, +0 to a -0 gradient), so groups
   // without decay launch apart.
-  const auto decays = [&](size_t g) { return groups[g].hyper.weight_decay != 0.0; };
-  for_each_group_mode(call, decays, [&](bool weight_decay, const auto& in_mode, LaunchPhase phase) {
+  const auto mode_of = [&](size_t g) {
+    return std::pair{groups[g].hyper.weight_decay != 0.0, call.l1_modes[g]};
+  };
+  for_each_group_mode(call, mode_of, [&](const auto& mode, const auto& in_mode, LaunchPhase phase) {
     with_bool(maximize, [&](auto kMaximize) {
-      with_bool(weight_decay, [&](auto kWeightDecay) {
-        launch_multi_tensor<AdagradOp<kMaximize, kWeightDecay>>(call, groups, in_mode, phase);
+      with_bool(mode.first, [&](auto kWeightDecay) {
+        with_constant<L1Mode::kNone, L1Mode::kSubgradient, L1Mode::kProximal>(
+            mode.second, [&](auto kL1) {
+              launch_multi_tensor<AdagradOp<kMaximize, kWeightDecay, kL1>>(call, groups, in_mode,
+                                                                           phase);
+            });
       });
     });
   });

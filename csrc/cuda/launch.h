@@ -10,6 +10,7 @@
 #include "fused_opt/math/adagrad.h"
 #include "fused_opt/math/adam.h"
 #include "fused_opt/math/grad_scaling.h"
+#include "fused_opt/math/l1.h"
 #include "fused_opt/math/rmsprop.h"
 #include "fused_opt/math/sgd.h"
 
@@ -54,6 +55,9 @@ struct StepCall {
   // Device pointers, read by the kernels: a step whose found_inf is nonzero changes nothing,
   // step counters included, without the host ever reading the flag.
   math::GradScaling scaling;
+  // Per group, its compiled L1 mode (math::l1_mode of its l1_decay and l1_proximal): groups that
+  // differ in it go in separate launches; the value l1_decay is each Group's hyper.l1_decay.
+  const math::L1Mode* l1_modes;
   // Every TensorArgs has a param_copy, but float32 params, which are their own masters.
   bool master_weights;
   // With step counters: a zeroed device counter, which each launch counts its finished blocks
@@ -86,7 +90,8 @@ struct AdagradGroup {
 // the same launch. `groups` has call.group_count entries. Modes that select a compiled kernel are
 // explicit arguments or follow from the hyperparameters (weight decay on or off), as in the CPU
 // kernels; groups that differ in such a mode go in separate launches, unless the mode with the
-// hyperparameter at zero computes the same bits (AdamW's decoupled decay). Failures to launch
+// hyperparameter at zero computes the same bits (AdamW's decoupled decay). L1 (call.l1_modes)
+// splits launches the same way in every optimizer. Failures to launch
 // throw std::runtime_error.
 void adam_step(const StepCall& call, const AdamGroup* groups, bool amsgrad, bool maximize,
                bool decoupled_weight_decay);

@@ -60,7 +60,7 @@ constexpr int kScalarsInFlight = sizeof(M) == 8 || kStates > 2 ? 1 : 2;
 // but what the groups' hyperparameters, the gradient scaling and the block counter take, so that
 // a whole model usually goes in one launch.
 constexpr size_t kKernelParamBytes = 32764;
-constexpr size_t kGroupParamBytes = 1536;
+constexpr size_t kGroupParamBytes = 1600;
 // Param groups whose hyperparameters one launch carries: a model's usual two (with and without
 // weight decay) and per-layer learning rates of small models; more groups take more launches.
 constexpr int kMaxLaunchGroups = 16;

@@ -98,11 +98,14 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
       args.push_back(arg);
     }
   });
+  thread_local std::vector<math::L1Mode> l1_modes;
+  l1_modes.clear();
+  for (size_t g = 0; g < step.groups.count(); ++g) l1_modes.push_back(step.l1_mode(g));
   unsigned* finished_blocks =
       steps.empty() ? nullptr : static_cast<unsigned*>(step.workspace->data_ptr());
-  return {args.data(),      args.size(),    step.groups.count(),
-          step.scaling.view(), master_weights, finished_blocks,
-          current_stream(params[0].device())};
+  return {args.data(),     args.size(),     step.groups.count(),
+          step.scaling.view(), l1_modes.data(), master_weights,
+          finished_blocks, current_stream(params[0].device())};
 }
 
 // Each op's per-group hyperparameters, in a buffer reused across calls.
@@ -120,12 +123,14 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                c10::ArrayRef<double> lr, c10::ArrayRef<double> beta1, c10::ArrayRef<double> beta2,
                c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps, bool amsgrad,
                bool maximize, bool decoupled_weight_decay, const HyperTensors& beta1_tensor,
-               const HyperTensors& beta2_tensor, const HyperTensors& lr_tensor,
+               const HyperTensors& beta2_tensor, c10::ArrayRef<double> l1_decay,
+               const c10::List<bool>& l1_proximal, const HyperTensors& lr_tensor,
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf,
                const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
                const std::optional<at::Tensor>& workspace) {
-  const StepArgs step{ParamGroups(kAdamOp, group_sizes, params.size()), lr, lr_tensor,
+  const StepArgs step{ParamGroups(kAdamOp, group_sizes, params.size()), lr, l1_decay,
+                      l1_proximal, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
                   step, beta1, beta2, weight_decay, eps, amsgrad, beta1_tensor, beta2_tensor);
@@ -140,7 +145,8 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     const GroupHyper group_beta2 =
         group_hyper(kAdamOp, "beta2_tensor", beta2[g], beta2_tensor, g, device);
     return AdamGroup{
-        {group_lr.value, group_beta1.value, group_beta2.value, eps[g], weight_decay[g]},
+        {group_lr.value, group_beta1.value, group_beta2.value, eps[g], weight_decay[g],
+         l1_decay[g]},
         group_lr.on_device, group_beta1.on_device, group_beta2.on_device};
   });
   adam_step(step_call(kAdamOp, params, grads, master_params,
@@ -153,11 +159,13 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               c10::ArrayRef<int64_t> group_sizes, c10::ArrayRef<double> lr,
               c10::ArrayRef<double> momentum, c10::ArrayRef<double> dampening,
               c10::ArrayRef<double> weight_decay, bool nesterov, bool maximize,
+              c10::ArrayRef<double> l1_decay, const c10::List<bool>& l1_proximal,
               const HyperTensors& lr_tensor, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
               const std::optional<at::Tensor>& workspace) {
-  const StepArgs step{ParamGroups(kSgdOp, group_sizes, params.size()), lr, lr_tensor,
+  const StepArgs step{ParamGroups(kSgdOp, group_sizes, params.size()), lr, l1_decay,
+                      l1_proximal, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_sgd_args(params, grads, momentum_buffers, steps, master_params, step, momentum,
                  dampening, weight_decay, nesterov);
@@ -167,7 +175,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   const SgdGroup* groups = make_groups<SgdGroup>(step.groups, [&](size_t g) {
     const GroupHyper group_lr =
         group_hyper(kSgdOp, "lr_tensor", lr[g], lr_tensor, g, params[0].device());
-    return SgdGroup{{group_lr.value, momentum[g], dampening[g], weight_decay[g]},
+    return SgdGroup{{group_lr.value, momentum[g], dampening[g], weight_decay[g], l1_decay[g]},
                     group_lr.on_device};
   });
   sgd_step(step_call(kSgdOp, params, grads, master_params, {momentum_buffers}, steps, step),
@@ -180,12 +188,14 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList sq
                   c10::ArrayRef<double> lr, c10::ArrayRef<double> alpha,
                   c10::ArrayRef<double> eps, c10::ArrayRef<double> weight_decay,
                   c10::ArrayRef<double> momentum, bool centered, bool maximize,
+                  c10::ArrayRef<double> l1_decay, const c10::List<bool>& l1_proximal,
                   const HyperTensors& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& grad_norm,
                   std::optional<double> max_grad_norm,
                   const std::optional<at::Tensor>& workspace) {
-  const StepArgs step{ParamGroups(kRmspropOp, group_sizes, params.size()), lr, lr_tensor,
+  const StepArgs step{ParamGroups(kRmspropOp, group_sizes, params.size()), lr, l1_decay,
+                      l1_proximal, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
                      master_params, step, alpha, eps, weight_decay, momentum, centered);
@@ -195,7 +205,8 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList sq
   const RmspropGroup* groups = make_groups<RmspropGroup>(step.groups, [&](size_t g) {
     const GroupHyper group_lr =
         group_hyper(kRmspropOp, "lr_tensor", lr[g], lr_tensor, g, params[0].device());
-    return RmspropGroup{{group_lr.value, alpha[g], eps[g], weight_decay[g], momentum[g]},
+    return RmspropGroup{
+        {group_lr.value, alpha[g], eps[g], weight_decay[g], momentum[g], l1_decay[g]},
                         group_lr.on_device};
   });
   rmsprop_step(step_call(kRmspropOp, params, grads, master_params,
@@ -207,13 +218,15 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                   at::TensorList steps, at::TensorList master_params,
                   c10::ArrayRef<int64_t> group_sizes, c10::ArrayRef<double> lr,
                   c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
-                  c10::ArrayRef<double> eps, bool maximize, const HyperTensors& lr_tensor,
+                  c10::ArrayRef<double> eps, bool maximize, c10::ArrayRef<double> l1_decay,
+                  const c10::List<bool>& l1_proximal, const HyperTensors& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& grad_norm,
                   std::optional<double> max_grad_norm,
                   const std::optional<at::Tensor>& workspace) {
-  const StepArgs step{ParamGroups(kAdagradOp, group_sizes, params.size()), lr, lr_tensor,
+  const StepArgs step{ParamGroups(kAdagradOp, group_sizes, params.size()), lr, l1_decay,
+                      l1_proximal, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_adagrad_args(params, grads, state_sums, steps, master_params, step, lr_decay,
                      weight_decay, eps);
@@ -223,7 +236,7 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
   const AdagradGroup* groups = make_groups<AdagradGroup>(step.groups, [&](size_t g) {
     const GroupHyper group_lr =
         group_hyper(kAdagradOp, "lr_tensor", lr[g], lr_tensor, g, params[0].device());
-    return AdagradGroup{{group_lr.value, lr_decay[g], weight_decay[g], eps[g]},
+    return AdagradGroup{{group_lr.value, lr_decay[g], weight_decay[g], eps[g], l1_decay[g]},
                         group_lr.on_device};
   });
   adagrad_step(step_call(kAdagradOp, params, grads, master_params, {state_sums}, steps, step),

@@ -3,12 +3,15 @@
 #include "fused_opt/math/sgd.h"
 #include "fused_opt/static_switch.h"
 
+#include <utility>
+
 namespace fused_opt::cuda {
 namespace {
 
+using math::L1Mode;
 using math::Momentum;
 
-template <bool kMaximize, bool kWeightDecay, Momentum kMomentum>
+template <bool kMaximize, bool kWeightDecay, Momentum kMomentum, L1Mode kL1>
 struct SgdOp {
   using Group = SgdGroup;
   static constexpr int kNumStates = kMomentum == Momentum::kNone ? 0 : 1;
@@ -22,11 +25,11 @@ struct SgdOp {
     h.lr = value_or(group.lr, h.lr);
     const auto scalars = math::sgd_tensor_scalars<T>(h);
     if constexpr (kMomentum == Momentum::kNone) {
-      run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, false>{scalars});
+      run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, false, kL1>{scalars});
     } else if (math::sgd_first_step(tensor.step)) {
-      run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, true>{scalars});
+      run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, true, kL1>{scalars});
     } else {
-      run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, false>{scalars});
+      run(math::SgdElement<T, kMaximize, kWeightDecay, kMomentum, false, kL1>{scalars});
     }
   }
 };
@@ -38,14 +41,20 @@ void sgd_step(const StepCall& call, const SgdGroup* groups, bool nesterov, bool 
   const Momentum mode = math::sgd_momentum_mode(groups[0].hyper.momentum, nesterov);
   // L2 decay by zero adds 0 * param (NaN for an infinite param, +0 to a -0 gradient), so groups
   // without decay launch apart.
-  const auto decays = [&](size_t g) { return groups[g].hyper.weight_decay != 0.0; };
-  for_each_group_mode(call, decays, [&](bool weight_decay, const auto& in_mode, LaunchPhase phase) {
+  const auto mode_of = [&](size_t g) {
+    return std::pair{groups[g].hyper.weight_decay != 0.0, call.l1_modes[g]};
+  };
+  for_each_group_mode(call, mode_of, [&](const auto& group_mode, const auto& in_mode,
+                                         LaunchPhase phase) {
     with_bool(maximize, [&](auto kMaximize) {
-      with_bool(weight_decay, [&](auto kWeightDecay) {
+      with_bool(group_mode.first, [&](auto kWeightDecay) {
         with_constant<Momentum::kNone, Momentum::kHeavyBall, Momentum::kNesterov>(
             mode, [&](auto kMode) {
-              launch_multi_tensor<SgdOp<kMaximize, kWeightDecay, kMode>>(call, groups, in_mode,
-                                                                         phase);
+              with_constant<L1Mode::kNone, L1Mode::kSubgradient, L1Mode::kProximal>(
+                  group_mode.second, [&](auto kL1) {
+                    launch_multi_tensor<SgdOp<kMaximize, kWeightDecay, kMode, kL1>>(
+                        call, groups, in_mode, phase);
+                  });
             });
       });
     });

@@ -3,6 +3,7 @@
 import numpy as np
 
 from ._checks import check_step_inputs
+from .l1 import l1_proximal, l1_subgradient
 
 
 def adagrad_step(
@@ -16,6 +17,8 @@ def adagrad_step(
     initial_accumulator_value=0.0,
     eps=1e-10,
     maximize=False,
+    l1_decay=0.0,
+    l1_mode="subgradient",
 ) -> None:
     check_step_inputs(param, grad)
 
@@ -28,6 +31,7 @@ def adagrad_step(
     # The docstring omits maximize; torch negates the raw gradient before weight
     # decay, like the other optimizers.
     g = -grad if maximize else grad
+    g = l1_subgradient(g, param, l1_decay, l1_mode)
     if weight_decay != 0:
         g = g + weight_decay * param
 
@@ -35,4 +39,6 @@ def adagrad_step(
     decayed_lr = lr / (1 + (t - 1) * lr_decay)
 
     state["sum"] = state["sum"] + g * g
-    param -= decayed_lr * g / (np.sqrt(state["sum"]) + eps)
+    denom = np.sqrt(state["sum"]) + eps
+    param -= decayed_lr * g / denom
+    l1_proximal(param, decayed_lr / denom, l1_decay, l1_mode)

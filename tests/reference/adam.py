@@ -3,6 +3,7 @@
 import numpy as np
 
 from ._checks import check_step_inputs
+from .l1 import l1_proximal, l1_subgradient
 
 
 def adam_step(
@@ -17,6 +18,8 @@ def adam_step(
     amsgrad=False,
     maximize=False,
     decoupled_weight_decay=False,
+    l1_decay=0.0,
+    l1_mode="subgradient",
 ) -> None:
     check_step_inputs(param, grad)
     beta1, beta2 = betas
@@ -31,6 +34,7 @@ def adam_step(
     t = state["step"]
 
     g = -grad if maximize else grad
+    g = l1_subgradient(g, param, l1_decay, l1_mode)
     if weight_decay != 0:
         if decoupled_weight_decay:
             # AdamW: decay the weights directly (scaled by the plain lr, not the
@@ -52,6 +56,8 @@ def adam_step(
         v_hat = state["exp_avg_sq"] / (1 - beta2**t)
 
     param -= lr * m_hat / (np.sqrt(v_hat) + eps)
+    # The step multiplies exp_avg by lr / (1 - beta1**t) / (sqrt(v_hat) + eps).
+    l1_proximal(param, lr / (1 - beta1**t) / (np.sqrt(v_hat) + eps), l1_decay, l1_mode)
 
 
 def adamw_step(
@@ -65,6 +71,8 @@ def adamw_step(
     weight_decay=1e-2,
     amsgrad=False,
     maximize=False,
+    l1_decay=0.0,
+    l1_mode="subgradient",
 ) -> None:
     adam_step(
         param,
@@ -77,4 +85,6 @@ def adamw_step(
         amsgrad=amsgrad,
         maximize=maximize,
         decoupled_weight_decay=True,
+        l1_decay=l1_decay,
+        l1_mode=l1_mode,
     )

@@ -3,6 +3,7 @@
 import numpy as np
 
 from ._checks import check_step_inputs
+from .l1 import l1_proximal, l1_subgradient
 
 
 def rmsprop_step(
@@ -17,6 +18,8 @@ def rmsprop_step(
     momentum=0.0,
     centered=False,
     maximize=False,
+    l1_decay=0.0,
+    l1_mode="subgradient",
 ) -> None:
     check_step_inputs(param, grad)
 
@@ -34,6 +37,7 @@ def rmsprop_step(
     # The docstring omits maximize; torch negates the raw gradient before weight
     # decay, like the other optimizers.
     g = -grad if maximize else grad
+    g = l1_subgradient(g, param, l1_decay, l1_mode)
     if weight_decay != 0:
         g = g + weight_decay * param
 
@@ -44,9 +48,13 @@ def rmsprop_step(
         v = v - state["grad_avg"] ** 2
 
     # eps goes outside the square root (TensorFlow puts it inside).
-    scaled_grad = g / (np.sqrt(v) + eps)
+    avg = np.sqrt(v) + eps
+    scaled_grad = g / avg
     if momentum > 0:
         state["momentum_buffer"] = momentum * state["momentum_buffer"] + scaled_grad
         param -= lr * state["momentum_buffer"]
     else:
         param -= lr * scaled_grad
+    # The step this update gives its own gradient; with momentum, the buffer's earlier steps had
+    # their thresholds applied when they were taken.
+    l1_proximal(param, lr / avg, l1_decay, l1_mode)

@@ -3,6 +3,7 @@
 import numpy as np
 
 from ._checks import check_step_inputs
+from .l1 import l1_proximal, l1_subgradient
 
 
 def sgd_step(
@@ -16,6 +17,8 @@ def sgd_step(
     weight_decay=0.0,
     nesterov=False,
     maximize=False,
+    l1_decay=0.0,
+    l1_mode="subgradient",
 ) -> None:
     check_step_inputs(param, grad)
     # torch.optim.SGD rejects this combination in its constructor, so no
@@ -24,6 +27,7 @@ def sgd_step(
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     g = -grad if maximize else grad
+    g = l1_subgradient(g, param, l1_decay, l1_mode)
     if weight_decay != 0:
         g = g + weight_decay * param
 
@@ -37,3 +41,4 @@ def sgd_step(
         g = g + momentum * buf if nesterov else buf
 
     param -= lr * g
+    l1_proximal(param, lr, l1_decay, l1_mode)

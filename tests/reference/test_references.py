@@ -168,3 +168,112 @@ def test_unscale_and_clip_matches_torch_pipeline(max_norm, bad):
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     for p, e in zip(params, expected):
         np.testing.assert_allclose(p.grad.numpy(), e, rtol=RTOL, atol=ATOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# L1: the subgradient mode against autograd, the proximal mode against its definition
+
+L1_DECAY = 0.3
+# Each optimizer plain, and with L2 or decoupled weight decay (elastic net) and momentum where it
+# has them.
+L1_OPTIONS = {
+    "Adam": [{}, {"amsgrad": True, "weight_decay": 0.1}, {"maximize": True}],
+    "AdamW": [{"weight_decay": 0.1}],
+    "SGD": [{}, {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1},
+            {"momentum": 0.9, "nesterov": True}],
+    "RMSprop": [{}, {"centered": True, "momentum": 0.5, "weight_decay": 0.1}],
+    "Adagrad": [{}, {"lr_decay": 1e-2, "weight_decay": 0.1}],
+}
+L1_CASES = [
+    pytest.param(name, options, id=case_id(name, options, (1031,)))
+    for name, option_list in L1_OPTIONS.items()
+    for options in option_list
+]
+
+
+def l1_initial(rng, shape=(1031,)):
+    """Random params with every fourth element exactly zero (where sign(0) = 0 matters)."""
+    param = rng.standard_normal(shape)
+    param[::4] = 0.0
+    return param
+
+
+@pytest.mark.parametrize("name, options", L1_CASES)
+def test_l1_subgradient_reference_is_the_step_on_the_autograd_loss(name, options):
+    """torch.optim, in float64, on the autograd gradient of ``loss + l1 * |w|.sum()`` (with
+    maximize: of ``objective - l1 * |w|.sum()``, the penalty still shrinking the weights)."""
+    rng = np.random.default_rng(1)
+    initial_param = l1_initial(rng)
+    coefficients = rng.standard_normal((STEPS, *initial_param.shape))
+    ref_param, ref_state = initial_param.copy(), {}
+    torch_param = torch.tensor(initial_param, requires_grad=True)
+    optimizer = getattr(torch.optim, name)([torch_param], lr=LR[name], foreach=False, **options)
+    penalty = -L1_DECAY if options.get("maximize") else L1_DECAY
+    for step, c in enumerate(coefficients, start=1):
+        REFERENCES[name](ref_param, c, ref_state, lr=LR[name], l1_decay=L1_DECAY,
+                         l1_mode="subgradient", **options)
+        optimizer.zero_grad()
+        loss = (torch_param * torch.from_numpy(c)).sum() + penalty * torch_param.abs().sum()
+        loss.backward()
+        optimizer.step()
+        where = f"after step {step}"
+        assert_close(ref_param, torch_param.detach().numpy(), f"param {where}")
+        for key, torch_value in optimizer.state[torch_param].items():
+            if key != "step":
+                assert_close(ref_state[key], torch_value.numpy(), f"state[{key!r}] {where}")
+
+
+def lr_eff_from_torch_state(name, options, state, lr):
+    """The per-element step size of the step torch just took, from torch's own state."""
+    if name == "SGD":
+        return lr
+    t = state["step"].item()
+    if name in ("Adam", "AdamW"):
+        beta1, beta2 = options.get("betas", (0.9, 0.999))
+        second = state["max_exp_avg_sq"] if options.get("amsgrad") else state["exp_avg_sq"]
+        denom = np.sqrt(second.numpy() / (1 - beta2**t)) + options.get("eps", 1e-8)
+        return lr / (1 - beta1**t) / denom
+    if name == "RMSprop":
+        v = state["square_avg"].numpy()
+        if options.get("centered"):
+            v = v - state["grad_avg"].numpy() ** 2
+        return lr / (np.sqrt(v) + options.get("eps", 1e-8))
+    assert name == "Adagrad"
+    clr = lr / (1 + (t - 1) * options.get("lr_decay", 0.0))
+    return clr / (np.sqrt(state["sum"].numpy()) + options.get("eps", 1e-10))
+
+
+@pytest.mark.parametrize("name, options", L1_CASES)
+def test_l1_proximal_reference_is_the_prox_of_torchs_step(name, options):
+    """Each proximal step is torch.optim's step z from the same param (and, the gradients not
+    depending on the param, the same states) followed by the proximal operator of
+    lr_eff * l1 * |w|, checked through its optimality condition: w = z - lr_eff * l1 * sign(w)
+    where w != 0, and |z| <= lr_eff * l1 where w == 0."""
+    rng = np.random.default_rng(2)
+    initial_param = l1_initial(rng)
+    grads = rng.standard_normal((STEPS, *initial_param.shape))
+    ref_param, ref_state = initial_param.copy(), {}
+    torch_param = torch.tensor(initial_param, requires_grad=True)
+    optimizer = getattr(torch.optim, name)([torch_param], lr=LR[name], foreach=False, **options)
+    zeros = 0
+    for step, grad in enumerate(grads, start=1):
+        with torch.no_grad():
+            torch_param.copy_(torch.from_numpy(ref_param))
+        REFERENCES[name](ref_param, grad, ref_state, lr=LR[name], l1_decay=L1_DECAY,
+                         l1_mode="proximal", **options)
+        torch_param.grad = torch.tensor(grad)
+        optimizer.step()
+        state = optimizer.state[torch_param]
+        where = f"after step {step}"
+        for key, torch_value in state.items():
+            if key != "step":
+                assert_close(ref_state[key], torch_value.numpy(), f"state[{key!r}] {where}")
+        z = torch_param.detach().numpy()
+        threshold = lr_eff_from_torch_state(name, options, state, LR[name]) * L1_DECAY
+        threshold = np.broadcast_to(threshold, z.shape)
+        nonzero = ref_param != 0
+        assert_close(ref_param[nonzero], (z - threshold * np.sign(ref_param))[nonzero],
+                     f"param off zero {where}")
+        assert np.all(np.abs(z[~nonzero]) <= threshold[~nonzero] * (1 + RTOL)), where
+        zeros = max(zeros, int((~nonzero).sum()))
+    assert zeros > 0, "no weight reached zero: the test would not see a wrong threshold there"

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "fused_opt/math/grad_scaling.h"
+#include "fused_opt/math/l1.h"
 
 namespace fused_opt {
 
@@ -127,11 +128,16 @@ class ParamGroups {
 struct StepArgs {
   ParamGroups groups;
   c10::ArrayRef<double> lr;
+  c10::ArrayRef<double> l1_decay;
+  const c10::List<bool>& l1_proximal;
   const HyperTensors& lr_tensor;
   ScalingArgs scaling;
   // One int32 element the CUDA kernels count finished blocks in, so that the last block of a
   // launch advances the step counters that every block has read. Required with steps.
   std::optional<at::Tensor> workspace;
+
+  // The compiled L1 mode of group g; l1_decay 0 is kNone whatever l1_proximal says.
+  math::L1Mode l1_mode(size_t g) const { return math::l1_mode(l1_decay[g], l1_proximal.get(g)); }
 };
 
 // Everything each op checks, for every backend: the lists, their presence for the op's modes,

@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "fused_opt/math/l1.h"
 #include "fused_opt/math/lerp.h"
 #include "fused_opt/math/macros.h"
 
@@ -18,7 +19,7 @@ FUSED_OPT_HD constexpr WeightDecay adam_weight_decay_mode(double weight_decay, b
 }
 
 struct AdamHyper {
-  double lr, beta1, beta2, eps, weight_decay;
+  double lr, beta1, beta2, eps, weight_decay, l1_decay;
 };
 
 // Everything that depends only on the hyperparameters and the tensor's own step, computed
@@ -30,6 +31,7 @@ template <typename T>
 struct AdamTensorScalars {
   LerpWeight<T> exp_avg_weight;  // 1 - beta1
   T beta2, one_minus_beta2, eps, l2, param_decay, step_size, bias_correction2_sqrt;
+  T l1;  // l1_decay
 };
 
 template <typename T>
@@ -45,10 +47,14 @@ FUSED_OPT_HD AdamTensorScalars<T> adam_tensor_scalars(const AdamHyper& h, double
   s.param_decay = static_cast<T>(1.0 - h.lr * h.weight_decay);
   s.step_size = static_cast<T>(h.lr / bias_correction1);
   s.bias_correction2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
+  s.l1 = static_cast<T>(h.l1_decay);
   return s;
 }
 
-template <typename T, bool kAmsgrad, bool kMaximize, WeightDecay kWeightDecay>
+// Proximal L1 (math/l1.h): lr_eff = step_size / denom, the factor the update multiplies
+// exp_avg by, so the threshold is l1 * step_size / denom.
+template <typename T, bool kAmsgrad, bool kMaximize, WeightDecay kWeightDecay,
+          L1Mode kL1>
 struct AdamElement {
   using opmath = T;
   static constexpr int kNumStates = kAmsgrad ? 3 : 2;  // exp_avg, exp_avg_sq[, max_exp_avg_sq]
@@ -59,6 +65,8 @@ struct AdamElement {
     T& exp_avg = states[0];
     T& exp_avg_sq = states[1];
     if constexpr (kMaximize) grad = -grad;
+    // Before any decay, so the sign is that of the weight the loss saw.
+    grad = l1_gradient<kL1>(grad, param, s.l1);
     if constexpr (kWeightDecay == WeightDecay::kL2) grad += s.l2 * param;
     if constexpr (kWeightDecay == WeightDecay::kDecoupled) param *= s.param_decay;
 
@@ -72,7 +80,13 @@ struct AdamElement {
       second_moment = max_exp_avg_sq;
     }
     const T denom = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
-    param -= s.step_size * exp_avg / denom;
+    if constexpr (kL1 == L1Mode::kProximal) {
+      // One division, as without L1: the element's step size serves update and threshold.
+      const T lr_eff = s.step_size / denom;
+      param = soft_threshold(param - lr_eff * exp_avg, lr_eff * s.l1);
+    } else {
+      param -= s.step_size * exp_avg / denom;
+    }
   }
 };
 

@@ -4,13 +4,14 @@
 
 #include <cmath>
 
+#include "fused_opt/math/l1.h"
 #include "fused_opt/math/lerp.h"
 #include "fused_opt/math/macros.h"
 
 namespace fused_opt::math {
 
 struct RmspropHyper {
-  double lr, alpha, eps, weight_decay, momentum;
+  double lr, alpha, eps, weight_decay, momentum, l1_decay;
 };
 
 // 1 - alpha is taken in double and rounded once, as torch does (see AdamTensorScalars).
@@ -18,6 +19,8 @@ template <typename T>
 struct RmspropTensorScalars {
   T lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
   LerpWeight<T> grad_avg_weight;  // 1 - alpha
+  // l1_decay, and l1_decay * lr: the proximal threshold before the division by avg.
+  T l1, l1_step;
 };
 
 template <typename T>
@@ -28,10 +31,15 @@ FUSED_OPT_HD RmspropTensorScalars<T> rmsprop_tensor_scalars(const RmspropHyper& 
           static_cast<T>(h.eps),
           static_cast<T>(h.weight_decay),
           static_cast<T>(h.momentum),
-          lerp_weight<T>(1.0 - h.alpha)};
+          lerp_weight<T>(1.0 - h.alpha),
+          static_cast<T>(h.l1_decay),
+          static_cast<T>(h.l1_decay * h.lr)};
 }
 
-template <typename T, bool kMaximize, bool kWeightDecay, bool kCentered, bool kMomentum>
+// Proximal L1 (math/l1.h): lr_eff = lr / avg, the step this update gives its own gradient
+// (with momentum, the buffer also carries earlier steps, whose thresholds were applied then).
+template <typename T, bool kMaximize, bool kWeightDecay, bool kCentered, bool kMomentum,
+          L1Mode kL1>
 struct RmspropElement {
   using opmath = T;
   // square_avg[, grad_avg][, momentum_buffer]
@@ -41,6 +49,7 @@ struct RmspropElement {
 
   FUSED_OPT_HD void operator()(T& param, T grad, T* states) const {
     if constexpr (kMaximize) grad = -grad;
+    grad = l1_gradient<kL1>(grad, param, s.l1);
     if constexpr (kWeightDecay) grad += s.weight_decay * param;
 
     T& square_avg = states[0];
@@ -52,14 +61,20 @@ struct RmspropElement {
       variance -= grad_avg * grad_avg;
     }
     const T avg = std::sqrt(variance) + s.eps;
+    // Proximal L1 divides once, as the step without it does: 1 / avg serves the update and the
+    // threshold.
+    constexpr bool kProximal = kL1 == L1Mode::kProximal;
+    T inverse_avg = T(0);
+    if constexpr (kProximal) inverse_avg = T(1) / avg;
 
     if constexpr (kMomentum) {
       T& buffer = states[kCentered ? 2 : 1];
-      buffer = s.momentum * buffer + grad / avg;
+      buffer = s.momentum * buffer + (kProximal ? grad * inverse_avg : grad / avg);
       param -= s.lr * buffer;
     } else {
-      param -= s.lr * grad / avg;
+      param -= kProximal ? s.lr * grad * inverse_avg : s.lr * grad / avg;
     }
+    if constexpr (kProximal) param = soft_threshold(param, s.l1_step * inverse_avg);
   }
 };
 

@@ -2,6 +2,7 @@
 // torch.optim.SGD's documented algorithm (Sutskever et al. 2013 for the Nesterov form).
 #pragma once
 
+#include "fused_opt/math/l1.h"
 #include "fused_opt/math/macros.h"
 
 namespace fused_opt::math {
@@ -20,23 +21,28 @@ FUSED_OPT_HD constexpr bool sgd_first_step(double step_after_increment) {
 }
 
 struct SgdHyper {
-  double lr, momentum, dampening, weight_decay;
+  double lr, momentum, dampening, weight_decay, l1_decay;
 };
 
 template <typename T>
 struct SgdTensorScalars {
   T lr, momentum, one_minus_dampening, weight_decay;
+  // l1_decay, and the proximal threshold l1_decay * lr.
+  T l1, l1_threshold;
 };
 
 template <typename T>
 FUSED_OPT_HD SgdTensorScalars<T> sgd_tensor_scalars(const SgdHyper& h) {
-  return {static_cast<T>(h.lr), static_cast<T>(h.momentum), static_cast<T>(1.0 - h.dampening),
-          static_cast<T>(h.weight_decay)};
+  return {static_cast<T>(h.lr),           static_cast<T>(h.momentum),
+          static_cast<T>(1.0 - h.dampening), static_cast<T>(h.weight_decay),
+          static_cast<T>(h.l1_decay),        static_cast<T>(h.l1_decay * h.lr)};
 }
 
 // kFirstStep: the momentum buffer has never been written, and takes the gradient as is
-// (no dampening), as torch.optim.SGD does.
-template <typename T, bool kMaximize, bool kWeightDecay, Momentum kMomentum, bool kFirstStep>
+// (no dampening), as torch.optim.SGD does. Proximal L1 (math/l1.h): lr_eff = lr, the plain
+// proximal gradient step (with momentum, the step along the buffer).
+template <typename T, bool kMaximize, bool kWeightDecay, Momentum kMomentum, bool kFirstStep,
+          L1Mode kL1>
 struct SgdElement {
   using opmath = T;
   static constexpr int kNumStates = kMomentum == Momentum::kNone ? 0 : 1;  // momentum_buffer
@@ -45,6 +51,7 @@ struct SgdElement {
 
   FUSED_OPT_HD void operator()(T& param, T grad, T* states) const {
     if constexpr (kMaximize) grad = -grad;
+    grad = l1_gradient<kL1>(grad, param, s.l1);
     if constexpr (kWeightDecay) grad += s.weight_decay * param;
     if constexpr (kMomentum != Momentum::kNone) {
       T& buffer = states[0];
@@ -60,6 +67,7 @@ struct SgdElement {
       }
     }
     param -= s.lr * grad;
+    if constexpr (kL1 == L1Mode::kProximal) param = soft_threshold(param, s.l1_threshold);
   }
 };
 
