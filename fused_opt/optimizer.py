@@ -93,6 +93,38 @@ class GradStats:
         )
 
 
+# The parts of every optimizer's docstring that all of them share, written once: a class
+# docstring's lines "{fused_args}" and "{fused_attributes}" become these (see __init_subclass__).
+_FUSED_ARGS_DOC = """\
+        master_weights: keep a float32 master copy of every float16/bfloat16 param in the state
+            (``"master_param"``, made from the param on its first step) with float32 states, and
+            update master, states and the 16-bit param in the same single pass. Other params
+            are their own masters. In-place edits of a 16-bit param between steps are kept
+            (see ``refresh_master_weights``). Default False.
+        max_grad_norm: clip the global L2 norm of all gradients of all groups (of all ranks, for
+            DTensor params) to this value, with ``torch.nn.utils.clip_grad_norm_``'s formula, in
+            registers after one read-only norm pass (the gradients are never written). Every
+            group must have the same value. Default None: no clipping.
+        l1_decay: L1 penalty per group (>= 0), with ``weight_decay`` the elastic net, in the
+            same pass. Default 0: none.
+        l1_mode: ``"subgradient"`` adds ``l1_decay * sign(p)`` to the gradient (the step on
+            ``loss + l1_decay * p.abs().sum()``); ``"proximal"`` soft-thresholds the param after
+            the update by ``l1_decay`` times its per-element step size, which gives exact zeros
+            (csrc/include/fused_opt/math/l1.h). Sparse grads take no L1. Default
+            ``"subgradient"``.
+"""
+_FUSED_ATTRIBUTES_DOC = """\
+        param_groups, state, defaults: as in torch.optim; checkpoints have torch.optim's keys.
+        last_grad_norm: the unscaled global gradient norm of the last step, before clipping, as
+            a 0-dim float32 tensor on the params' device, when that step clipped or ran under
+            :class:`fused_opt.GradScaler`; else None. The next step reuses the tensor: clone it
+            to keep it.
+        last_step_skipped: the GradScaler's ``found_inf`` of the last step, a 0-dim tensor that
+            is nonzero when an inf/NaN gradient skipped the step (nothing changed: params,
+            states, step counters); None when the step ran without a scaler.
+"""
+
+
 class FusedOptimizer(Optimizer):
     """Base class of fused_opt's optimizers.
 
@@ -127,6 +159,14 @@ class FusedOptimizer(Optimizer):
     #: GradScaler's found_inf of the last step: nonzero when the step was skipped; None when the
     #: step ran without a scaler.
     last_step_skipped: Tensor | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        doc = cls.__dict__.get("__doc__")
+        if doc:
+            cls.__doc__ = doc.replace("        {fused_args}\n", _FUSED_ARGS_DOC).replace(
+                "        {fused_attributes}\n", _FUSED_ATTRIBUTES_DOC
+            )
 
     @staticmethod
     def _reject_differentiable(differentiable: bool) -> None:

@@ -25,33 +25,13 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         centered: normalize by the gradient's estimated variance (keeps ``grad_avg``).
             Default False.
         maximize: ascend instead of descending. Default False.
-        master_weights: keep a float32 master copy of every float16/bfloat16 param in the state
-            (``"master_param"``, made from the param on its first step) with float32 states, and
-            update master, states and the 16-bit param in the same single pass. Other params
-            are their own masters. Default False.
-        max_grad_norm: clip the global L2 norm of all gradients of all groups to this value,
-            with ``torch.nn.utils.clip_grad_norm_``'s formula, in registers after one read-only
-            norm pass (the gradients are never written). Every group must have the same value.
-            Default None: no clipping.
-        l1_decay: L1 penalty per group (>= 0), with ``weight_decay`` the elastic net, in the
-            same pass. Default 0: none.
-        l1_mode: ``"subgradient"`` adds ``l1_decay * sign(p)`` to the gradient (the step on
-            ``loss + l1_decay * p.abs().sum()``); ``"proximal"`` soft-thresholds the param after
-            the update by ``l1_decay`` times its per-element step size, which gives exact zeros
-            (csrc/include/fused_opt/math/l1.h). Default ``"subgradient"``.
+        {fused_args}
         foreach, capturable: accepted and stored in the param groups, so state dicts round-trip with
             torch.optim; they do not change how fused_opt computes.
         differentiable: must be False; True raises NotImplementedError.
 
     Attributes:
-        param_groups, state, defaults: as in torch.optim; checkpoints have torch.optim's keys.
-        last_grad_norm: the unscaled global gradient norm of the last step, before clipping, as
-            a 0-dim float32 tensor on the params' device, when that step clipped or ran under
-            :class:`fused_opt.GradScaler`; else None. The next step reuses the tensor: clone it
-            to keep it.
-        last_step_skipped: the GradScaler's ``found_inf`` of the last step, a 0-dim tensor that
-            is nonzero when an inf/NaN gradient skipped the step (nothing changed: params,
-            states, step counters); None when the step ran without a scaler.
+        {fused_attributes}
 
     State per param (as torch): ``step``, ``square_avg``, ``grad_avg`` when centered,
     ``momentum_buffer`` with momentum, and ``master_param`` under master weights.
