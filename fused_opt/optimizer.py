@@ -424,29 +424,35 @@ class FusedOptimizer(Optimizer):
             self._combine_grad_stats({key: buffers[key] for key in grads}, result, mesh)
         return result
 
-    @staticmethod
     def _combine_grad_stats(
+        self,
         parts: dict[tuple[torch.device, int | None], GradStats],
         result: dict[torch.device, GradStats],
         mesh: Any,
     ) -> None:
         """Leaves in every ``result`` the norm and inf flag of all ``parts`` together, summed over
-        the ranks of ``mesh`` too when there is one. Device-side ops only: nothing waits."""
+        the ranks of ``mesh`` too when there is one. Device-side ops only: nothing waits, and
+        nothing is allocated after the first step (but for parts on a second device)."""
         first = next(iter(result))
-        # Squares summed in double: the float32 norms of the parts are squared exactly.
-        total = torch.zeros(2, dtype=torch.float64, device=first)
+        # Squares and flags summed in double, in a buffer kept between steps like GradStats.
+        totals: dict[torch.device, Tensor] = self.__dict__.setdefault("_grad_stat_totals", {})
+        total = totals.get(first)
+        if total is None:
+            total = totals[first] = torch.zeros(2, dtype=torch.float64, device=first)
+        total.zero_()
         world = mesh.size() if mesh is not None else 1
-        for (_, count), stats in parts.items():
-            square = stats.norm.to(first, torch.float64).square()
-            total[0] += square / (world if count is None else count)
-            total[1] += stats.found_inf.to(first, torch.float64)
+        for (device, count), stats in parts.items():
+            norm, found_inf = stats.norm, stats.found_inf
+            if device != first:
+                norm, found_inf = norm.to(first), found_inf.to(first)
+            total[0].addcmul_(norm, norm, value=1.0 / (world if count is None else count))
+            total[1].add_(found_inf)
         if mesh is not None:
             _distributed.all_reduce_sum(total, mesh)
-        norm = total[0].sqrt().to(torch.float32)
-        found_inf = (total[1] > 0).to(torch.float32)
-        for device, stats in result.items():
-            stats.norm.copy_(norm)
-            stats.found_inf.copy_(found_inf)
+        for stats in result.values():
+            # The flags' sum counts the parts (and ranks) that saw an inf or NaN: clamped to 1.
+            stats.norm.copy_(total[0]).sqrt_()
+            stats.found_inf.copy_(total[1]).clamp_(max=1.0)
 
     def _validate_group(self, group_index: int, group: dict[str, Any], seen: set[int]) -> list[Tensor]:
         """Checks every grad of the group, that no param with a grad comes twice (``seen``: the
