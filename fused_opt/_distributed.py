@@ -68,3 +68,40 @@ def all_reduce_sum(t: Tensor, mesh: Any) -> None:
         return
     for dim in range(mesh.ndim):
         dist.all_reduce(t, group=mesh.get_group(dim))
+
+
+def check_shard_group(value: Any) -> None:
+    """Refuses a ``shard_group`` that names no process group, before the optimizer exists."""
+    if value is None:
+        return
+    if dist is None:
+        raise RuntimeError("shard_group needs torch.distributed, which this torch build lacks")
+    if value is True:
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "shard_group=True sums over the default process group, which is not initialized: "
+                "call torch.distributed.init_process_group() first"
+            )
+        return
+    if not isinstance(value, dist.ProcessGroup):
+        raise TypeError(
+            "shard_group must be None, True (the default process group) or a "
+            f"torch.distributed.ProcessGroup, got {value!r}"
+        )
+
+
+def process_group(shard_group: Any) -> Any:
+    """The process group a ``shard_group`` option names: True is the default group, looked up
+    when used, so that it is the one in force then."""
+    return dist.group.WORLD if shard_group is True else shard_group
+
+
+def local_optimizer(optimizer: Any) -> Any:
+    """The optimizer that steps this rank's params: ZeroRedundancyOptimizer's local one, else the
+    optimizer itself."""
+    if dist is not None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            return optimizer.optim
+    return optimizer

@@ -63,6 +63,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         max_grad_norm: float | None = None,
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
+        shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.Adagrad.__init__(
@@ -78,7 +79,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode)
+        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode, shard_group)
         for group in self.param_groups:
             for p in group["params"]:
                 place_step(p, self.state[p])

@@ -63,6 +63,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         max_grad_norm: float | None = None,
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
+        shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.Adam.__init__(
@@ -80,7 +81,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode)
+        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode, shard_group)
 
     def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
         betas = group.get("betas")
@@ -171,6 +172,7 @@ class AdamW(Adam, torch.optim.AdamW):
         max_grad_norm: float | None = None,
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
+        shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.AdamW.__init__(
@@ -187,4 +189,4 @@ class AdamW(Adam, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode)
+        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode, shard_group)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState
 
+from fused_opt import _distributed
 from fused_opt.optimizer import FusedOptimizer
 
 
@@ -20,16 +21,22 @@ class GradScaler(torch.amp.GradScaler):
     the scale off from the same flag. Afterwards ``optimizer.last_grad_norm`` holds the
     unscaled, unclipped norm and ``optimizer.last_step_skipped`` the flag, as device tensors.
 
+    A ZeroRedundancyOptimizer around a fused_opt optimizer counts as one: the passes run on this
+    rank's local optimizer, and with its ``shard_group`` every rank skips together.
+
     With any other optimizer, after an explicit :meth:`unscale_`, or when a grad is sparse, it
     behaves exactly as torch's GradScaler.
     """
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        # ZeroRedundancyOptimizer's step() steps its local optimizer, which reads the scaling
+        # set on it here, and then broadcasts the params.
+        local = _distributed.local_optimizer(optimizer)
         if not (
             self._enabled
-            and isinstance(optimizer, FusedOptimizer)
-            and optimizer._kernels_take_scaling()
-            and not hasattr(optimizer, "grad_scale")
+            and isinstance(local, FusedOptimizer)
+            and local._kernels_take_scaling()
+            and not hasattr(local, "grad_scale")
             and self._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY
         ):
             return super().step(optimizer, *args, **kwargs)
@@ -37,7 +44,7 @@ class GradScaler(torch.amp.GradScaler):
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
         scale, _ = self._check_scale_growth_tracker("step")
 
-        stats = optimizer._compute_grad_stats(scale)
+        stats = local._compute_grad_stats(scale)
         if not stats:
             # torch's GradScaler refuses a step with no grads at all the same way.
             raise AssertionError("No inf checks were recorded for this optimizer.")
@@ -45,12 +52,12 @@ class GradScaler(torch.amp.GradScaler):
         optimizer_state = self._per_optimizer_states[id(optimizer)]
         optimizer_state["found_inf_per_device"] = found_inf_per_device
         found_infs = [t.to(scale.device, non_blocking=True) for t in found_inf_per_device.values()]
-        optimizer.grad_scale = scale
-        optimizer.found_inf = found_infs[0] if len(found_infs) == 1 else sum(found_infs)
-        optimizer._precomputed_grad_stats = stats
+        local.grad_scale = scale
+        local.found_inf = found_infs[0] if len(found_infs) == 1 else sum(found_infs)
+        local._precomputed_grad_stats = stats
         try:
             result = optimizer.step(*args, **kwargs)
         finally:
-            del optimizer.grad_scale, optimizer.found_inf, optimizer._precomputed_grad_stats
+            del local.grad_scale, local.found_inf, local._precomputed_grad_stats
         optimizer_state["stage"] = OptState.STEPPED
         return result

@@ -102,9 +102,10 @@ _FUSED_ARGS_DOC = """\
             are their own masters. In-place edits of a 16-bit param between steps are kept
             (see ``refresh_master_weights``). Default False.
         max_grad_norm: clip the global L2 norm of all gradients of all groups (of all ranks, for
-            DTensor params) to this value, with ``torch.nn.utils.clip_grad_norm_``'s formula, in
-            registers after one read-only norm pass (the gradients are never written). Every
-            group must have the same value. Default None: no clipping.
+            DTensor params, or over ``shard_group``) to this value, with
+            ``torch.nn.utils.clip_grad_norm_``'s formula, in registers after one read-only norm
+            pass (the gradients are never written). Every group must have the same value.
+            Default None: no clipping.
         l1_decay: L1 penalty per group (>= 0), with ``weight_decay`` the elastic net, in the
             same pass. Default 0: none.
         l1_mode: ``"subgradient"`` adds ``l1_decay * sign(p)`` to the gradient (the step on
@@ -112,6 +113,16 @@ _FUSED_ARGS_DOC = """\
             the update by ``l1_decay`` times its per-element step size, which gives exact zeros
             (csrc/include/fused_opt/math/l1.h). Sparse grads take no L1. Default
             ``"subgradient"``.
+        shard_group: the plain-tensor params of this optimizer are disjoint shards of one model
+            over this ``torch.distributed`` process group (True: the default group), as each
+            rank's part under ``ZeroRedundancyOptimizer``, which passes the keyword on: the norm
+            of ``max_grad_norm`` and :class:`fused_opt.GradScaler`'s inf/NaN flag are summed over
+            the group in one ``all_reduce`` per step, so every rank clips by the same coefficient
+            and skips the same steps. Not saved in the state dict (a process group cannot be
+            pickled). Through ZeroRedundancyOptimizer, which keeps its keywords in its own param
+            groups and so in its checkpoints, give True for its default group, or set
+            ``zero.optim.shard_group = group`` for another. DTensor params are summed over their
+            mesh without it. Default None: the statistics are this process's alone.
 """
 _FUSED_ATTRIBUTES_DOC = """\
         param_groups, state, defaults: as in torch.optim; checkpoints have torch.optim's keys.
@@ -182,8 +193,10 @@ class FusedOptimizer(Optimizer):
         max_grad_norm: float | None,
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
+        shard_group: Any = None,
     ) -> None:
-        """Adds fused_opt's own options to the defaults and to every param group."""
+        """Adds fused_opt's own options to the defaults and to every param group (all but
+        ``shard_group``, which is no group's: see the property)."""
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
         if max_grad_norm is not None and not (
@@ -197,9 +210,25 @@ class FusedOptimizer(Optimizer):
         self.defaults["l1_mode"] = l1_mode
         self.defaults["master_weights"] = master_weights
         self.defaults["max_grad_norm"] = None if max_grad_norm is None else float(max_grad_norm)
+        self.shard_group = shard_group
         for group in self.param_groups:
             self._set_fused_opt_defaults(group)
         self._master_versions: dict[Tensor, int] = {}
+
+    @property
+    def shard_group(self) -> Any:
+        """None, or the process group (True: the default group) over which the plain-tensor
+        params of this optimizer are disjoint shards of one model, as each rank's part under
+        ZeroRedundancyOptimizer: the gradient statistics then sum over it (see
+        _compute_grad_stats). A process group cannot be pickled, so it is not in the state dict
+        or the param groups; a copy or unpickled optimizer has None, and a checkpoint loads
+        without changing it."""
+        return self.__dict__.get("_shard_group")
+
+    @shard_group.setter
+    def shard_group(self, value: Any) -> None:
+        _distributed.check_shard_group(value)
+        self.__dict__["_shard_group"] = value
 
     def _set_fused_opt_defaults(self, group: dict[str, Any]) -> None:
         for key in _FUSED_GROUP_KEYS:
@@ -380,17 +409,31 @@ class FusedOptimizer(Optimizer):
         sums the squares and the inf/NaN flags, so every rank clips by the same coefficient and
         skips the same steps. An element replicated over mesh dimensions counts once (its square
         is divided by its number of replicas); a plain tensor beside DTensors counts as
-        replicated over the whole mesh, as DDP's grads are."""
-        # Grads by (device, replicas): one pass each; replicas None for plain tensors.
+        replicated over the whole mesh, as DDP's grads are.
+
+        With ``shard_group``, plain tensors are disjoint shards over that group: each counts
+        once, and one collective over the group sums the squares and flags, which every rank
+        joins even when it holds no grads, so that none waits for it."""
+        shard_group = self.shard_group
+        # Grads by (device, replicas): one pass each; replicas None for plain tensors that are
+        # replicated over the mesh, 1 for shards.
         grads: dict[tuple[torch.device, int | None], list[Tensor]] = {}
         mesh = None
-        for group in self.param_groups:
-            for p in group["params"]:
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
                     continue
-                count = None
+                count = None if shard_group is None else 1
                 if _distributed.is_dtensor(grad):
+                    if shard_group is not None:
+                        raise ValueError(
+                            f"{type(self).__name__}: "
+                            f"{self._describe_param(group_index, param_index, group, p)} is a "
+                            "DTensor, whose gradient statistics are summed over its device mesh; "
+                            "shard_group is for plain-tensor shards (ZeroRedundancyOptimizer): "
+                            "leave it None"
+                        )
                     if mesh is None:
                         mesh = grad.device_mesh
                     elif grad.device_mesh != mesh:
@@ -420,8 +463,13 @@ class FusedOptimizer(Optimizer):
         result: dict[torch.device, GradStats] = {}
         for device, count in grads:
             result.setdefault(device, buffers[device, count])
-        if len(grads) > 1 or mesh is not None:
-            self._combine_grad_stats({key: buffers[key] for key in grads}, result, mesh)
+        if len(grads) > 1 or mesh is not None or shard_group is not None:
+            self._combine_grad_stats(
+                {key: buffers[key] for key in grads},
+                result,
+                mesh,
+                _distributed.process_group(shard_group),
+            )
         return result
 
     def _combine_grad_stats(
@@ -429,11 +477,14 @@ class FusedOptimizer(Optimizer):
         parts: dict[tuple[torch.device, int | None], GradStats],
         result: dict[torch.device, GradStats],
         mesh: Any,
+        process_group: Any = None,
     ) -> None:
         """Leaves in every ``result`` the norm and inf flag of all ``parts`` together, summed over
-        the ranks of ``mesh`` too when there is one. Device-side ops only: nothing waits, and
-        nothing is allocated after the first step (but for parts on a second device)."""
-        first = next(iter(result))
+        the ranks of ``mesh`` or of ``process_group`` too when there is one. Device-side ops
+        only: nothing waits, and nothing is allocated after the first step (but for parts on a
+        second device)."""
+        # A rank without grads still joins the collective, on its params' device.
+        first = next(iter(result), None) or self._first_param_device()
         # Squares and flags summed in double, in a buffer kept between steps like GradStats.
         totals: dict[torch.device, Tensor] = self.__dict__.setdefault("_grad_stat_totals", {})
         total = totals.get(first)
@@ -449,10 +500,18 @@ class FusedOptimizer(Optimizer):
             total[1].add_(found_inf)
         if mesh is not None:
             _distributed.all_reduce_sum(total, mesh)
+        elif process_group is not None:
+            _distributed.dist.all_reduce(total, group=process_group)
         for stats in result.values():
             # The flags' sum counts the parts (and ranks) that saw an inf or NaN: clamped to 1.
             stats.norm.copy_(total[0]).sqrt_()
             stats.found_inf.copy_(total[1]).clamp_(max=1.0)
+
+    def _first_param_device(self) -> torch.device:
+        return next(
+            (p.device for group in self.param_groups for p in group["params"]),
+            torch.device("cpu"),
+        )
 
     def _validate_group(self, group_index: int, group: dict[str, Any], seen: set[int]) -> list[Tensor]:
         """Checks every grad of the group, that no param with a grad comes twice (``seen``: the

@@ -63,6 +63,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         max_grad_norm: float | None = None,
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
+        shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
         torch.optim.SGD.__init__(
@@ -78,7 +79,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode)
+        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode, shard_group)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()

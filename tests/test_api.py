@@ -52,7 +52,7 @@ def test_constructor_signature_matches_torch(name):
     keyword_only = inspect.Parameter.KEYWORD_ONLY
     assert fused[len(reference) :] == [
         (key, keyword_only, default) for key, default in FUSED_GROUP_DEFAULTS.items()
-    ]
+    ] + [("shard_group", keyword_only, None)]
 
 
 def _one_param():

@@ -8,6 +8,7 @@ test with that rank's traceback.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import sys
@@ -32,6 +33,8 @@ if dist.is_available():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
 WORLD = 2
 STEPS = 3
@@ -209,6 +212,114 @@ def _inf_worker(rank: int) -> None:
 
 def test_inf_on_one_rank_skips_the_step_on_every_rank():
     _spawn(_inf_worker)
+
+
+# ------------------------------------------------------------------------------------------------
+# ZeroRedundancyOptimizer: each rank steps a part of the plain params, shard_group makes the
+# gradient statistics global.
+
+
+def _plain_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+
+
+def _zero(model: torch.nn.Module, name: str, **options):
+    return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=getattr(fused_opt, name),
+                                   shard_group=True, **options)
+
+
+def _zero_worker(rank: int, name: str) -> None:
+    options = FULL_STATE_OPTIONS[name]
+    zero_model, torch_model = DDP(_plain_model()), DDP(_plain_model())
+    zero = _zero(zero_model, name, max_grad_norm=MAX_NORM, **options)
+    torch_opt = getattr(torch.optim, name)(torch_model.parameters(), **options)
+    local = zero.optim
+    owned = [p for group in local.param_groups for p in group["params"]]
+    assert 0 < len(owned) < len(list(zero_model.parameters())), "each rank steps a part"
+    for step in range(STEPS):
+        for model in (zero_model, torch_model):
+            model.zero_grad()
+            _backward(model, rank, step)
+        zero.step()
+        torch_norm = torch.nn.utils.clip_grad_norm_(torch_model.parameters(), MAX_NORM)
+        torch_opt.step()
+        assert float(torch_norm) > MAX_NORM, "the step clips"
+        # The norm of every rank's part, not of the part this rank steps.
+        _assert_close(local.last_grad_norm, torch_norm.float(), f"step {step} global grad norm")
+        for (key, a), b in zip(zero_model.named_parameters(), torch_model.parameters()):
+            _assert_close(a, b, f"step {step} {key}")
+    torch_params = dict(zip(zero_model.parameters(), torch_model.parameters()))
+    for p in owned:
+        for key, value in torch_opt.state[torch_params[p]].items():
+            if key == "step":
+                assert float(local.state[p][key]) == float(value)
+            else:
+                _assert_close(local.state[p][key], value, f"state {key}")
+    compared = [None] * WORLD
+    dist.all_gather_object(compared, len(owned))
+    assert sum(compared) == len(list(zero_model.parameters())), "every param's state compared"
+    # ZeRO keeps the keywords it passes on in its own param groups, so its checkpoint holds
+    # shard_group=True, which pickles (a ProcessGroup would not).
+    zero.consolidate_state_dict(to=0)
+    if rank == 0:
+        torch.save(zero.state_dict(), io.BytesIO())
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_zero_redundancy_optimizer_clips_by_the_global_norm(name):
+    _spawn(_zero_worker, name)
+
+
+def _zero_inf_worker(rank: int) -> None:
+    model = DDP(_plain_model())
+    zero = _zero(model, "AdamW", lr=1e-2, max_grad_norm=1.0)
+    scaler = fused_opt.GradScaler("cpu", init_scale=2.0**8)
+    stepped_here = zero.optim.param_groups[0]["params"][0]
+    for step in range(STEPS):
+        model.zero_grad()
+        _backward(model, rank, step, scaler)
+        before = [p.detach().clone() for p in model.parameters()]
+        if step == 1 and rank == 1:
+            # DDP gave both ranks the same grads; rank 1 alone sees an inf, in a part it steps.
+            stepped_here.grad.view(-1)[0] = float("inf")
+        scaler.step(zero)
+        scaler.update()
+        skipped = step == 1
+        assert float(zero.optim.last_step_skipped) == float(skipped), (rank, step)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert unchanged == skipped, (rank, step)
+        assert scaler.get_scale() == (2.0**7 if step >= 1 else 2.0**8), (rank, step)
+
+
+def test_zero_redundancy_optimizer_skips_on_every_rank_when_one_sees_an_inf():
+    _spawn(_zero_inf_worker)
+
+
+def test_shard_group_must_name_a_process_group():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(TypeError, match=r"shard_group must be None, True \(the default process "
+                                        r"group\) or a torch.distributed.ProcessGroup, got 'world'"):
+        fused_opt.AdamW(params, shard_group="world")
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match=r"shard_group=True .* not initialized"):
+        fused_opt.AdamW(params, shard_group=True)
+
+
+def _dtensor_shard_group_worker(rank: int) -> None:
+    model = _fsdp_model()
+    optimizer = fused_opt.AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0, shard_group=True)
+    _backward(model, rank, 0)
+    before = [p.detach().full_tensor() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*is a DTensor.*"
+                                         "shard_group is for plain-tensor shards"):
+        optimizer.step()
+    assert all(torch.equal(a, p.detach().full_tensor()) for a, p in zip(before, model.parameters()))
+    assert not optimizer.state
+
+
+def test_shard_group_with_dtensor_params_is_refused_before_any_change():
+    _spawn(_dtensor_shard_group_worker)
 
 
 def _checkpoint_worker(rank: int, name: str, master: bool, directory: str) -> None:
