@@ -481,23 +481,24 @@ class FusedOptimizer(Optimizer):
     ) -> None:
         """Leaves in every ``result`` the norm and inf flag of all ``parts`` together, summed over
         the ranks of ``mesh`` or of ``process_group`` too when there is one. Device-side ops
-        only: nothing waits, and nothing is allocated after the first step (but for parts on a
-        second device)."""
+        only (but for a copy from a second device): nothing is allocated after the first step."""
         # A rank without grads still joins the collective, on its params' device.
         first = next(iter(result), None) or self._first_param_device()
-        # Squares and flags summed in double, in a buffer kept between steps like GradStats.
+        # Squares and flags summed in double, in a buffer kept between steps like GradStats: the
+        # total, and each part's stats in double. A CPU op that mixes float32 into float64
+        # allocates a promoted copy of each 0-dim operand; copy_ casts without one.
         totals: dict[torch.device, Tensor] = self.__dict__.setdefault("_grad_stat_totals", {})
-        total = totals.get(first)
-        if total is None:
-            total = totals[first] = torch.zeros(2, dtype=torch.float64, device=first)
+        buffer = totals.get(first)
+        if buffer is None:
+            buffer = totals[first] = torch.zeros(2, 2, dtype=torch.float64, device=first)
+        total, part = buffer
         total.zero_()
         world = mesh.size() if mesh is not None else 1
         for (device, count), stats in parts.items():
-            norm, found_inf = stats.norm, stats.found_inf
-            if device != first:
-                norm, found_inf = norm.to(first), found_inf.to(first)
-            total[0].addcmul_(norm, norm, value=1.0 / (world if count is None else count))
-            total[1].add_(found_inf)
+            part[0].copy_(stats.norm)
+            part[1].copy_(stats.found_inf)
+            total[0].addcmul_(part[0], part[0], value=1.0 / (world if count is None else count))
+            total[1].add_(part[1])
         if mesh is not None:
             _distributed.all_reduce_sum(total, mesh)
         elif process_group is not None:

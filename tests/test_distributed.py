@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torch.profiler import ProfilerActivity, profile
+
 import fused_opt
 from config import tolerance
 from optim_helpers import FULL_STATE_OPTIONS, NAMES
@@ -294,6 +296,48 @@ def _zero_inf_worker(rank: int) -> None:
 
 def test_zero_redundancy_optimizer_skips_on_every_rank_when_one_sees_an_inf():
     _spawn(_zero_inf_worker)
+
+
+def _no_allocation_worker(rank: int) -> None:
+    # Both kinds of global statistics: DTensor params summed over their mesh, and plain tensors
+    # summed over shard_group. Each rank's plain tensors are its own part of a model.
+    model = _fsdp_model()
+    gen = torch.Generator().manual_seed(rank)
+    plain = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(5, 3), (4,)]]
+
+    def plain_backward(step: int, scaler) -> None:
+        loss = sum((p * torch.randn(p.shape, generator=gen)).sum() for p in plain)
+        scaler.scale(loss).backward()
+
+    for params, backward, options in (
+        (list(model.parameters()), lambda step, scaler: _backward(model, rank, step, scaler), {}),
+        (plain, plain_backward, {"shard_group": True}),
+    ):
+        optimizer = fused_opt.AdamW(params, lr=1e-2, max_grad_norm=MAX_NORM, **options)
+        scaler = fused_opt.GradScaler("cpu")
+        for step in range(3):
+            optimizer.zero_grad()
+            backward(step, scaler)
+            # The first step makes the states and the statistics' buffers; the later ones,
+            # with and without a scaler, allocate nothing.
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                if step == 1:
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
+            if step == 1:
+                scaler.update()
+            if step > 0:
+                events = prof.events()
+                assert [(e.name, e.cpu_memory_usage) for e in events
+                        if e.cpu_memory_usage > 0] == [], (rank, step, options)
+                assert [e.name for e in events if e.name.startswith("c10d::")] == [
+                    "c10d::allreduce_"
+                ], "one collective per step"
+
+
+def test_global_statistics_allocate_nothing_after_the_first_step():
+    _spawn(_no_allocation_worker)
 
 
 def test_shard_group_must_name_a_process_group():
