@@ -85,15 +85,16 @@ def _assert_close(actual, expected, what: str) -> None:
                                msg=lambda m: f"rank {dist.get_rank()}, {what}: {m}")
 
 
-def _fsdp_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def _fsdp_model(dtype: torch.dtype = torch.float32, mesh=None) -> torch.nn.Module:
     torch.manual_seed(0)
-    # Odd sizes: rank 0 holds 7 rows of the first weight and rank 1 six.
+    # Odd sizes: rank 0 holds 7 rows of the first weight and rank 1 six (on four ranks: 4, 3, 3,
+    # 3, and the last layer's 3 rows leave rank 3 an empty shard).
     model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
     model.to(dtype)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _backward(model: torch.nn.Module, rank: int, step: int, scaler=None) -> None:
@@ -118,9 +119,12 @@ def _assert_same_training(fused_model, fused, torch_model, torch_opt) -> None:
             _assert_close(fused_state[key], value, f"{name} state {key}")
 
 
-def _fsdp_worker(rank: int, name: str) -> None:
+def _fsdp_worker(rank: int, name: str, mesh_shape: tuple[int, ...] | None = None) -> None:
     options = FULL_STATE_OPTIONS[name]
-    fused_model, torch_model = _fsdp_model(), _fsdp_model()
+    # A 2-D mesh is HSDP: replicated over its first dimension, sharded over the second.
+    mesh = None if mesh_shape is None else init_device_mesh(
+        "cpu", mesh_shape, mesh_dim_names=("replicate", "shard")[-len(mesh_shape):])
+    fused_model, torch_model = _fsdp_model(mesh=mesh), _fsdp_model(mesh=mesh)
     fused = getattr(fused_opt, name)(fused_model.parameters(), max_grad_norm=MAX_NORM, **options)
     torch_opt = getattr(torch.optim, name)(torch_model.parameters(), **options)
     for step in range(STEPS):
@@ -138,6 +142,13 @@ def _fsdp_worker(rank: int, name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_fsdp2_trains_like_torch_with_global_clipping(name):
     _spawn(_fsdp_worker, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape", [(4,), (2, 2)], ids=["fsdp-4", "hsdp-2x2"])
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_fsdp2_on_four_ranks_trains_like_torch_with_global_clipping(name, mesh_shape):
+    _spawn(_fsdp_worker, name, mesh_shape, world=4)
 
 
 def _placements_worker(rank: int, mesh_shape: tuple[int, ...], master: bool) -> None:
