@@ -5,7 +5,9 @@ random grads with the params' placements, and times ``optimizer.step()`` alone; 
 the slowest rank's, the median over interleaved rounds (each round runs every case once, so drift
 in the machine's speed hits all cases alike). The clip cases add global-norm clipping to 1.0:
 fused_opt's ``max_grad_norm`` (a read-only pass and one all_reduce) against torch's
-``clip_grad_norm_`` on the DTensor grads followed by the step.
+``clip_grad_norm_`` on the DTensor grads followed by the step, and torch's clip alone. Every case
+steps the same params and grads (each optimizer its own states), which keeps a full-size run in
+memory; the values do not change the time of a step.
 
     python benchmarks/fsdp2_step.py [--ranks 2] [--rounds 5] [--steps 3] [--tiny]
 
@@ -50,6 +52,9 @@ def _cases():
 
         return build, step
 
+    def clip_alone(model, optimizer):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM, foreach=True)
+
     plain = lambda model, optimizer: optimizer.step()  # noqa: E731
     return {
         "fused_opt AdamW": (lambda params: fused_opt.AdamW(params, lr=LR), plain),
@@ -58,6 +63,8 @@ def _cases():
         "fused_opt AdamW, max_grad_norm": (
             lambda params: fused_opt.AdamW(params, lr=LR, max_grad_norm=MAX_NORM), plain),
         "torch clip_grad_norm_ + AdamW foreach": clipped(torch_adamw("foreach")),
+        "torch clip_grad_norm_ + AdamW fused": clipped(torch_adamw("fused")),
+        "torch clip_grad_norm_ alone": (lambda params: None, clip_alone),
     }
 
 
@@ -75,10 +82,10 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         runs = {}
+        model = _model(args.tiny)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
         for name, (build, step) in _cases().items():
-            model = _model(args.tiny)
-            for p in model.parameters():
-                p.grad = torch.randn_like(p)
             try:
                 optimizer = build(list(model.parameters()))
                 step(model, optimizer)  # states made outside the timing
@@ -141,6 +148,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="GPT-2's structure at toy sizes")
     parser.add_argument("--output", type=Path, help="also write the table to this file")
     args = parser.parse_args()
+    # Other work on the machine slows every case of a round alike, but widens the spread.
+    load = os.getloadavg()[0]
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(args.ranks, _free_port(), args, results), nprocs=args.ranks,
              join=True)
@@ -153,6 +162,8 @@ def main() -> None:
         f"{os.cpu_count()} cores; median of {args.rounds} interleaved rounds of {args.steps} "
         "steps, slowest rank (lower is better)",
         "",
+        f"command: `python {' '.join(sys.argv)}`; load average at start: {load:.2f}",
+        "",
         "| case | ms per step | time / fused_opt's |",
         "|---|---:|---:|",
     ]
@@ -162,7 +173,8 @@ def main() -> None:
     for name, reason in failed.items():
         lines.append(f"| {name} | {reason} | |")
     if clip_base is not None:
-        lines += ["", f"Global clipping costs fused_opt {clip_base / base:.2f}x its plain step."]
+        lines += ["", f"Global clipping costs fused_opt {clip_base / base:.2f}x its plain step "
+                  f"(+{(clip_base - base) * 1e3:.1f} ms)."]
     table = "\n".join(lines)
     print(table)
     if args.output:
