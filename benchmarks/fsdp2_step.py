@@ -3,7 +3,8 @@
 Every rank holds GPT-2 small's 148 params sharded by ``fully_shard`` (Shard(0) DTensors) and
 random grads with the params' placements, and times ``optimizer.step()`` alone; a case's time is
 the slowest rank's, the median over interleaved rounds (each round runs every case once, so drift
-in the machine's speed hits all cases alike). The clip cases add global-norm clipping to 1.0:
+in the machine's speed hits all cases alike), and its ratio to fused_opt's is taken within each
+round: the median and range of those per-round ratios. The clip cases add global-norm clipping to 1.0:
 fused_opt's ``max_grad_norm`` (a read-only pass and one all_reduce) against torch's
 ``clip_grad_norm_`` on the DTensor grads followed by the step, and torch's clip alone. Every case
 steps the same params and grads (each optimizer its own states), which keeps a full-size run in
@@ -105,7 +106,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 times[name].append(elapsed.item())
         if rank == 0:
-            results["times"] = {name: statistics.median(t) for name, t in times.items()}
+            results["times"] = times
             results["failed"] = {name: run for name, run in runs.items() if isinstance(run, str)}
     finally:
         dist.destroy_process_group()
@@ -154,8 +155,7 @@ def main() -> None:
     mp.spawn(_worker, args=(args.ranks, _free_port(), args, results), nprocs=args.ranks,
              join=True)
     times, failed = results["times"], results["failed"]
-    base = times["fused_opt AdamW"]
-    clip_base = times.get("fused_opt AdamW, max_grad_norm")
+    base_name, clip_name = "fused_opt AdamW", "fused_opt AdamW, max_grad_norm"
     lines = [
         f"FSDP2 GPT-2 {'(tiny) ' if args.tiny else 'small '}optimizer step, {args.ranks} CPU ranks "
         f"(gloo), torch {torch.__version__}, commit {_commit()}, {_cpu()}, "
@@ -164,17 +164,25 @@ def main() -> None:
         "",
         f"command: `python {' '.join(sys.argv)}`; load average at start: {load:.2f}",
         "",
-        "| case | ms per step | time / fused_opt's |",
+        "| case | ms per step | time / fused_opt's, per round: median [min-max] |",
         "|---|---:|---:|",
     ]
-    for name, seconds in times.items():
-        reference = clip_base if "clip" in name or "max_grad_norm" in name else base
-        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / reference:.2f}x |")
+
+    def ratio(name: str, reference: str) -> str:
+        ratios = [a / b for a, b in zip(times[name], times[reference])]
+        return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+
+    for name, rounds in times.items():
+        reference = clip_name if ("clip" in name or "max_grad_norm" in name) else base_name
+        if reference in times:
+            lines.append(f"| {name} | {statistics.median(rounds) * 1e3:.1f} | "
+                         f"{ratio(name, reference)} |")
     for name, reason in failed.items():
         lines.append(f"| {name} | {reason} | |")
-    if clip_base is not None:
-        lines += ["", f"Global clipping costs fused_opt {clip_base / base:.2f}x its plain step "
-                  f"(+{(clip_base - base) * 1e3:.1f} ms)."]
+    if clip_name in times:
+        added = [a - b for a, b in zip(times[clip_name], times[base_name])]
+        lines += ["", f"Global clipping costs fused_opt {ratio(clip_name, base_name)} its plain "
+                  f"step (+{statistics.median(added) * 1e3:.1f} ms, median over rounds)."]
     table = "\n".join(lines)
     print(table)
     if args.output:
