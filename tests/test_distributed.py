@@ -12,6 +12,7 @@ import io
 import os
 import socket
 import sys
+from datetime import timedelta
 
 import pytest
 import torch
@@ -58,7 +59,8 @@ def _run(rank: int, worker, world: int, port: int, args) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A rank that misses a collective fails the test in a minute, not in gloo's default 30.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         worker(rank, *args)
     finally:
@@ -349,6 +351,29 @@ def _no_allocation_worker(rank: int) -> None:
 
 def test_global_statistics_allocate_nothing_after_the_first_step():
     _spawn(_no_allocation_worker)
+
+
+def _shard_without_grads_worker(rank: int) -> None:
+    # Rank 1's part has no grads this step (frozen or unused params): it still joins the
+    # collective that rank 0's clipping waits for, adding nothing to the norm.
+    gen = torch.Generator().manual_seed(rank)
+    params = [torch.nn.Parameter(torch.randn(6, generator=gen)) for _ in range(2)]
+    optimizer = fused_opt.SGD(params, lr=0.1, max_grad_norm=MAX_NORM, shard_group=True)
+    if rank == 0:
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+    expected = torch.linalg.vector_norm(torch.cat([p.grad for p in params])) if rank == 0 else None
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    if rank == 0:
+        _assert_close(optimizer.last_grad_norm, expected, "grad norm")
+    else:
+        assert optimizer.last_grad_norm is None
+        assert all(torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_a_rank_without_grads_joins_the_global_norm():
+    _spawn(_shard_without_grads_worker)
 
 
 def test_shard_group_must_name_a_process_group():
