@@ -263,7 +263,7 @@ def panel_table(rows: list[dict], panel: str) -> tuple[str, tuple[str, ...], lis
                   *(_time_cell(by_name.get(name), False) for name in names)] for x, by_name in grid]
     legend = ("ms per step, median over rounds; fused_opt (%): share of the ceiling; others (x): the row's time "
               "over fused_opt's, median of per-round ratios (> 1: fused_opt is faster); floor: 28 B/param at the "
-              "in-place probe's bandwidth in the same rounds")
+              "bandwidth of the probe timed in the same rounds")
     if any(row["status"] == "ok" and (row["frac_of_probe"] or 0) > 1 for row in own):
         legend += f"; {report.CEILING_OVER_100}"
     return title, columns, cells, legend
@@ -318,8 +318,10 @@ def format_markdown(rows: list[dict], plot_name: str | None = None) -> str:
         f"commit {first['git_commit'] or 'unknown'}",
         f"- command: `{first['command']}`",
         f"- load average at start: {report._load_text(first['load_average'])}",
-        "- each point times every implementation in interleaved rounds (the numel and tensors points beside an "
-        "in-place `a.add_(b)` probe, whose bandwidth sets the floor); a round's time is the median of its steps",
+        "- each point times every implementation in interleaved rounds (the numel and tensors points beside the "
+        f"bandwidth probe, {'a device-to-device copy' if first['device'] == 'cuda' else 'an in-place `a.add_(b)`'}, "
+        "which sets the floor); a round's time is the median of its steps, of which the smallest points take the "
+        "most (steps_per_round in sweep.jsonl)",
     ]
     if plot_name:
         lines += ["", f"![time per step against params, tensor count, and the host cost per param]({plot_name})"]
