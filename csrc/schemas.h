@@ -28,6 +28,8 @@
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
+#include <utility>
 
 namespace fused_opt {
 namespace schema_detail {
@@ -44,7 +46,51 @@ inline std::string step_schema(const std::string& head, const std::string& hyper
   return head + ", " + args;
 }
 
+// The arguments every step op ends with, as its kernels take them (after the op's own lists
+// and hyperparameters, master_params first).
+template <class Lists, class Hypers>
+struct StepSignature;
+template <class... Lists, class... Hypers>
+struct StepSignature<std::tuple<Lists...>, std::tuple<Hypers...>> {
+  using type = void(Lists..., at::TensorList master_params, c10::ArrayRef<int64_t> group_sizes,
+                    c10::ArrayRef<double> lr, Hypers..., c10::ArrayRef<double> l1_decay,
+                    const c10::List<bool>& l1_proximal,
+                    const c10::List<std::optional<at::Tensor>>& lr_tensor,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
+                    const std::optional<at::Tensor>& workspace);
+};
+
+template <size_t kLists>
+struct TensorLists {
+  template <size_t... I>
+  static auto make(std::index_sequence<I...>)
+      -> std::tuple<std::enable_if_t<(I >= 0), at::TensorList>...>;
+  using type = decltype(make(std::make_index_sequence<kLists>{}));
+};
+
 }  // namespace schema_detail
+
+// The C++ signature of each op as its kernels are registered with it: a caller of the op's
+// unboxed form (csrc/step_plan.cpp) names it, and the dispatcher checks it against the schema
+// below when the caller first looks the op up.
+namespace signatures {
+using schema_detail::StepSignature;
+using schema_detail::TensorLists;
+using Floats = c10::ArrayRef<double>;
+using HyperTensorList = const c10::List<std::optional<at::Tensor>>&;
+using Adam = StepSignature<TensorLists<6>::type,
+                           std::tuple<Floats, Floats, Floats, Floats, bool, bool, bool,
+                                      HyperTensorList, HyperTensorList>>::type;
+using Sgd = StepSignature<TensorLists<4>::type,
+                          std::tuple<Floats, Floats, Floats, bool, bool>>::type;
+using Rmsprop = StepSignature<TensorLists<6>::type,
+                              std::tuple<Floats, Floats, Floats, Floats, bool, bool>>::type;
+using Adagrad = StepSignature<TensorLists<4>::type, std::tuple<Floats, Floats, Floats, bool>>::type;
+using GradNorm = void(at::TensorList grads, const at::Tensor& norm, const at::Tensor& found_inf,
+                      const at::Tensor& workspace, const std::optional<at::Tensor>& grad_scale);
+}  // namespace signatures
 
 // Defines every op of the library `m` (fused_opt, or the emulation tier's fused_opt_simt).
 inline void define_ops(torch::Library& m) {
@@ -79,6 +125,16 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "grad_norm_(Tensor[] grads, Tensor(a!) norm, Tensor(b!) found_inf, "
       "Tensor(c!) workspace, *, Tensor? grad_scale=None) -> ()");
+}
+
+// The ops are never differentiated: optimizers call them under no_grad, and they mutate their
+// inputs and return nothing. torch's default autograd kernel for such ops (a boxed fallback that
+// only redispatches here) would copy every tensor of every list into boxed form and back on each
+// call, which costs more than a small model's kernels; falling through skips it.
+inline void skip_autograd(torch::Library& m) {
+  for (const char* op : {"adam_", "sgd_", "rmsprop_", "adagrad_", "grad_norm_"}) {
+    m.impl(op, torch::CppFunction::makeFallthrough());
+  }
 }
 
 }  // namespace fused_opt

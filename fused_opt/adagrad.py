@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 from torch.optim.adagrad import adagrad as torch_adagrad
 
-from fused_opt import _ops
 from fused_opt.optimizer import (
     DeviceBucket,
     FusedOptimizer,
@@ -45,6 +44,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
 
     _sparse_weight_decay_error = "weight_decay option is not compatible with sparse gradients"
     _number_keys = ("lr_decay", "weight_decay", "eps")
+    _op_name = "adagrad_"
 
     def __init__(
         self,
@@ -106,20 +106,23 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
         return (group["maximize"],)
 
-    def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
+    def _op_arguments(
+        self, bucket: DeviceBucket
+    ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
         (maximize,) = self._call_modes(bucket.groups[0])
-        _ops.op_namespace.adagrad_(
+        lists = (
             bucket.params,
             bucket.grads,
             bucket.states["sum"],
             bucket.steps,
             bucket.masters,
-            lr_decay=bucket.hypers("lr_decay"),
-            weight_decay=bucket.hypers("weight_decay"),
-            eps=bucket.hypers("eps"),
-            maximize=maximize,
-            **common,
         )
+        return lists, {
+            "lr_decay": bucket.hypers("lr_decay"),
+            "weight_decay": bucket.hypers("weight_decay"),
+            "eps": bucket.hypers("eps"),
+            "maximize": maximize,
+        }
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
         torch_adagrad(

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_opt import _ops
 from fused_opt.optimizer import DeviceBucket, FusedOptimizer
 
 
@@ -43,6 +42,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         "Adam does not support sparse gradients, please consider SparseAdam instead"
     )
     _number_keys = ("eps", "weight_decay")
+    _op_name = "adam_"
 
     def __init__(
         self,
@@ -101,11 +101,13 @@ class Adam(FusedOptimizer, torch.optim.Adam):
     def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
         return (group["amsgrad"], group["maximize"], group["decoupled_weight_decay"])
 
-    def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
+    def _op_arguments(
+        self, bucket: DeviceBucket
+    ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
         beta1, beta1_tensor = bucket.split_hypers([group["betas"][0] for group in bucket.groups])
         beta2, beta2_tensor = bucket.split_hypers([group["betas"][1] for group in bucket.groups])
         amsgrad, maximize, decoupled_weight_decay = self._call_modes(bucket.groups[0])
-        _ops.op_namespace.adam_(
+        lists = (
             bucket.params,
             bucket.grads,
             bucket.states["exp_avg"],
@@ -113,17 +115,18 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             bucket.states.get("max_exp_avg_sq", []),
             bucket.steps,
             bucket.masters,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=bucket.hypers("weight_decay"),
-            eps=bucket.hypers("eps"),
-            amsgrad=amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
-            beta1_tensor=beta1_tensor,
-            beta2_tensor=beta2_tensor,
-            **common,
         )
+        return lists, {
+            "beta1": beta1,
+            "beta2": beta2,
+            "weight_decay": bucket.hypers("weight_decay"),
+            "eps": bucket.hypers("eps"),
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "beta1_tensor": beta1_tensor,
+            "beta2_tensor": beta2_tensor,
+        }
 
 
 class AdamW(Adam, torch.optim.AdamW):

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fused_opt import _distributed, _ops
+from fused_opt._plan import StepPlan
 
 MASTER_KEY = "master_param"
 #: The ways ``l1_mode`` applies ``l1_decay`` (csrc/include/fused_opt/math/l1.h).
@@ -46,6 +47,10 @@ class DeviceBucket:
 
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
+    #: The optimizer's params themselves, of which ``params`` may hold views (complex, DTensor).
+    origins: list[Tensor] = field(default_factory=list)
+    #: The params (of ``origins``) with a master weight.
+    mastered: list[Tensor] = field(default_factory=list)
     states: dict[str, list[Tensor]] = field(default_factory=dict)
     steps: list[Tensor] = field(default_factory=list)
     masters: list[Tensor] = field(default_factory=list)
@@ -146,10 +151,11 @@ class FusedOptimizer(Optimizer):
         zeros; state tensors take ``dtype`` (float32 under master weights, else the param's);
       * ``_call_modes(group)``: the group's options that every group of one op call must share
         (those that are a bool of the op, or decide which state tensors exist);
-      * ``_launch(bucket, common)``: the one op call for a bucket, which passes
-        ``bucket.masters``, its per-group hyperparameters (``bucket.hypers``) and the keyword
-        arguments every step op shares (``common``: group sizes, lr, lr_tensor, loss scaling,
-        clipping and the workspace) on to the op;
+      * ``_op_name``: the step op (csrc/schemas.h), and ``_op_arguments(bucket)``: its tensor
+        lists for a bucket, in the op's order (``bucket.masters`` last), and the keyword
+        arguments of the optimizer's own per-group hyperparameters (``bucket.hypers``) and
+        modes; the arguments every step op shares (group sizes, lr, L1, loss scaling, clipping,
+        the workspace) are added by this class;
       * ``_sparse_grad_error``: torch.optim's message for sparse grads, or None when the
         optimizer accepts them, in which case ``_step_sparse(group, params)`` handles them;
       * ``_sparse_weight_decay_error``: torch.optim's message for a sparse grad in a group with
@@ -162,6 +168,10 @@ class FusedOptimizer(Optimizer):
     _sparse_grad_error: str | None = None
     _sparse_weight_decay_error: str | None = None
     _number_keys: tuple[str, ...] = ()
+    _op_name: str
+    # The plan of the next step (fused_opt/_plan.py): made by a full step, dropped when the
+    # groups or the state are replaced. Never saved or copied (not part of __getstate__).
+    _step_plan: StepPlan | None = None
 
     #: The unscaled global gradient norm of the last step (before clipping), as a 0-dim float32
     #: tensor on the params' device, when that step clipped or ran under fused_opt.GradScaler;
@@ -235,11 +245,13 @@ class FusedOptimizer(Optimizer):
             group.setdefault(key, self.defaults[key])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._step_plan = None
         super().add_param_group(param_group)
         if "master_weights" in self.defaults:
             self._set_fused_opt_defaults(self.param_groups[-1])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self._step_plan = None
         super().__setstate__(state)
         # Groups loaded from a torch.optim checkpoint lack fused_opt's options; one without L1's
         # keys was trained without L1, whatever this optimizer's defaults say.
@@ -257,7 +269,14 @@ class FusedOptimizer(Optimizer):
         """Whether a GradScaler may hand this step grad_scale and found_inf instead of unscaling:
         the kernels unscale in registers and skip on the device. torch's sparse path cannot, so
         with a sparse grad present the scaler unscales and checks first, as for torch.optim."""
-        return self._sparse_grad_error is not None or not any(
+        if self._sparse_grad_error is not None:
+            return True
+        plan = self._plan_with_grads()
+        if plan is not None:
+            # A plan is made and used only where every grad is dense.
+            plan.release_grads()
+            return True
+        return not any(
             p.grad is not None and p.grad.is_sparse
             for group in self.param_groups
             for p in group["params"]
@@ -301,8 +320,19 @@ class FusedOptimizer(Optimizer):
     def _call_modes(self, group: dict[str, Any]) -> tuple[Any, ...]:
         raise NotImplementedError
 
-    def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
+    def _op_arguments(
+        self, bucket: DeviceBucket
+    ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
         raise NotImplementedError
+
+    def _group_shape(self, group: dict[str, Any]) -> tuple[Any, ...]:
+        """What decides a group's op calls and state tensors, beside its params' dtypes."""
+        return (
+            self._call_modes(group),
+            tuple(self._state_keys(group)),
+            self._keeps_step(group),
+            group["master_weights"],
+        )
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
         raise NotImplementedError
@@ -322,6 +352,15 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plan = self._plan_with_grads()
+        if plan is not None:
+            try:
+                for index, group in plan.stepping_groups:
+                    self._check_hyperparameters(f"param_groups[{index}]", group, stepping=True)
+                plan.step(self, self._scaling_by_device(False, plan)[plan.device])
+            finally:
+                plan.release_grads()
+            return loss
         # Validate every group before touching any tensor, so a bad grad or hyperparameter
         # anywhere leaves the whole optimizer as it was.
         seen: set[int] = set()
@@ -333,21 +372,45 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             self._collect_group(group, buckets)
         for (device, *_), bucket in buckets.items():
-            lr, lr_tensor = bucket.split_hypers([group["lr"] for group in bucket.groups])
-            common = {
-                "group_sizes": bucket.group_sizes,
-                "lr": lr,
-                "l1_decay": bucket.hypers("l1_decay"),
-                "l1_proximal": [group["l1_mode"] == "proximal" for group in bucket.groups],
-                "lr_tensor": lr_tensor,
-                "workspace": self._step_workspace(device) if bucket.steps else None,
-                **scaling[device],
-            }
-            self._launch(bucket, common)
+            lists, options = self._op_arguments(bucket)
+            options.update(self._common_arguments(device, bucket, scaling[device]))
+            getattr(_ops.op_namespace, self._op_name)(*lists, **options)
         for group, sparse in zip(self.param_groups, sparse_params):
             if sparse:
                 self._step_sparse(group, sparse)
+        self._step_plan = None if any(sparse_params) else StepPlan.of_step(
+            self, buckets, self.__dict__.setdefault("_grad_stats", {})
+        )
         return loss
+
+    def _common_arguments(
+        self, device: torch.device, bucket: DeviceBucket, scaling: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The keyword arguments every step op takes (csrc/schemas.h) for a bucket's call."""
+        lr, lr_tensor = bucket.split_hypers([group["lr"] for group in bucket.groups])
+        return {
+            "group_sizes": bucket.group_sizes,
+            "lr": lr,
+            "l1_decay": bucket.hypers("l1_decay"),
+            "l1_proximal": [group["l1_mode"] == "proximal" for group in bucket.groups],
+            "lr_tensor": lr_tensor,
+            "workspace": self._step_workspace(device) if bucket.steps else None,
+            **scaling,
+        }
+
+    def _plan_with_grads(self) -> StepPlan | None:
+        """The step plan, holding this step's grads, when it still fits (fused_opt/_plan.py);
+        its caller releases the grads."""
+        plan = self._step_plan
+        # A plan's statistics are this process's alone: shard_group's collective is not in it.
+        if (
+            plan is None
+            or self.shard_group is not None
+            or not plan.fits(self)
+            or not plan.gather_grads()
+        ):
+            return None
+        return plan
 
     def _step_workspace(self, device: torch.device) -> Tensor:
         """The zeroed counter the CUDA kernels advance step counters with (see csrc/ops.cpp),
@@ -372,13 +435,16 @@ class FusedOptimizer(Optimizer):
             )
         return values.pop() if values else None
 
-    def _scaling_by_device(self, has_sparse_grads: bool) -> dict[torch.device, dict[str, Any]]:
+    def _scaling_by_device(
+        self, has_sparse_grads: bool, plan: StepPlan | None = None
+    ) -> dict[torch.device, dict[str, Any]]:
         """The scaling keyword arguments of this step's op calls, per device (see csrc/ops.cpp).
 
         GradScaler sets ``grad_scale`` (None once unscale_ ran) and ``found_inf`` on the
         optimizer before calling step(); fused_opt.GradScaler also leaves the gradient
         statistics of its read-only pass in ``_precomputed_grad_stats``. With ``max_grad_norm``
-        and no such statistics, this runs the pass itself.
+        and no such statistics, this runs the pass itself: over the grads of ``plan`` when the
+        step runs one (fused_opt/_plan.py).
         """
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -392,7 +458,11 @@ class FusedOptimizer(Optimizer):
             )
         stats = getattr(self, "_precomputed_grad_stats", None)
         if stats is None and max_grad_norm is not None:
-            stats = self._compute_grad_stats(grad_scale)
+            stats = (
+                plan.grad_stats(_on(grad_scale, plan.device))
+                if plan is not None
+                else self._compute_grad_stats(grad_scale)
+            )
         self.last_step_skipped = found_inf
         self.last_grad_norm = next(iter(stats.values())).norm if stats else None
 
@@ -414,6 +484,12 @@ class FusedOptimizer(Optimizer):
         With ``shard_group``, plain tensors are disjoint shards over that group: each counts
         once, and one collective over the group sums the squares and flags, which every rank
         joins even when it holds no grads, so that none waits for it."""
+        plan = self._plan_with_grads()
+        if plan is not None:
+            try:
+                return plan.grad_stats(_on(grad_scale, plan.device))
+            finally:
+                plan.release_grads()
         shard_group = self.shard_group
         # Grads by (device, replicas): one pass each; replicas None for plain tensors that are
         # replicated over the mesh, 1 for shards.
@@ -670,6 +746,9 @@ class FusedOptimizer(Optimizer):
                     states={key: [] for key in keys}
                 )
             bucket.enter(group)
+            bucket.origins.append(p)
+            if with_master:
+                bucket.mastered.append(p)
             # Autograd gives grads the param's layout; the rare grad that differs is copied into it.
             if layout is not None and grad.stride() != layout:
                 grad = torch.empty_like(p).copy_(grad)
@@ -766,6 +845,7 @@ class FusedOptimizer(Optimizer):
         unchanged and usable.
         """
         self._check_state_dict(state_dict)
+        self._step_plan = None
         super().load_state_dict(state_dict)
         saved_state = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):

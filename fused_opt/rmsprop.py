@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fused_opt import _ops
 from fused_opt.optimizer import DeviceBucket, FusedOptimizer, plain_bool
 
 
@@ -39,6 +38,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
 
     _sparse_grad_error = "RMSprop does not support sparse gradients"
     _number_keys = ("alpha", "eps", "weight_decay", "momentum")
+    _op_name = "rmsprop_"
 
     def __init__(
         self,
@@ -88,9 +88,11 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
         return (group["centered"], plain_bool(group["momentum"] > 0), group["maximize"])
 
-    def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
+    def _op_arguments(
+        self, bucket: DeviceBucket
+    ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
         centered, _, maximize = self._call_modes(bucket.groups[0])
-        _ops.op_namespace.rmsprop_(
+        lists = (
             bucket.params,
             bucket.grads,
             bucket.states["square_avg"],
@@ -98,11 +100,12 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             bucket.states.get("momentum_buffer", []),
             bucket.steps,
             bucket.masters,
-            alpha=bucket.hypers("alpha"),
-            eps=bucket.hypers("eps"),
-            weight_decay=bucket.hypers("weight_decay"),
-            momentum=bucket.hypers("momentum"),
-            centered=centered,
-            maximize=maximize,
-            **common,
         )
+        return lists, {
+            "alpha": bucket.hypers("alpha"),
+            "eps": bucket.hypers("eps"),
+            "weight_decay": bucket.hypers("weight_decay"),
+            "momentum": bucket.hypers("momentum"),
+            "centered": centered,
+            "maximize": maximize,
+        }

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
-from fused_opt import _ops
 from fused_opt.optimizer import DeviceBucket, FusedOptimizer, new_step, plain_bool
 
 
@@ -45,6 +44,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
     )
     _number_keys = ("momentum", "dampening", "weight_decay")
+    _op_name = "sgd_"
 
     def __init__(
         self,
@@ -130,21 +130,24 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         has_momentum = plain_bool(group["momentum"] != 0)
         return (has_momentum, group["nesterov"] and has_momentum, group["maximize"])
 
-    def _launch(self, bucket: DeviceBucket, common: dict[str, Any]) -> None:
+    def _op_arguments(
+        self, bucket: DeviceBucket
+    ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
         _, nesterov, maximize = self._call_modes(bucket.groups[0])
-        _ops.op_namespace.sgd_(
+        lists = (
             bucket.params,
             bucket.grads,
             bucket.states.get("momentum_buffer", []),
             bucket.steps,
             bucket.masters,
-            momentum=bucket.hypers("momentum"),
-            dampening=bucket.hypers("dampening"),
-            weight_decay=bucket.hypers("weight_decay"),
-            nesterov=nesterov,
-            maximize=maximize,
-            **common,
         )
+        return lists, {
+            "momentum": bucket.hypers("momentum"),
+            "dampening": bucket.hypers("dampening"),
+            "weight_decay": bucket.hypers("weight_decay"),
+            "nesterov": nesterov,
+            "maximize": maximize,
+        }
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
         has_momentum = group["momentum"] != 0

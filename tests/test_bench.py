@@ -9,12 +9,13 @@ import os
 import subprocess
 import sys
 import types
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from fused_opt.bench import harness, implementations, peers, plot, report
+from fused_opt.bench import harness, implementations, peers, plot, report, sweep
 from fused_opt.bench.__main__ import main, parse_args
 from fused_opt.bench.implementations import CASES, Case, Unsupported, select_cases, step_bytes_per_param
 from fused_opt.bench.progress import ProgressBar
@@ -555,6 +556,98 @@ def test_without_fused_opt_the_others_are_measured(tmp_path, monkeypatch, capsys
     assert [row["implementation"] for row in rows if row["case"] == "adam"] == [
         "torch-forloop", "torch-foreach", "torch-fused", "probe-inplace-add"]
     assert all(row["speedup_vs_fused_opt_median"] is None and row["fused_opt_version"] is None for row in rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sweep: the cost curve over params, tensor count and the host cost per param
+
+
+SWEEP_CONTENDERS = {
+    "numel": {"fused_opt", "torch-forloop", "torch-foreach", "torch-fused", "probe-inplace-add"},
+    "tensors": {"fused_opt", "torch-forloop", "torch-foreach", "torch-fused", "probe-inplace-add"},
+    "host": {"fused_opt", "fused_opt-clip", "fused_opt-scaler", "torch-forloop", "torch-foreach", "torch-fused"},
+}
+
+
+def test_tiny_sweep_measures_every_contender_at_every_point(tmp_path, capsys):
+    assert main(["--sweep", "--tiny", "--device", "cpu", "--rounds", "2", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = read_jsonl(tmp_path / "sweep.jsonl")
+    assert not (tmp_path / "results.jsonl").exists(), "the sweep's rows must stay apart from the main run's"
+    planned = sweep.points("cpu", tiny=True, max_numel=None, min_steps=2)
+    assert [point.x for point in planned if point.panel == "numel"] == [10**3, 10**4, 10**5]
+    assert [point.x for point in planned if point.panel == "tensors"] == [1, 4, 16, 64, 256]
+    assert [point.x for point in planned if point.panel == "host"] == [1, 16, 148]
+    measured = Counter((row["workload"], row["numel"], row["num_tensors"], row["implementation"]) for row in rows)
+    expected = Counter()
+    for point in planned:
+        for name in SWEEP_CONTENDERS[point.panel]:
+            probe = name.startswith("probe")
+            numel = harness.probe_numel(point.workload.numel) if probe else point.workload.numel
+            expected[(f"sweep-{point.panel}", numel, point.workload.num_tensors, name)] += 1
+    assert measured == expected
+    for row in rows:
+        assert list(row) == list(report.ROW_KEYS)
+        for key, expected_type in ROW_TYPES.items():
+            assert isinstance(row[key], expected_type), (key, row[key])
+        assert row["status"] == "ok", row
+        assert row["case"] == "adamw" and row["dtype"] == "fp32" and row["rounds"] == 2
+        assert 0 < row["ms_min"] <= row["ms_median"] <= row["ms_max"], row
+        assert row["steps_per_round"] >= 2
+        host = row["workload"] == "sweep-host"
+        if host:
+            assert row["numel"] == row["num_tensors"] and row["floor_ms"] is None
+        elif not report.is_probe(row):
+            assert row["bytes_per_param"] == 28 and row["floor_ms"] > 0 and row["frac_of_probe"] > 0
+        if row["implementation"] == "fused_opt":
+            assert row["speedup_vs_fused_opt_median"] == 1.0
+        elif not report.is_probe(row):
+            assert row["speedup_vs_fused_opt_median"] > 0, row
+    # The step timed N times a round is the small one; the one-element params' steps are timed most.
+    steps = {(row["workload"], row["num_tensors"], row["numel"]): row["steps_per_round"] for row in rows}
+    assert steps[("sweep-numel", 1, 10**3)] >= steps[("sweep-numel", 1, 10**5)]
+
+    markdown = (tmp_path / "sweep-cpu.md").read_text()
+    for title in ("ms per step against params on one tensor", "ms per step against tensor count",
+                  "Host cost: AdamW fp32 over N one-element params"):
+        assert f"## AdamW fp32 {title}" in markdown or f"## {title}" in markdown
+        assert title in out
+    table_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table_lines) == 3 + len(planned)  # a header per panel, a line per point
+    assert "| 148 | " in markdown and "| 100,000 | " in markdown and "| 256 | 64 | " in markdown
+    numel_section, tensors_section = markdown.split("\n## ")[1:3]
+    for section, floor_column in ((numel_section, 1), (tensors_section, 2)):
+        body = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+        assert body and all(float(line.split(" | ")[floor_column]) > 0 for line in body), section
+    assert "- issue #13: at 148 params: fused_opt " in markdown and "us per step (target <= 100)" in markdown
+    assert "torch-fused" in markdown and "fused_opt-scaler" in markdown
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (tmp_path / "sweep-cpu.png").exists() and "sweep-cpu.png" not in markdown
+        return
+    assert (tmp_path / "sweep-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(sweep-cpu.png)" in markdown
+
+
+def test_sweep_options_stand_apart_from_the_workload_options(capsys):
+    args = parse_args(["--sweep", "--device", "cpu", "--sweep-max-numel", "1e4", "--sweep-panels", "numel,host"])
+    assert args.sweep_max_numel == 10_000 and args.sweep_panels == ["numel", "host"]
+    planned = sweep.points("cpu", tiny=False, max_numel=args.sweep_max_numel, min_steps=1,
+                           panels=tuple(args.sweep_panels))
+    assert [(point.panel, point.x) for point in planned] == [
+        ("numel", 1000), ("numel", 10_000), *(("host", count) for count in sweep.HOST_COUNTS)]
+    full = sweep.points("cpu", tiny=False, max_numel=10**8, min_steps=1)
+    assert [point.x for point in full if point.panel == "numel"] == [10**k for k in range(3, 9)]
+    assert [point.x for point in full if point.panel == "tensors"][-1] == 16_384
+    assert {point.workload.numel for point in full if point.panel == "tensors"} == {2**22}
+    for argv, message in ((["--sweep", "--workloads", "gpt2"], "--workloads do not apply"),
+                          (["--sweep", "--full"], "--full do not apply"),
+                          (["--sweep-max-numel", "1e4"], "go with --sweep"),
+                          (["--sweep", "--sweep-max-numel", "1.5"], "must be a whole number")):
+        with pytest.raises(SystemExit):
+            parse_args(["--device", "cpu", *argv])
+        assert message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------

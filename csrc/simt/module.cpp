@@ -11,6 +11,8 @@ TORCH_LIBRARY(fused_opt_simt, m) { fused_opt::define_ops(m); }
 
 TORCH_LIBRARY_IMPL(fused_opt_simt, CPU, m) { fused_opt::cuda::register_cuda_kernels(m); }
 
+TORCH_LIBRARY_IMPL(fused_opt_simt, Autograd, m) { fused_opt::skip_autograd(m); }
+
 namespace {
 
 namespace simt = fused_opt::simt;

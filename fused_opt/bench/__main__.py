@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import harness, implementations, peers, plot, report
+from . import harness, implementations, peers, plot, report, sweep
 from .implementations import CASES, REFERENCE, TORCH_IMPLEMENTATIONS
 from .progress import ProgressBar
 from .workloads import DEFAULT_WORKLOADS, WORKLOAD_NAMES, device_memory_bytes, make_workload
@@ -47,6 +47,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _numel(text: str) -> int:
+    """A whole number of elements, also written as 1e7."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of elements such as 1e7, got {text!r}") from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text}")
+    return int(value)
 
 
 def _non_negative_int(text: str) -> int:
@@ -91,6 +102,14 @@ def _epilog() -> str:
              "implementation, appended), latest-<device>.md (the tables) and latest-<device>.png (the plot, "
              "with matplotlib: pip install 'fused_opt[plot]'). The project's published results "
              "(benchmarks/results/ of a clone) are written only with --record."),
+        "--sweep (the cost curve; AdamW fp32 of fused_opt and torch.optim's three):",
+        item("time per step against params on one tensor (1e3 to 1e8; on CPU to "
+             f"{sweep.DEFAULT_MAX_NUMEL['cpu']:.0e} unless --sweep-max-numel says more) and against tensor count "
+             f"(1 to {sweep.TENSOR_COUNTS[-1]:,} tensors, {sweep.TENSORS_TOTAL:,} params in all), each with its "
+             f"byte floor, and the host cost per param of {', '.join(map(str, sweep.HOST_COUNTS))} one-element "
+             f"params (fused_opt also with max_grad_norm={sweep.CLIP_NORM:g} and under its GradScaler); about half "
+             "a minute on a 2-core CPU. Writes sweep.jsonl (appended), sweep-<device>.md and "
+             "sweep-<device>.png into the results folder."),
     ])
 
 
@@ -135,7 +154,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="write into the project's published results, benchmarks/results/ of the clone "
                             "this runs from (for maintainers recording a run for the README)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the cost curve instead of the workloads (see below)")
+    parser.add_argument("--sweep-max-numel", type=_numel,
+                        help=f"largest one-tensor size of --sweep, e.g. 1e8 (default: "
+                             f"{sweep.DEFAULT_MAX_NUMEL['cpu']:.0e} on cpu, {sweep.DEFAULT_MAX_NUMEL['cuda']:.0e} "
+                             f"on cuda, {sweep.TINY_MAX_NUMEL:.0e} with --tiny)")
+    parser.add_argument("--sweep-panels", type=_name_list(sweep.PANELS), default=list(sweep.PANELS),
+                        help=f"comma-separated parts of --sweep, from {','.join(sweep.PANELS)} (default: all)")
     args = parser.parse_args(argv)
+    if args.sweep:
+        fixed = [flag for flag, value in (("--full", args.full), ("--workloads", args.workloads),
+                                          ("--optimizers", args.optimizers), ("--cases", args.case_names),
+                                          ("--implementations", args.implementations)) if value]
+        if fixed:
+            parser.error(f"--sweep measures AdamW fp32 of fused_opt and torch.optim alone; {', '.join(fixed)} "
+                         "do not apply")
+    elif args.sweep_max_numel is not None or "--sweep-panels" in argv:
+        parser.error("--sweep-max-numel and --sweep-panels go with --sweep")
     if args.record:
         args.output = report.recorded_results_dir()
         if args.output is None:
@@ -198,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     start_warning = report.load_warning(metadata["load_average"]) if device.type == "cpu" else None
     if start_warning:
         print(f"warning: at start, {start_warning}", file=sys.stderr)
+    if args.sweep:
+        return sweep.run(args, fused_opt, metadata, started)
 
     memory = device_memory_bytes(device)
     workloads = [make_workload(name, device.type, tiny=args.tiny, memory_bytes=memory) for name in args.workloads]

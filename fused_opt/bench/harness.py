@@ -276,9 +276,9 @@ def build_contenders(case: Case, workload: Workload, device: torch.device,
 
 
 def warm_up(contenders: list[Contender], clock: Clock, warmup: int, device: torch.device,
-            progress: Callable[[str], None]) -> None:
-    """Untimed steps, then one profiled step that counts launches; the state is weighed after both, when
-    every implementation has made its state."""
+            progress: Callable[[str], None], launches: bool = True) -> None:
+    """Untimed steps, then (with `launches`) one profiled step that counts launches; the state is weighed
+    after both, when every implementation has made its state."""
     for contender in contenders:
         if contender.status != "ok":
             continue
@@ -287,7 +287,8 @@ def warm_up(contenders: list[Contender], clock: Clock, warmup: int, device: torc
             for _ in range(warmup):
                 contender.step()
             clock.synchronize()
-            contender.launches_per_step = count_launches(contender.step, device)
+            if launches:
+                contender.launches_per_step = count_launches(contender.step, device)
         except Exception as exc:
             contender.drop("error", exc)
             continue
@@ -321,11 +322,12 @@ def _spread(ratios: list[float]) -> tuple[float | None, float | None, float | No
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
-def summarize(contenders: list[Contender], probe: Contender) -> list[Result]:
+def summarize(contenders: list[Contender], probe: Contender | None) -> list[Result]:
     """Statistics over rounds. GB/s comes from the median time; the floor (this contender's bytes at the
     probe's bandwidth), the fraction of the probe's bandwidth, the speed-up of fused_opt (this contender's
     time / fused_opt's time in the same variant) and the time against the baseline (this contender's time
-    / its own bare step's time) are medians of per-round values."""
+    / its own bare step's time) are medians of per-round values. Without a probe (steps too small for
+    their bytes to matter) there is no floor."""
     ok = [c for c in contenders if c.status == "ok"]
     references = {c.variant: c for c in ok if c.name == implementations.REFERENCE}
     baselines = {c.name: c for c in ok if c.variant}
@@ -341,7 +343,7 @@ def summarize(contenders: list[Contender], probe: Contender) -> list[Result]:
         times = contender.round_ms
         ms_median = statistics.median(times)
         floor_ms = frac_of_probe = None
-        if probe.status == "ok":
+        if probe is not None and probe.status == "ok":
             floors = [probe_ms * contender.bytes_per_step / probe.bytes_per_step for probe_ms in probe.round_ms]
             floor_ms = statistics.median(floors)
             frac_of_probe = statistics.median(floor / ms for floor, ms in zip(floors, times))
@@ -374,9 +376,10 @@ def case_units(contenders: int, rounds: int) -> int:
 
 def measure_case(case: Case, workload: Workload, device: torch.device, probe: Probe,
                  candidates: list[Implementation], *, rounds: int, steps: int, warmup: int, seed: int,
-                 progress: ProgressCallback | None = None) -> list[Result]:
+                 progress: ProgressCallback | None = None, launches: bool = True) -> list[Result]:
     """Builds the case's implementations, measures them with the probe, and frees them: only plain numbers
-    leave this function, so the next case starts from the memory this one found.
+    leave this function, so the next case starts from the memory this one found. Without `launches` no
+    step is profiled (the profiler takes seconds over a for-loop's ops on thousands of tensors).
 
     `progress(label, done, total)` is called before each unit of work (see case_units); units skipped
     because an implementation dropped out are not reported, so `done` may end below `total`.
@@ -392,7 +395,7 @@ def measure_case(case: Case, workload: Workload, device: torch.device, probe: Pr
     probe_contender = probe.contender()
     contenders.append(probe_contender)
     clock = Clock(device)
-    warm_up(contenders, clock, warmup, device, step_progress)
+    warm_up(contenders, clock, warmup, device, step_progress, launches)
     run_rounds(contenders, clock, rounds, steps, step_progress)
     results = summarize(contenders, probe_contender)
     del contenders, probe_contender
