@@ -326,8 +326,7 @@ class FusedOptimizer(Optimizer):
         plan = self._plan_with_grads()
         if plan is not None:
             try:
-                for index, group in plan.stepping_groups:
-                    self._check_hyperparameters(f"param_groups[{index}]", group, stepping=True)
+                plan.check_hyperparameters(self)
                 plan.step(self, self._scaling_by_device(False, plan)[plan.device])
             finally:
                 plan.release_grads()

@@ -198,6 +198,27 @@ def test_a_hyperparameter_changed_by_hand_takes_effect(key, value):
     assert twins.plan_steps >= 2
 
 
+def test_hyperparameters_changed_in_place_take_effect():
+    # A list or a tensor can change without being replaced: such groups are read every step.
+    twins = Twins("Adam", **RICH["Adam"])
+
+    def mutable_values(optimizer, params):
+        optimizer.param_groups[0]["betas"] = [0.9, 0.999]
+        optimizer.param_groups[0]["weight_decay"] = torch.tensor(0.1)
+
+    twins.both(mutable_values)
+    for step in range(4):
+        twins.set_grads()
+        twins.step()
+
+        def change_in_place(optimizer, params, step=step):
+            optimizer.param_groups[0]["betas"][0] = 0.5 + 0.1 * step
+            optimizer.param_groups[0]["weight_decay"].fill_(0.2 * step)
+
+        twins.both(change_in_place)
+    assert twins.plan_steps == 3
+
+
 def test_a_scheduler_changes_lr_every_step_and_the_plan_follows():
     twins = Twins("AdamW", **RICH["AdamW"])
     schedulers = [
