@@ -68,6 +68,8 @@ class StepPlan:
             (p, optimizer._master_versions[p]) for bucket in buckets for p in bucket.mastered
         ]
         self.native = _C.StepPlan(idle, versioned)
+        # Whether the native plan holds grads gathered by gather_grads().
+        self.holding = False
         namespace = self.namespace.name
         # Per stepping group, the values its hyperparameters were last checked and read from.
         self.checked: dict[int, tuple[Any, ...] | None] = {}
@@ -153,10 +155,12 @@ class StepPlan:
     def gather_grads(self) -> bool:
         """Reads every param's grad in C++; False when one no longer fits the plan. The grads
         are held until release_grads()."""
-        return self.native.gather_grads()
+        self.holding = self.native.gather_grads()
+        return self.holding
 
     def release_grads(self) -> None:
         self.native.release_grads()
+        self.holding = False
 
     def grad_stats(self, grad_scale: Tensor | None) -> dict[torch.device, GradStats]:
         """The grad_norm_ pass of the full path over the gathered grads (same order, same bits);

@@ -370,11 +370,21 @@ class FusedOptimizer(Optimizer):
 
     def _plan_with_grads(self) -> StepPlan | None:
         """The step plan, holding this step's grads, when it still fits (fused_opt/_plan.py);
-        its caller releases the grads."""
+        its caller releases the grads. A plan still holding the grads that fused_opt.GradScaler
+        measured just before this step keeps them, so that the step takes the grads measured."""
         plan = self._step_plan
-        if plan is None or not plan.fits(self) or not plan.gather_grads():
+        if plan is None:
+            return None
+        if plan.holding:
+            return plan
+        if not plan.fits(self) or not plan.gather_grads():
             return None
         return plan
+
+    def _release_grads(self) -> None:
+        """Ends a hold of the grads left by ``_compute_grad_stats(keep_grads=True)``."""
+        if self._step_plan is not None:
+            self._step_plan.release_grads()
 
     def _step_workspace(self, device: torch.device) -> Tensor:
         """The zeroed counter the CUDA kernels advance step counters with (see csrc/ops.cpp),
@@ -433,7 +443,9 @@ class FusedOptimizer(Optimizer):
         return _ScalingByDevice(grad_scale, found_inf, stats, max_grad_norm)
 
     @torch.no_grad()
-    def _compute_grad_stats(self, grad_scale: Tensor | None) -> dict[torch.device, GradStats]:
+    def _compute_grad_stats(
+        self, grad_scale: Tensor | None, keep_grads: bool = False
+    ) -> dict[torch.device, GradStats]:
         """One read-only pass over every dense gradient: the global norm (divided by
         ``grad_scale``) and whether any element is inf or NaN, left on each device that holds
         gradients (none: no entry, as GradScaler records no inf check for it).
@@ -443,13 +455,17 @@ class FusedOptimizer(Optimizer):
         sums the squares and the inf/NaN flags, so every rank clips by the same coefficient and
         skips the same steps. An element replicated over mesh dimensions counts once (its square
         is divided by its number of replicas); a plain tensor beside DTensors counts as
-        replicated over the whole mesh, as DDP's grads are."""
+        replicated over the whole mesh, as DDP's grads are.
+
+        With ``keep_grads``, a step plan keeps the grads it read for the next step() (which
+        then reads none), until ``_release_grads()``."""
         plan = self._plan_with_grads()
         if plan is not None:
             try:
                 return plan.grad_stats(_on(grad_scale, plan.device))
             finally:
-                plan.release_grads()
+                if not keep_grads:
+                    plan.release_grads()
         # Grads by (device, replicas): one pass each; replicas None for plain tensors.
         grads: dict[tuple[torch.device, int | None], list[Tensor]] = {}
         mesh = None

@@ -11,6 +11,8 @@ also check that the plan was used where nothing changed, so that they test the p
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -327,7 +329,29 @@ def test_the_fused_grad_scaler_and_clipping_use_the_plan(name):
         twins.assert_same()
     assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0
     plan = twins.planned._step_plan
-    assert plan is not None and plan.fits(twins.planned)
+    assert plan is not None and plan.fits(twins.planned) and not plan.holding
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_the_plan_keeps_no_grad_alive_after_a_step(scaled):
+    # zero_grad(set_to_none=True) must free the grads, as without a plan.
+    params = make_params()
+    optimizer = fused_opt.AdamW(params, max_grad_norm=1.0)
+    scaler = fused_opt.GradScaler("cpu")
+    scaler.scale(torch.ones(()))
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if scaled:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    assert optimizer._step_plan is not None and not optimizer._step_plan.holding
+    grads = [weakref.ref(p.grad) for p in params]
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(ref() is None for ref in grads)
 
 
 def test_a_plan_step_allocates_nothing_and_calls_one_op():
