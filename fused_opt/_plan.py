@@ -136,7 +136,6 @@ class StepPlan:
             or optimizer.state is not self.state
             or len(optimizer.state) != self.state_size
             or _ops.op_namespace is not self.namespace
-            or torch.compiler.is_compiling()
         ):
             return False
         for group, planned, params, length, shape in zip(

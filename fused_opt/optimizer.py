@@ -373,7 +373,8 @@ class FusedOptimizer(Optimizer):
         its caller releases the grads. A plan still holding the grads that fused_opt.GradScaler
         measured just before this step keeps them, so that the step takes the grads measured."""
         plan = self._step_plan
-        if plan is None:
+        # torch.compile traces the full path (dynamo cannot look into the plan's C++ side).
+        if plan is None or torch.compiler.is_compiling():
             return None
         if plan.holding:
             return plan

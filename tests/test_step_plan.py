@@ -395,3 +395,20 @@ def test_copies_and_pickles_make_their_own_plan():
     copied = copy.deepcopy(optimizer)
     assert copied._step_plan is None
     assert isinstance(copied, FusedOptimizer)
+
+
+@pytest.mark.slow
+def test_compiled_steps_between_planned_eager_steps_match_the_full_path():
+    # torch.compile traces the full path even where an eager step left a plan.
+    twins = Twins("AdamW", **RICH["AdamW"])
+    for _ in range(2):
+        twins.set_grads()
+        twins.step()
+    compiled_step = torch.compile(twins.planned.step)
+    for _ in range(2):
+        twins.set_grads()
+        compiled_step()
+        twins.planless.step()
+        twins.assert_same()
+    twins.set_grads()
+    twins.step()
