@@ -16,12 +16,15 @@ layout, the param unchanged in dtype, device, shape and layout, and the version 
 param with a master. Anything else (a grad set to None or replaced by one of another kind, a
 dtype or device change, a master-weight param written in place) sends the step through the full
 path, which checks, reports and makes a new plan. Hyperparameters are read every step, as is
-loss scaling. A plan is made only for what it can repeat exactly: dense grads in their param's
+loss scaling: a group's values are checked, and the op arguments made from them, again whenever
+one of them is not the very object it was at the last step (immutable values only; a group
+holding a tensor or a list is checked and read anew every step). A plan is made only for what it can repeat exactly: dense grads in their param's
 layout on one device, no DTensor or complex params, outside torch.compile.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -65,7 +68,13 @@ class StepPlan:
             (p, optimizer._master_versions[p]) for bucket in buckets for p in bucket.mastered
         ]
         self.native = _C.StepPlan(idle, versioned)
+        # Whether the native plan holds grads gathered by gather_grads().
+        self.holding = False
         namespace = self.namespace.name
+        # Per stepping group, the values its hyperparameters were last checked and read from.
+        self.checked: dict[int, tuple[Any, ...] | None] = {}
+        # Per call, the op's keyword arguments made from those values (None: to be made).
+        self.options: list[dict[str, Any] | None] = [None] * len(buckets)
         self.calls = []
         for bucket in buckets:
             lists, options = optimizer._op_arguments(bucket)
@@ -127,7 +136,6 @@ class StepPlan:
             or optimizer.state is not self.state
             or len(optimizer.state) != self.state_size
             or _ops.op_namespace is not self.namespace
-            or torch.compiler.is_compiling()
         ):
             return False
         for group, planned, params, length, shape in zip(
@@ -146,10 +154,12 @@ class StepPlan:
     def gather_grads(self) -> bool:
         """Reads every param's grad in C++; False when one no longer fits the plan. The grads
         are held until release_grads()."""
-        return self.native.gather_grads()
+        self.holding = self.native.gather_grads()
+        return self.holding
 
     def release_grads(self) -> None:
         self.native.release_grads()
+        self.holding = False
 
     def grad_stats(self, grad_scale: Tensor | None) -> dict[torch.device, GradStats]:
         """The grad_norm_ pass of the full path over the gathered grads (same order, same bits);
@@ -157,10 +167,47 @@ class StepPlan:
         self.native.call(self.norm_call, {"grad_scale": grad_scale})
         return {self.device: self.norm_stats}
 
-    def step(self, optimizer: FusedOptimizer, scaling: dict[str, Any]) -> None:
-        """The step's op calls over the gathered grads, with this step's hyperparameters."""
-        for index, bucket in self.calls:
-            _, options = optimizer._op_arguments(bucket)
-            options.update(optimizer._common_arguments(self.device, bucket, scaling))
-            self.native.call(index, options)
+    def check_hyperparameters(self, optimizer: FusedOptimizer) -> None:
+        """Checks every stepping group's hyperparameters, as the full path does; a group whose
+        values are the same objects as when they last passed needs no check."""
+        changed = []
+        for index, group in self.stepping_groups:
+            values = tuple(group.values())
+            checked = self.checked.get(index)
+            if checked is not None and len(checked) == len(values):
+                if all(map(operator.is_, checked, values)):
+                    continue
+            optimizer._check_hyperparameters(f"param_groups[{index}]", group, stepping=True)
+            changed.append((index, values if _immutable(group) else None))
+        if changed:
+            self.checked.update(changed)
+            self.options = [None] * len(self.calls)
 
+    def step(self, optimizer: FusedOptimizer, scaling: dict[str, Any]) -> None:
+        """The step's op calls over the gathered grads, with this step's hyperparameters (after
+        check_hyperparameters)."""
+        for position, (index, bucket) in enumerate(self.calls):
+            options = self.options[position]
+            if options is None:
+                _, options = optimizer._op_arguments(bucket)
+                options.update(optimizer._common_arguments(self.device, bucket, {}))
+                self.options[position] = options
+            self.native.call(index, {**options, **scaling})
+
+
+# Hyperparameter values that cannot change without being replaced by another object.
+_IMMUTABLE = (float, int, bool, str, type(None))
+
+
+def _immutable(group: dict[str, Any]) -> bool:
+    """Whether every hyperparameter of the group is an immutable value (a tensor, say, may be
+    changed in place and is then read anew every step)."""
+    for key, value in group.items():
+        if key in ("params", "param_names"):
+            continue
+        if type(value) is tuple:
+            if not all(type(item) in _IMMUTABLE for item in value):
+                return False
+        elif type(value) not in _IMMUTABLE:
+            return False
+    return True

@@ -44,20 +44,27 @@ class GradScaler(torch.amp.GradScaler):
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
         scale, _ = self._check_scale_growth_tracker("step")
 
-        stats = local._compute_grad_stats(scale)
-        if not stats:
-            # torch's GradScaler refuses a step with no grads at all the same way.
-            raise AssertionError("No inf checks were recorded for this optimizer.")
-        found_inf_per_device = {device: s.found_inf for device, s in stats.items()}
-        optimizer_state = self._per_optimizer_states[id(optimizer)]
-        optimizer_state["found_inf_per_device"] = found_inf_per_device
-        found_infs = [t.to(scale.device, non_blocking=True) for t in found_inf_per_device.values()]
-        local.grad_scale = scale
-        local.found_inf = found_infs[0] if len(found_infs) == 1 else sum(found_infs)
-        local._precomputed_grad_stats = stats
+        # The step takes the very grads this pass measures (a step plan keeps them).
+        stats = local._compute_grad_stats(scale, keep_grads=True)
         try:
-            result = optimizer.step(*args, **kwargs)
+            if not stats:
+                # torch's GradScaler refuses a step with no grads at all the same way.
+                raise AssertionError("No inf checks were recorded for this optimizer.")
+            found_inf_per_device = {device: s.found_inf for device, s in stats.items()}
+            optimizer_state = self._per_optimizer_states[id(optimizer)]
+            optimizer_state["found_inf_per_device"] = found_inf_per_device
+            found_infs = [
+                t if t.device == scale.device else t.to(scale.device, non_blocking=True)
+                for t in found_inf_per_device.values()
+            ]
+            local.grad_scale = scale
+            local.found_inf = found_infs[0] if len(found_infs) == 1 else sum(found_infs)
+            local._precomputed_grad_stats = stats
+            try:
+                result = optimizer.step(*args, **kwargs)
+            finally:
+                del local.grad_scale, local.found_inf, local._precomputed_grad_stats
         finally:
-            del local.grad_scale, local.found_inf, local._precomputed_grad_stats
+            local._release_grads()
         optimizer_state["stage"] = OptState.STEPPED
         return result

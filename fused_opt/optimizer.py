@@ -355,8 +355,7 @@ class FusedOptimizer(Optimizer):
         plan = self._plan_with_grads()
         if plan is not None:
             try:
-                for index, group in plan.stepping_groups:
-                    self._check_hyperparameters(f"param_groups[{index}]", group, stepping=True)
+                plan.check_hyperparameters(self)
                 plan.step(self, self._scaling_by_device(False, plan)[plan.device])
             finally:
                 plan.release_grads()
@@ -400,17 +399,23 @@ class FusedOptimizer(Optimizer):
 
     def _plan_with_grads(self) -> StepPlan | None:
         """The step plan, holding this step's grads, when it still fits (fused_opt/_plan.py);
-        its caller releases the grads."""
+        its caller releases the grads. A plan still holding the grads that fused_opt.GradScaler
+        measured just before this step keeps them, so that the step takes the grads measured."""
         plan = self._step_plan
-        # A plan's statistics are this process's alone: shard_group's collective is not in it.
-        if (
-            plan is None
-            or self.shard_group is not None
-            or not plan.fits(self)
-            or not plan.gather_grads()
-        ):
+        # torch.compile traces the full path (dynamo cannot look into the plan's C++ side). A
+        # plan's statistics are this process's alone: shard_group's collective is not in it.
+        if plan is None or torch.compiler.is_compiling() or self.shard_group is not None:
+            return None
+        if plan.holding:
+            return plan
+        if not plan.fits(self) or not plan.gather_grads():
             return None
         return plan
+
+    def _release_grads(self) -> None:
+        """Ends a hold of the grads left by ``_compute_grad_stats(keep_grads=True)``."""
+        if self._step_plan is not None:
+            self._step_plan.release_grads()
 
     def _step_workspace(self, device: torch.device) -> Tensor:
         """The zeroed counter the CUDA kernels advance step counters with (see csrc/ops.cpp),
@@ -469,7 +474,9 @@ class FusedOptimizer(Optimizer):
         return _ScalingByDevice(grad_scale, found_inf, stats, max_grad_norm)
 
     @torch.no_grad()
-    def _compute_grad_stats(self, grad_scale: Tensor | None) -> dict[torch.device, GradStats]:
+    def _compute_grad_stats(
+        self, grad_scale: Tensor | None, keep_grads: bool = False
+    ) -> dict[torch.device, GradStats]:
         """One read-only pass over every dense gradient: the global norm (divided by
         ``grad_scale``) and whether any element is inf or NaN, left on each device that holds
         gradients (none: no entry, as GradScaler records no inf check for it).
@@ -483,13 +490,17 @@ class FusedOptimizer(Optimizer):
 
         With ``shard_group``, plain tensors are disjoint shards over that group: each counts
         once, and one collective over the group sums the squares and flags, which every rank
-        joins even when it holds no grads, so that none waits for it."""
+        joins even when it holds no grads, so that none waits for it.
+
+        With ``keep_grads``, a step plan keeps the grads it read for the next step() (which
+        then reads none), until ``_release_grads()``."""
         plan = self._plan_with_grads()
         if plan is not None:
             try:
                 return plan.grad_stats(_on(grad_scale, plan.device))
             finally:
-                plan.release_grads()
+                if not keep_grads:
+                    plan.release_grads()
         shard_group = self.shard_group
         # Grads by (device, replicas): one pass each; replicas None for plain tensors that are
         # replicated over the mesh, 1 for shards.

@@ -11,6 +11,8 @@ also check that the plan was used where nothing changed, so that they test the p
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -198,6 +200,27 @@ def test_a_hyperparameter_changed_by_hand_takes_effect(key, value):
     assert twins.plan_steps >= 2
 
 
+def test_hyperparameters_changed_in_place_take_effect():
+    # A list or a tensor can change without being replaced: such groups are read every step.
+    twins = Twins("Adam", **RICH["Adam"])
+
+    def mutable_values(optimizer, params):
+        optimizer.param_groups[0]["betas"] = [0.9, 0.999]
+        optimizer.param_groups[0]["weight_decay"] = torch.tensor(0.1)
+
+    twins.both(mutable_values)
+    for step in range(4):
+        twins.set_grads()
+        twins.step()
+
+        def change_in_place(optimizer, params, step=step):
+            optimizer.param_groups[0]["betas"][0] = 0.5 + 0.1 * step
+            optimizer.param_groups[0]["weight_decay"].fill_(0.2 * step)
+
+        twins.both(change_in_place)
+    assert twins.plan_steps == 3
+
+
 def test_a_scheduler_changes_lr_every_step_and_the_plan_follows():
     twins = Twins("AdamW", **RICH["AdamW"])
     schedulers = [
@@ -306,7 +329,29 @@ def test_the_fused_grad_scaler_and_clipping_use_the_plan(name):
         twins.assert_same()
     assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0
     plan = twins.planned._step_plan
-    assert plan is not None and plan.fits(twins.planned)
+    assert plan is not None and plan.fits(twins.planned) and not plan.holding
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_the_plan_keeps_no_grad_alive_after_a_step(scaled):
+    # zero_grad(set_to_none=True) must free the grads, as without a plan.
+    params = make_params()
+    optimizer = fused_opt.AdamW(params, max_grad_norm=1.0)
+    scaler = fused_opt.GradScaler("cpu")
+    scaler.scale(torch.ones(()))
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if scaled:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    assert optimizer._step_plan is not None and not optimizer._step_plan.holding
+    grads = [weakref.ref(p.grad) for p in params]
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(ref() is None for ref in grads)
 
 
 def test_a_plan_step_allocates_nothing_and_calls_one_op():
@@ -350,3 +395,20 @@ def test_copies_and_pickles_make_their_own_plan():
     copied = copy.deepcopy(optimizer)
     assert copied._step_plan is None
     assert isinstance(copied, FusedOptimizer)
+
+
+@pytest.mark.slow
+def test_compiled_steps_between_planned_eager_steps_match_the_full_path():
+    # torch.compile traces the full path even where an eager step left a plan.
+    twins = Twins("AdamW", **RICH["AdamW"])
+    for _ in range(2):
+        twins.set_grads()
+        twins.step()
+    compiled_step = torch.compile(twins.planned.step)
+    for _ in range(2):
+        twins.set_grads()
+        compiled_step()
+        twins.planless.step()
+        twins.assert_same()
+    twins.set_grads()
+    twins.step()

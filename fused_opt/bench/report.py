@@ -391,12 +391,9 @@ def _markdown_table(columns: tuple[str, ...], cells: list[list[str]], numeric: s
             + ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in cells])
 
 
-def format_markdown(rows: list[dict], peers: str = "", plot_name: str | None = None) -> str:
-    """The whole run as markdown: the run's identity, the plot, then one table per workload."""
-    first = rows[0]
-    lines = [
-        f"# fused_opt benchmark on {first['device']}",
-        "",
+def run_identity(first: dict) -> list[str]:
+    """The markdown lines that say when, where, with what and how a run was measured."""
+    return [
         f"- when: {first['timestamp']}",
         f"- device: {first['device_name']}",
         f"- torch {first['torch_version']}, fused_opt {first['fused_opt_version'] or '-'}, "
@@ -404,6 +401,12 @@ def format_markdown(rows: list[dict], peers: str = "", plot_name: str | None = N
         f"- command: `{first['command']}`",
         f"- load average at start: {_load_text(first['load_average'])} on {os.cpu_count()} cores",
     ]
+
+
+def format_markdown(rows: list[dict], peers: str = "", plot_name: str | None = None) -> str:
+    """The whole run as markdown: the run's identity, the plot, then one table per workload."""
+    first = rows[0]
+    lines = [f"# fused_opt benchmark on {first['device']}", "", *run_identity(first)]
     if peers:
         lines.append(f"- {peers}")
     lines += _explanations(rows)

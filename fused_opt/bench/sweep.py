@@ -312,12 +312,7 @@ def format_markdown(rows: list[dict], plot_name: str | None = None) -> str:
     lines = [
         f"# fused_opt sweep on {first['device']}: the cost curve of an AdamW fp32 step",
         "",
-        f"- when: {first['timestamp']}",
-        f"- device: {first['device_name']}",
-        f"- torch {first['torch_version']}, fused_opt {first['fused_opt_version'] or '-'}, "
-        f"commit {first['git_commit'] or 'unknown'}",
-        f"- command: `{first['command']}`",
-        f"- load average at start: {report._load_text(first['load_average'])}",
+        *report.run_identity(first),
         "- each point times every implementation in interleaved rounds (the numel and tensors points beside the "
         f"bandwidth probe, {'a device-to-device copy' if first['device'] == 'cuda' else 'an in-place `a.add_(b)`'}, "
         "which sets the floor); a round's time is the median of its steps, of which the smallest points take the "
