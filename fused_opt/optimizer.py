@@ -377,8 +377,9 @@ class FusedOptimizer(Optimizer):
         for group, sparse in zip(self.param_groups, sparse_params):
             if sparse:
                 self._step_sparse(group, sparse)
-        self._step_plan = None if any(sparse_params) else StepPlan.of_step(
-            self, buckets, self.__dict__.setdefault("_grad_stats", {})
+        # With shard_group no plan is used (see _plan_with_grads), so none is made.
+        self._step_plan = None if any(sparse_params) or self.shard_group is not None else (
+            StepPlan.of_step(self, buckets, self.__dict__.setdefault("_grad_stats", {}))
         )
         return loss
 

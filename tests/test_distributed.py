@@ -376,6 +376,29 @@ def test_a_rank_without_grads_joins_the_global_norm():
     _spawn(_shard_without_grads_worker)
 
 
+def _shard_group_set_later_worker(rank: int) -> None:
+    # The way to ZeroRedundancyOptimizer over a subgroup: a ProcessGroup set on the optimizer
+    # after construction, here after a step that made a step plan of this process's grads.
+    gen = torch.Generator().manual_seed(rank)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(4, 3), (5,)]]
+    optimizer = fused_opt.Adam(params, lr=0.1, max_grad_norm=MAX_NORM)
+    group = dist.new_group([0, 1])
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        squares = sum(p.grad.square().sum() for p in params)
+        if step == 1:
+            optimizer.shard_group = group
+        if step >= 1:
+            dist.all_reduce(squares, group=group)
+        optimizer.step()
+        _assert_close(optimizer.last_grad_norm, squares.sqrt(), f"step {step} grad norm")
+
+
+def test_shard_group_set_after_steps_takes_effect():
+    _spawn(_shard_group_set_later_worker)
+
+
 def test_shard_group_must_name_a_process_group():
     params = [torch.nn.Parameter(torch.zeros(2))]
     with pytest.raises(TypeError, match=r"shard_group must be None, True \(the default process "
