@@ -89,7 +89,7 @@ void grad_norm_cpu(at::TensorList grads, const at::Tensor& norm, const at::Tenso
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                       "fused_opt_grad_norm", [&] {
                                         partials[c] =
-                                            sum_chunk(grad.const_data_ptr<scalar_t>() + begin, n);
+                                            sum_chunk(elements<const scalar_t>(grad) + begin, n);
                                       });
     }
   });
