@@ -10,16 +10,22 @@ The plan is used only while nothing it was made from has changed. The structure 
 the calls is compared in Python, per group: the group objects, their ``params`` lists and
 lengths, the options that pick the op call and the state tensors, and the ``state`` dict and its
 size (``load_state_dict`` replaces groups and state; ``add_param_group`` adds a group; clearing
-the state restarts it). The C++ side
-checks each param: its grad present (and none new), of the param's dtype, device, shape and
-layout, the param unchanged in dtype, device, shape and layout, and the version counter of every
-param with a master. Anything else (a grad set to None or replaced by one of another kind, a
-dtype or device change, a master-weight param written in place) sends the step through the full
-path, which checks, reports and makes a new plan. Hyperparameters are read every step, as is
-loss scaling: a group's values are checked, and the op arguments made from them, again whenever
-one of them is not the very object it was at the last step (immutable values only; a group
-holding a tensor or a list is checked and read anew every step). A plan is made only for what it can repeat exactly: dense grads in their param's
-layout on one device, no DTensor or complex params, outside torch.compile.
+the state restarts it). The C++ side checks each param: its grad present (and none new), of the
+param's dtype, device, shape and layout, the param unchanged in dtype, device, shape and layout,
+and the version counter of every param with a master. Anything else (a grad set to None or
+replaced by one of another kind, a dtype or device change, a master-weight param written in
+place) sends the step through the full path, which checks, reports and makes a new plan. A state
+tensor replaced by another object by hand is not seen (one changed in place is).
+
+Loss scaling is read every step. A group's hyperparameters are checked, and the op arguments made
+from them, again whenever one of its values is not the very object it was at the last step
+(immutable values only; a group holding a tensor or a list is checked and read anew every step).
+fused_opt.GradScaler's statistics pass leaves the grads it read in the plan for the step that
+follows (``holding``), so both take the same grads and read them once.
+
+A plan is made only for what it can repeat exactly: dense grads in their param's layout on one
+device, no DTensor or complex params, no ``shard_group`` (whose collective it lacks), outside
+torch.compile.
 """
 
 from __future__ import annotations
