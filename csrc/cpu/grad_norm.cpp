@@ -74,14 +74,22 @@ void grad_norm_cpu(at::TensorList grads, const at::Tensor& norm, const at::Tenso
   std::vector<Chunk>& chunks = reused_chunks;
   std::vector<ChunkSums>& partials = reused_partials;
   chunks.clear();
+  int64_t total_elements = 0;
   for (size_t t = 0; t < grads.size(); ++t) {
+    total_elements += grads[t].numel();
     for (int64_t begin = 0; begin < grads[t].numel(); begin += kNormChunk) {
       chunks.push_back({t, begin});
     }
   }
+  const auto num_chunks = static_cast<int64_t>(chunks.size());
   partials.resize(chunks.size());
 
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  // Few elements in many small grads are summed on this thread, as the step's own loop does
+  // (kParallelGrain): waking the pool costs more than the sums, and on a loaded machine a
+  // descheduled worker stalled every step (measured over 148 one-element params with clipping,
+  // the other core busy: 7.5 ms a step, against 48 us without clipping).
+  const int64_t grain = total_elements < kParallelGrain ? num_chunks + 1 : 1;
+  at::parallel_for(0, num_chunks, grain, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const at::Tensor& grad = grads[chunks[c].tensor];
       const int64_t begin = chunks[c].begin;
