@@ -14,6 +14,8 @@
 // optimizer passes its own lr_eff (see its header).
 #pragma once
 
+#include <cmath>
+
 #include "fused_opt/math/macros.h"
 
 namespace fused_opt::math {
@@ -24,12 +26,16 @@ FUSED_OPT_HD constexpr L1Mode l1_mode(double l1_decay, bool proximal) {
   return l1_decay == 0.0 ? L1Mode::kNone : proximal ? L1Mode::kProximal : L1Mode::kSubgradient;
 }
 
-// The gradient with the L1 subgradient added in kSubgradient mode; as is otherwise. Selects,
-// not a multiply by sign(param): the term is exactly +-l1 or 0, and the loops stay vector blends.
+// The gradient with the L1 subgradient added in kSubgradient mode; as is otherwise. The term is
+// exactly +-l1 or 0, never a product with sign(param). It is l1 given param's sign bit, masked to
+// zero at param == 0: on x86 two bit operations, a compare and an and, one instruction each. Two
+// compares and a nested select took a 3-uop blend besides, and a memory-bound loop on one core
+// keeps fewer loads in flight the more uops each element takes.
 template <L1Mode kMode, typename T>
 FUSED_OPT_HD T l1_gradient(T grad, T param, T l1) {
   if constexpr (kMode == L1Mode::kSubgradient) {
-    return grad + (param > T(0) ? l1 : (param < T(0) ? -l1 : T(0)));
+    const T signed_l1 = std::copysign(l1, param);
+    return grad + (param != T(0) ? signed_l1 : T(0));
   } else {
     return grad;
   }
