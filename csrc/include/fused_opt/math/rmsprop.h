@@ -61,20 +61,24 @@ struct RmspropElement {
       variance -= grad_avg * grad_avg;
     }
     const T avg = std::sqrt(variance) + s.eps;
-    // Proximal L1 divides once, as the step without it does: 1 / avg serves the update and the
-    // threshold.
-    constexpr bool kProximal = kL1 == L1Mode::kProximal;
-    T inverse_avg = T(0);
-    if constexpr (kProximal) inverse_avg = T(1) / avg;
-
+    // Proximal L1 divides once, as the step without it does: the quotient serves the update and
+    // the threshold.
     if constexpr (kMomentum) {
       T& buffer = states[kCentered ? 2 : 1];
-      buffer = s.momentum * buffer + (kProximal ? grad * inverse_avg : grad / avg);
-      param -= s.lr * buffer;
+      if constexpr (kL1 == L1Mode::kProximal) {
+        const T inverse_avg = T(1) / avg;
+        buffer = s.momentum * buffer + grad * inverse_avg;
+        param = soft_threshold(param - s.lr * buffer, s.l1_step * inverse_avg);
+      } else {
+        buffer = s.momentum * buffer + grad / avg;
+        param -= s.lr * buffer;
+      }
+    } else if constexpr (kL1 == L1Mode::kProximal) {
+      const T lr_eff = s.lr / avg;
+      param = soft_threshold(param - lr_eff * grad, lr_eff * s.l1);
     } else {
-      param -= kProximal ? s.lr * grad * inverse_avg : s.lr * grad / avg;
+      param -= s.lr * grad / avg;
     }
-    if constexpr (kProximal) param = soft_threshold(param, s.l1_step * inverse_avg);
   }
 };
 
