@@ -362,18 +362,102 @@ def _shard_without_grads_worker(rank: int) -> None:
     if rank == 0:
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
-    expected = torch.linalg.vector_norm(torch.cat([p.grad for p in params])) if rank == 0 else None
+    squares = sum(p.grad.square().sum() for p in params) if rank == 0 else torch.zeros(())
+    dist.all_reduce(squares)
     before = [p.detach().clone() for p in params]
     optimizer.step()
-    if rank == 0:
-        _assert_close(optimizer.last_grad_norm, expected, "grad norm")
-    else:
-        assert optimizer.last_grad_norm is None
+    # Both ranks report the group's norm, rank 1 too: its statistics are the group's.
+    _assert_close(optimizer.last_grad_norm, squares.sqrt(), "grad norm")
+    if rank == 1:
         assert all(torch.equal(a, p) for a, p in zip(before, params))
 
 
 def test_a_rank_without_grads_joins_the_global_norm():
     _spawn(_shard_without_grads_worker)
+
+
+def _scaled_part_without_grads_worker(rank: int, wrapper: str) -> None:
+    # Every rank holds the same full params and gets the same grads, as under DDP; on most steps
+    # only rank 0's part has grads (frozen or unused params), so rank 1's local optimizer has
+    # none, yet it must skip, step and move the scale exactly as rank 0 does. The oracle on each
+    # rank is torch.optim with torch's GradScaler, unscale_ and clip_grad_norm_ on all params.
+    options = FULL_STATE_OPTIONS["AdamW"]
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(shape, generator=gen) for shape in [(6, 5), (7,), (4, 3), (5,)]]
+    params = [torch.nn.Parameter(t.clone()) for t in full]
+    oracle = [torch.nn.Parameter(t.clone()) for t in full]
+    if wrapper == "zero":
+        optimizer = ZeroRedundancyOptimizer(params, optimizer_class=fused_opt.AdamW,
+                                            shard_group=True, max_grad_norm=MAX_NORM, **options)
+        local = optimizer.optim
+    else:
+        optimizer = local = fused_opt.AdamW(params[rank::WORLD], max_grad_norm=MAX_NORM,
+                                            shard_group=True, **options)
+    owned = {id(p) for group in local.param_groups for p in group["params"]}
+    mine = [i for i, p in enumerate(params) if id(p) in owned]
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, mine)
+    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1]), parts
+    torch_opt = torch.optim.AdamW(oracle, **options)
+    # growth_interval=2: the scale grows after steps 4 and 5 as well as backing off twice.
+    scaler = fused_opt.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    torch_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    # (which params have grads, whether rank 0 sees an inf in its part)
+    schedule = [(parts[0], False), (parts[0], True), (range(len(params)), False),
+                (parts[0], True), (parts[0], False), (parts[0], False)]
+    for step, (with_grads, inf) in enumerate(schedule):
+        gen = torch.Generator().manual_seed(step)  # the same grads on every rank
+        grads = {i: torch.randn(params[i].shape, generator=gen) for i in with_grads}
+        for model, grad_scaler in ((params, scaler), (oracle, torch_scaler)):
+            for p in model:
+                p.grad = None
+            loss = sum((model[i] * g).sum() for i, g in grads.items())
+            grad_scaler.scale(loss).backward()
+        if inf:
+            oracle[parts[0][0]].grad.view(-1)[0] = float("inf")
+            if rank == 0:
+                params[parts[0][0]].grad.view(-1)[0] = float("inf")
+        before = [p.detach().clone() for p in params]
+        states_before = {i: {k: v.clone() for k, v in local.state[params[i]].items()}
+                         for i in mine if params[i] in local.state}
+
+        scaler.step(optimizer)
+        scaler.update()
+        torch_scaler.unscale_(torch_opt)
+        torch_norm = torch.nn.utils.clip_grad_norm_(oracle, MAX_NORM)
+        torch_scaler.step(torch_opt)
+        torch_scaler.update()
+
+        assert float(local.last_step_skipped) == float(inf), (rank, step)
+        if not inf:
+            assert float(torch_norm) > MAX_NORM, "the step clips"
+            _assert_close(local.last_grad_norm, torch_norm, f"step {step} global grad norm")
+        assert scaler.get_scale() == torch_scaler.get_scale(), (rank, step)
+        assert scaler.state_dict() == torch_scaler.state_dict(), (rank, step)
+        # ZeRO broadcasts every rank's part; without it a rank holds its own part alone.
+        for i in range(len(params)) if wrapper == "zero" else mine:
+            _assert_close(params[i], oracle[i], f"step {step} param {i}")
+        for i in mine:
+            state, torch_state = local.state.get(params[i], {}), torch_opt.state.get(oracle[i], {})
+            assert state.keys() == torch_state.keys(), (rank, step, i)
+            for key, value in torch_state.items():
+                if key == "step":
+                    assert float(state[key]) == float(value), (rank, step, i)
+                else:
+                    _assert_close(state[key], value, f"step {step} param {i} state {key}")
+            if inf or i not in grads:
+                # Bit for bit: a skipped step, or a part without grads, changes nothing.
+                assert torch.equal(params[i], before[i]), (rank, step, i)
+                for key, value in states_before.get(i, {}).items():
+                    assert torch.equal(state[key], value), (rank, step, i, key)
+    scaler_states = [None] * WORLD
+    dist.all_gather_object(scaler_states, scaler.state_dict())
+    assert scaler_states[0] == scaler_states[1]
+
+
+@pytest.mark.parametrize("wrapper", ["zero", "shard_group"])
+def test_a_rank_without_grads_skips_and_scales_with_the_others_under_grad_scaler(wrapper):
+    _spawn(_scaled_part_without_grads_worker, wrapper)
 
 
 def _shard_group_set_later_worker(rank: int) -> None:
