@@ -101,6 +101,8 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest", "numpy"], "plot": ["matplotlib"]},
+    # lightning: the trainer tests, which skip without it (tested with 2.6.6; its
+    # ModelParallelStrategy needs 2.4).
+    extras_require={"test": ["pytest", "numpy", "lightning>=2.4"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["fused-opt-bench=fused_opt.bench.__main__:main"]},
 )

@@ -480,7 +480,8 @@ class FusedOptimizer(Optimizer):
     ) -> dict[torch.device, GradStats]:
         """One read-only pass over every dense gradient: the global norm (divided by
         ``grad_scale``) and whether any element is inf or NaN, left on each device that holds
-        gradients (none: no entry, as GradScaler records no inf check for it).
+        gradients (a process without any: no entry, as GradScaler records no inf check for
+        it; with ``shard_group``, see below).
 
         Global means over every param of every group, on every device and, for DTensor params,
         over every rank of their mesh: each rank measures its local shards, and one collective
@@ -491,7 +492,8 @@ class FusedOptimizer(Optimizer):
 
         With ``shard_group``, plain tensors are disjoint shards over that group: each counts
         once, and one collective over the group sums the squares and flags, which every rank
-        joins even when it holds no grads, so that none waits for it.
+        joins even when it holds no grads, so that none waits for it; such a rank gets the
+        group's statistics on its params' device, as every other rank does.
 
         With ``keep_grads``, a step plan keeps the grads it read for the next step() (which
         then reads none), until ``_release_grads()``."""
@@ -551,6 +553,15 @@ class FusedOptimizer(Optimizer):
         result: dict[torch.device, GradStats] = {}
         for device, count in grads:
             result.setdefault(device, buffers[device, count])
+        if shard_group is not None and not grads:
+            # A rank whose part has no grads takes the group's statistics as its own: under
+            # GradScaler it records the group's inf flag, so that it skips, and its scale backs
+            # off or grows, with every other rank, where it would refuse a step with no inf check.
+            device = self._first_param_device()
+            stats = buffers.get((device, 1))
+            if stats is None:
+                stats = buffers[device, 1] = GradStats.on(device)
+            result[device] = stats
         if len(grads) > 1 or mesh is not None or shard_group is not None:
             self._combine_grad_stats(
                 {key: buffers[key] for key in grads},
@@ -570,8 +581,7 @@ class FusedOptimizer(Optimizer):
         """Leaves in every ``result`` the norm and inf flag of all ``parts`` together, summed over
         the ranks of ``mesh`` or of ``process_group`` too when there is one. Device-side ops
         only (but for a copy from a second device): nothing is allocated after the first step."""
-        # A rank without grads still joins the collective, on its params' device.
-        first = next(iter(result), None) or self._first_param_device()
+        first = next(iter(result))
         # Squares and flags summed in double, in a buffer kept between steps like GradStats: the
         # total, and each part's stats in double. A CPU op that mixes float32 into float64
         # allocates a promoted copy of each 0-dim operand; copy_ casts without one.

@@ -21,7 +21,7 @@ SLOW_TESTS = {
     "test_command_line_entry_point",
     "test_readme_snippet_runs_verbatim",
 }
-SLOW_FILES = {"test_simt.py", "test_packaging.py"}
+SLOW_FILES = {"test_simt.py", "test_packaging.py", "test_trainers.py"}
 
 
 def pytest_collection_modifyitems(items):

@@ -2,28 +2,24 @@
 and 2-D meshes, the global gradient norm and inf/NaN skip across ranks, and distributed
 checkpoints. torch.optim on the same models is the oracle.
 
-Each test spawns two processes that assert for themselves; a failure on either rank fails the
-test with that rank's traceback.
+Each test spawns its ranks with tests/ranks.py.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import socket
-import sys
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from torch.profiler import ProfilerActivity, profile
 
 import fused_opt
 from config import tolerance
 from optim_helpers import FULL_STATE_OPTIONS, NAMES
+from ranks import WORLD, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
@@ -39,43 +35,9 @@ if dist.is_available():
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-WORLD = 2
 STEPS = 3
 # Small enough that every step clips.
 MAX_NORM = 0.05
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(worker, *args, world: int = WORLD) -> None:
-    mp.spawn(_run, args=(worker, world, _free_port(), args), nprocs=world, join=True)
-
-
-def _run(rank: int, worker, world: int, port: int, args) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    # A rank that misses a collective fails the test in a minute, not in gloo's default 30.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        worker(rank, *args)
-    finally:
-        dist.destroy_process_group()
-    exit_without_static_destructors()
-
-
-def exit_without_static_destructors() -> None:
-    """Ends a worker whose work is done and checked. torch 2.13 and 2.14 abort now and then in the
-    C++ static destructors of a process that ran FSDP2 over gloo ("terminate called without an
-    active exception"; a plain torch.optim FSDP2 loop, without fused_opt, did so in 1 run of 12
-    here), which mp.spawn would report as a failure of the test."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _full(t):
@@ -143,14 +105,14 @@ def _fsdp_worker(rank: int, name: str, mesh_shape: tuple[int, ...] | None = None
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fsdp2_trains_like_torch_with_global_clipping(name):
-    _spawn(_fsdp_worker, name)
+    spawn(_fsdp_worker, name)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(4,), (2, 2)], ids=["fsdp-4", "hsdp-2x2"])
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
 def test_fsdp2_on_four_ranks_trains_like_torch_with_global_clipping(name, mesh_shape):
-    _spawn(_fsdp_worker, name, mesh_shape, world=4)
+    spawn(_fsdp_worker, name, mesh_shape, world=4)
 
 
 def _placements_worker(rank: int, mesh_shape: tuple[int, ...], master: bool) -> None:
@@ -199,7 +161,7 @@ def _placements_worker(rank: int, mesh_shape: tuple[int, ...], master: bool) -> 
 @pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
 @pytest.mark.parametrize("mesh_shape", [(2,), (2, 1), (1, 2)], ids=["1d", "2d-dp", "2d-tp"])
 def test_tensor_parallel_placements_train_like_torch(mesh_shape, master):
-    _spawn(_placements_worker, mesh_shape, master)
+    spawn(_placements_worker, mesh_shape, master)
 
 
 def _inf_worker(rank: int) -> None:
@@ -226,7 +188,7 @@ def _inf_worker(rank: int) -> None:
 
 
 def test_inf_on_one_rank_skips_the_step_on_every_rank():
-    _spawn(_inf_worker)
+    spawn(_inf_worker)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,7 +245,7 @@ def _zero_worker(rank: int, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
 def test_zero_redundancy_optimizer_clips_by_the_global_norm(name):
-    _spawn(_zero_worker, name)
+    spawn(_zero_worker, name)
 
 
 def _zero_inf_worker(rank: int) -> None:
@@ -308,7 +270,7 @@ def _zero_inf_worker(rank: int) -> None:
 
 
 def test_zero_redundancy_optimizer_skips_on_every_rank_when_one_sees_an_inf():
-    _spawn(_zero_inf_worker)
+    spawn(_zero_inf_worker)
 
 
 def _no_allocation_worker(rank: int) -> None:
@@ -350,7 +312,7 @@ def _no_allocation_worker(rank: int) -> None:
 
 
 def test_global_statistics_allocate_nothing_after_the_first_step():
-    _spawn(_no_allocation_worker)
+    spawn(_no_allocation_worker)
 
 
 def _shard_without_grads_worker(rank: int) -> None:
@@ -362,18 +324,102 @@ def _shard_without_grads_worker(rank: int) -> None:
     if rank == 0:
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
-    expected = torch.linalg.vector_norm(torch.cat([p.grad for p in params])) if rank == 0 else None
+    squares = sum(p.grad.square().sum() for p in params) if rank == 0 else torch.zeros(())
+    dist.all_reduce(squares)
     before = [p.detach().clone() for p in params]
     optimizer.step()
-    if rank == 0:
-        _assert_close(optimizer.last_grad_norm, expected, "grad norm")
-    else:
-        assert optimizer.last_grad_norm is None
+    # Both ranks report the group's norm, rank 1 too: its statistics are the group's.
+    _assert_close(optimizer.last_grad_norm, squares.sqrt(), "grad norm")
+    if rank == 1:
         assert all(torch.equal(a, p) for a, p in zip(before, params))
 
 
 def test_a_rank_without_grads_joins_the_global_norm():
-    _spawn(_shard_without_grads_worker)
+    spawn(_shard_without_grads_worker)
+
+
+def _scaled_part_without_grads_worker(rank: int, wrapper: str) -> None:
+    # Every rank holds the same full params and gets the same grads, as under DDP; on most steps
+    # only rank 0's part has grads (frozen or unused params), so rank 1's local optimizer has
+    # none, yet it must skip, step and move the scale exactly as rank 0 does. The oracle on each
+    # rank is torch.optim with torch's GradScaler, unscale_ and clip_grad_norm_ on all params.
+    options = FULL_STATE_OPTIONS["AdamW"]
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(shape, generator=gen) for shape in [(6, 5), (7,), (4, 3), (5,)]]
+    params = [torch.nn.Parameter(t.clone()) for t in full]
+    oracle = [torch.nn.Parameter(t.clone()) for t in full]
+    if wrapper == "zero":
+        optimizer = ZeroRedundancyOptimizer(params, optimizer_class=fused_opt.AdamW,
+                                            shard_group=True, max_grad_norm=MAX_NORM, **options)
+        local = optimizer.optim
+    else:
+        optimizer = local = fused_opt.AdamW(params[rank::WORLD], max_grad_norm=MAX_NORM,
+                                            shard_group=True, **options)
+    owned = {id(p) for group in local.param_groups for p in group["params"]}
+    mine = [i for i, p in enumerate(params) if id(p) in owned]
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, mine)
+    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1]), parts
+    torch_opt = torch.optim.AdamW(oracle, **options)
+    # growth_interval=2: the scale grows after steps 4 and 5 as well as backing off twice.
+    scaler = fused_opt.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    torch_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    # (which params have grads, whether rank 0 sees an inf in its part)
+    schedule = [(parts[0], False), (parts[0], True), (range(len(params)), False),
+                (parts[0], True), (parts[0], False), (parts[0], False)]
+    for step, (with_grads, inf) in enumerate(schedule):
+        gen = torch.Generator().manual_seed(step)  # the same grads on every rank
+        grads = {i: torch.randn(params[i].shape, generator=gen) for i in with_grads}
+        for model, grad_scaler in ((params, scaler), (oracle, torch_scaler)):
+            for p in model:
+                p.grad = None
+            loss = sum((model[i] * g).sum() for i, g in grads.items())
+            grad_scaler.scale(loss).backward()
+        if inf:
+            oracle[parts[0][0]].grad.view(-1)[0] = float("inf")
+            if rank == 0:
+                params[parts[0][0]].grad.view(-1)[0] = float("inf")
+        before = [p.detach().clone() for p in params]
+        states_before = {i: {k: v.clone() for k, v in local.state[params[i]].items()}
+                         for i in mine if params[i] in local.state}
+
+        scaler.step(optimizer)
+        scaler.update()
+        torch_scaler.unscale_(torch_opt)
+        torch_norm = torch.nn.utils.clip_grad_norm_(oracle, MAX_NORM)
+        torch_scaler.step(torch_opt)
+        torch_scaler.update()
+
+        assert float(local.last_step_skipped) == float(inf), (rank, step)
+        if not inf:
+            assert float(torch_norm) > MAX_NORM, "the step clips"
+            _assert_close(local.last_grad_norm, torch_norm, f"step {step} global grad norm")
+        assert scaler.get_scale() == torch_scaler.get_scale(), (rank, step)
+        assert scaler.state_dict() == torch_scaler.state_dict(), (rank, step)
+        # ZeRO broadcasts every rank's part; without it a rank holds its own part alone.
+        for i in range(len(params)) if wrapper == "zero" else mine:
+            _assert_close(params[i], oracle[i], f"step {step} param {i}")
+        for i in mine:
+            state, torch_state = local.state.get(params[i], {}), torch_opt.state.get(oracle[i], {})
+            assert state.keys() == torch_state.keys(), (rank, step, i)
+            for key, value in torch_state.items():
+                if key == "step":
+                    assert float(state[key]) == float(value), (rank, step, i)
+                else:
+                    _assert_close(state[key], value, f"step {step} param {i} state {key}")
+            if inf or i not in grads:
+                # Bit for bit: a skipped step, or a part without grads, changes nothing.
+                assert torch.equal(params[i], before[i]), (rank, step, i)
+                for key, value in states_before.get(i, {}).items():
+                    assert torch.equal(state[key], value), (rank, step, i, key)
+    scaler_states = [None] * WORLD
+    dist.all_gather_object(scaler_states, scaler.state_dict())
+    assert scaler_states[0] == scaler_states[1]
+
+
+@pytest.mark.parametrize("wrapper", ["zero", "shard_group"])
+def test_a_rank_without_grads_skips_and_scales_with_the_others_under_grad_scaler(wrapper):
+    spawn(_scaled_part_without_grads_worker, wrapper)
 
 
 def _shard_group_set_later_worker(rank: int) -> None:
@@ -396,7 +442,7 @@ def _shard_group_set_later_worker(rank: int) -> None:
 
 
 def test_shard_group_set_after_steps_takes_effect():
-    _spawn(_shard_group_set_later_worker)
+    spawn(_shard_group_set_later_worker)
 
 
 def test_shard_group_must_name_a_process_group():
@@ -422,7 +468,7 @@ def _dtensor_shard_group_worker(rank: int) -> None:
 
 
 def test_shard_group_with_dtensor_params_is_refused_before_any_change():
-    _spawn(_dtensor_shard_group_worker)
+    spawn(_dtensor_shard_group_worker)
 
 
 def _checkpoint_worker(rank: int, name: str, master: bool, directory: str) -> None:
@@ -478,7 +524,7 @@ def _checkpoint_worker(rank: int, name: str, master: bool, directory: str) -> No
 @pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
 @pytest.mark.parametrize("name", NAMES)
 def test_distributed_checkpoint_resumes_bit_identically(name, master, tmp_path):
-    _spawn(_checkpoint_worker, name, master, str(tmp_path))
+    spawn(_checkpoint_worker, name, master, str(tmp_path))
 
 
 def _bad_grad_worker(rank: int) -> None:
@@ -496,7 +542,7 @@ def _bad_grad_worker(rank: int) -> None:
 
 
 def test_plain_grad_of_a_dtensor_param_is_refused_before_any_change():
-    _spawn(_bad_grad_worker)
+    spawn(_bad_grad_worker)
 
 
 def _save_for_resharding_worker(rank: int, name: str, directory: str) -> None:
@@ -541,5 +587,5 @@ def _load_resharded_worker(rank: int, name: str, directory: str) -> None:
 @pytest.mark.parametrize("load_world", [1, 4])
 @pytest.mark.parametrize("name", ["AdamW", "Adagrad"])
 def test_checkpoint_of_two_ranks_loads_into_another_number_of_ranks(name, load_world, tmp_path):
-    _spawn(_save_for_resharding_worker, name, str(tmp_path))
-    _spawn(_load_resharded_worker, name, str(tmp_path), world=load_world)
+    spawn(_save_for_resharding_worker, name, str(tmp_path))
+    spawn(_load_resharded_worker, name, str(tmp_path), world=load_world)
