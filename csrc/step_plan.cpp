@@ -56,6 +56,69 @@ struct PlannedParam {
   }
 };
 
+// The optimizer's state as the plan was made from it: the entries of its `state` dict in order,
+// and the entries of each param's state dict. A param's state dict or one of its state tensors
+// replaced by another object (a momentum reset, say) changes which tensors the step must take,
+// which the plan's lists would not see; one changed in place needs nothing. Compared by identity,
+// walking the dicts as they are stored: a lookup would hash each param through Python.
+class StateEntries {
+ public:
+  explicit StateEntries(const py::dict& state) : state_(state) {
+    PyObject* key;
+    PyObject* value;
+    Py_ssize_t position = 0;
+    while (PyDict_Next(state_.ptr(), &position, &key, &value)) {
+      entries_.push_back(entry(key, value));
+      const size_t first = nested_.size();
+      if (PyDict_Check(value)) {
+        PyObject* nested_key;
+        PyObject* nested_value;
+        Py_ssize_t nested_position = 0;
+        while (PyDict_Next(value, &nested_position, &nested_key, &nested_value)) {
+          nested_.push_back(entry(nested_key, nested_value));
+        }
+      }
+      nested_ranges_.emplace_back(first, nested_.size());
+    }
+  }
+
+  bool unchanged() const {
+    if (static_cast<size_t>(PyDict_Size(state_.ptr())) != entries_.size()) return false;
+    PyObject* key;
+    PyObject* value;
+    Py_ssize_t position = 0;
+    for (size_t i = 0; PyDict_Next(state_.ptr(), &position, &key, &value); ++i) {
+      if (key != entries_[i].first.ptr() || value != entries_[i].second.ptr()) return false;
+      if (!PyDict_Check(value)) continue;
+      const auto [first, last] = nested_ranges_[i];
+      if (static_cast<size_t>(PyDict_Size(value)) != last - first) return false;
+      PyObject* nested_key;
+      PyObject* nested_value;
+      Py_ssize_t nested_position = 0;
+      for (size_t j = first; PyDict_Next(value, &nested_position, &nested_key, &nested_value);
+           ++j) {
+        if (nested_key != nested_[j].first.ptr() || nested_value != nested_[j].second.ptr()) {
+          return false;
+        }
+      }
+    }
+    return true;
+  }
+
+ private:
+  using Entry = std::pair<py::object, py::object>;
+
+  static Entry entry(PyObject* key, PyObject* value) {
+    return {py::reinterpret_borrow<py::object>(key), py::reinterpret_borrow<py::object>(value)};
+  }
+
+  py::dict state_;
+  std::vector<Entry> entries_;
+  // Per entry of `state`, the range of `nested_` that holds its dict's entries.
+  std::vector<std::pair<size_t, size_t>> nested_ranges_;
+  std::vector<Entry> nested_;
+};
+
 struct PlannedCall;
 using Invoke = void (*)(PlannedCall&, torch::jit::Stack&);
 
@@ -133,10 +196,10 @@ class StepPlan {
  public:
   // `idle` are the params that had no grad: a grad appearing on one changes the plan.
   // `versioned` are the params with a master weight and the version counters the masters were
-  // last brought in line with.
+  // last brought in line with. `state` is the optimizer's state dict (see StateEntries).
   StepPlan(const std::vector<at::Tensor>& idle,
-           const std::vector<std::pair<at::Tensor, int64_t>>& versioned)
-      : idle_(idle), versioned_(versioned) {}
+           const std::vector<std::pair<at::Tensor, int64_t>>& versioned, const py::dict& state)
+      : idle_(idle), versioned_(versioned), state_(state) {}
 
   // Adds the op call `op_name`(*args, **kwargs) for the params `params`, whose grads are the
   // argument named "grads"; arguments without a default left out here must come with every
@@ -185,10 +248,11 @@ class StepPlan {
   }
 
   // Reads every param's grad; false, with nothing kept, when the plan no longer fits: a grad
-  // missing, new, or of another dtype, device, shape or layout, a param changed, or a param
-  // with a master written since its master was last brought in line.
+  // missing, new, or of another dtype, device, shape or layout, a param changed, a param with a
+  // master written since its master was last brought in line, or the state replaced in part.
   bool gather_grads() {
     release_grads();
+    if (!state_.unchanged()) return false;
     for (const at::Tensor& p : idle_) {
       if (p.grad().defined()) return false;
     }
@@ -255,6 +319,7 @@ class StepPlan {
 
   std::vector<at::Tensor> idle_;
   std::vector<std::pair<at::Tensor, int64_t>> versioned_;
+  StateEntries state_;
   std::vector<PlannedParam> params_;
   std::unordered_map<const c10::TensorImpl*, size_t> index_;
   std::vector<at::Tensor> grads_;
@@ -270,8 +335,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using fused_opt::StepPlan;
   py::class_<StepPlan>(m, "StepPlan")
       .def(py::init<const std::vector<at::Tensor>&,
-                    const std::vector<std::pair<at::Tensor, int64_t>>&>(),
-           py::arg("idle"), py::arg("versioned"))
+                    const std::vector<std::pair<at::Tensor, int64_t>>&, const py::dict&>(),
+           py::arg("idle"), py::arg("versioned"), py::arg("state"))
       .def("add_call", &StepPlan::add_call, py::arg("op_name"), py::arg("params"),
            py::arg("args"), py::arg("kwargs"))
       .def("gather_grads", &StepPlan::gather_grads)

@@ -14,8 +14,8 @@ the state restarts it). The C++ side checks each param: its grad present (and no
 param's dtype, device, shape and layout, the param unchanged in dtype, device, shape and layout,
 and the version counter of every param with a master. Anything else (a grad set to None or
 replaced by one of another kind, a dtype or device change, a master-weight param written in
-place) sends the step through the full path, which checks, reports and makes a new plan. A state
-tensor replaced by another object by hand is not seen (one changed in place is).
+place, a param's state dict or one of its state tensors replaced by another object) sends the
+step through the full path, which checks, reports and makes a new plan.
 
 Loss scaling is read every step. A group's hyperparameters are checked, and the op arguments made
 from them, again whenever one of its values is not the very object it was at the last step
@@ -73,7 +73,7 @@ class StepPlan:
         versioned = [
             (p, optimizer._master_versions[p]) for bucket in buckets for p in bucket.mastered
         ]
-        self.native = _C.StepPlan(idle, versioned)
+        self.native = _C.StepPlan(idle, versioned, optimizer.state)
         # Whether the native plan holds grads gathered by gather_grads().
         self.holding = False
         namespace = self.namespace.name

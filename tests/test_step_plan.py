@@ -278,6 +278,31 @@ def test_state_cleared_by_hand_restarts_as_in_the_full_path():
     twins.step(expect_plan=False)
 
 
+@pytest.mark.parametrize("name", list(RICH))
+def test_state_tensors_replaced_by_hand_are_the_ones_stepped(name):
+    """A state tensor replaced by another object (a momentum reset, say) is what the next step
+    updates, as on the full path; so is a param whose whole state dict was replaced."""
+    twins = Twins(name, **RICH[name])
+    for _ in range(2):
+        twins.set_grads()
+        twins.step()
+
+    def replace_tensors(optimizer, params):
+        state = optimizer.state[params[0]]
+        for key, value in list(state.items()):
+            state[key] = value * 0.5 + 0.25
+
+    def reset_state(optimizer, params):
+        optimizer.state[params[3]] = {}
+
+    for change in (replace_tensors, reset_state):
+        twins.both(change)
+        twins.set_grads()
+        twins.step(expect_plan=False)
+        twins.set_grads()
+        twins.step(expect_plan=True)
+
+
 def test_params_of_a_group_swapped_by_hand_are_seen():
     twins = Twins("SGD", **RICH["SGD"])
     twins.set_grads()
