@@ -101,8 +101,9 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    # lightning: the trainer tests, which skip without it (tested with 2.6.6; its
-    # ModelParallelStrategy needs 2.4).
-    extras_require={"test": ["pytest", "numpy", "lightning>=2.4"], "plot": ["matplotlib"]},
+    # lightning, accelerate: the trainer tests, which skip without them (tested with lightning
+    # 2.6.6, whose ModelParallelStrategy needs 2.4, and accelerate 1.16).
+    extras_require={"test": ["pytest", "numpy", "lightning>=2.4", "accelerate"],
+                    "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["fused-opt-bench=fused_opt.bench.__main__:main"]},
 )

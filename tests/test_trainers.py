@@ -1,9 +1,14 @@
 """fused_opt under a trainer's FSDP2 strategy, on two CPU ranks (gloo): Lightning's
-ModelParallelStrategy (``fully_shard`` in ``configure_model``) trains, checkpoints and resumes a
-fused_opt optimizer as it does torch.optim's, which is the oracle. accelerate's FSDP2 plugin is not
-tested here: accelerate 1.16 turns FSDP on only for GPU distributed types (README: Sharded models).
+ModelParallelStrategy (``fully_shard`` in ``configure_model``) and accelerate's FSDP2 plugin train,
+checkpoint and resume a fused_opt optimizer as they do torch.optim's, which is the oracle.
 
-Each test spawns its ranks with tests/ranks.py; Lightning joins the process group they made.
+accelerate 1.16 turns FSDP on only for GPU distributed types (README: Sharded models), so its test
+sets the distributed type to FSDP after the Accelerator is made: its FSDP2 code (prepare(), which
+shards the model and swaps the optimizer's params for the shards, clip_grad_norm_, save_state and
+load_state) then runs on CPU ranks as it would on GPUs, but for the device.
+
+Each test spawns its ranks with tests/ranks.py; Lightning and accelerate join the process group
+they made.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from config import tolerance
 from optim_helpers import FULL_STATE_OPTIONS
 from ranks import WORLD, spawn
 
-pytestmark = [
-    pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed"),
-    pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
-                       reason="Lightning is not installed (pip install lightning)"),
-]
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+requires_lightning = pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
+                                        reason="Lightning is not installed (pip install lightning)")
+requires_accelerate = pytest.mark.skipif(
+    importlib.util.find_spec("accelerate") is None,
+    reason="accelerate is not installed (pip install accelerate)")
 
 # Small enough that every step clips.
 CLIP = 0.05
@@ -162,8 +168,89 @@ def _lightning_worker(rank: int, precision: str, distributed_checkpoint: bool,
                 msg=lambda m: f"rank {rank}, {name} {key}: {m}")
 
 
+@requires_lightning
 @pytest.mark.parametrize("distributed_checkpoint", [True, False], ids=["sharded-ckpt", "full-ckpt"])
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
 def test_lightning_fsdp2_trains_checkpoints_and_resumes_like_torch(
         precision, distributed_checkpoint, tmp_path):
     spawn(_lightning_worker, precision, distributed_checkpoint, str(tmp_path))
+
+
+def _accelerate_worker(rank: int, directory: str) -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_WORLD_SIZE=str(WORLD))
+    options = FULL_STATE_OPTIONS["AdamW"]
+    steps = 4
+
+    def prepared(optimizer_class):
+        AcceleratorState._reset_state(True)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+        # The FSDP that accelerate keeps to GPU distributed types (the module docstring).
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+        model, optimizer = accelerator.prepare(model, optimizer_class(model.parameters(), **options))
+        return accelerator, model, optimizer
+
+    def train(accelerator, model, optimizer, first, last):
+        for step in range(first, last):
+            gen = torch.Generator().manual_seed(100 * step + rank)
+            x, y = torch.randn(5, 7, generator=gen), torch.randn(5, 3, generator=gen)
+            accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+            norm = accelerator.clip_grad_norm_(model.parameters(), CLIP)
+            assert float(norm) > CLIP, "every step clips"
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def trained(model, optimizer):
+        from torch.distributed.tensor import DTensor
+
+        inner = optimizer.optimizer
+        result = {}
+        for name, p in model.named_parameters():
+            assert isinstance(p, DTensor), f"{name} is not sharded"
+            state = inner.state[p]
+            assert state, f"{name} has no optimizer state"
+            result[name] = {"param": p.detach().full_tensor(),
+                            **{key: _full(value) for key, value in state.items()}}
+        return result
+
+    runs = {}
+    for optimizer_class in (torch.optim.AdamW, fused_opt.AdamW):
+        path = os.path.join(directory, optimizer_class.__module__)
+        accelerator, model, optimizer = prepared(optimizer_class)
+        train(accelerator, model, optimizer, 0, steps // 2)
+        accelerator.save_state(path)
+        train(accelerator, model, optimizer, steps // 2, steps)
+        full = trained(model, optimizer)
+        accelerator, model, optimizer = prepared(optimizer_class)
+        accelerator.load_state(path)
+        train(accelerator, model, optimizer, steps // 2, steps)
+        resumed = trained(model, optimizer)
+        for name, tensors in full.items():
+            assert resumed[name].keys() == tensors.keys(), (optimizer_class, name)
+            for key, value in tensors.items():
+                assert torch.equal(resumed[name][key], value), (rank, optimizer_class, name, key)
+        runs[optimizer_class] = full
+
+    for name, tensors in runs[torch.optim.AdamW].items():
+        fused = runs[fused_opt.AdamW][name]
+        assert fused.keys() == tensors.keys(), name
+        assert float(fused["step"]) == float(tensors["step"]) == steps, name
+        for key, value in tensors.items():
+            if key != "step":
+                torch.testing.assert_close(
+                    fused[key], value, **tolerance(torch.float32),
+                    msg=lambda m: f"rank {rank}, {name} {key}: {m}")
+
+
+@requires_accelerate
+def test_accelerate_fsdp2_trains_checkpoints_and_resumes_like_torch(tmp_path):
+    spawn(_accelerate_worker, str(tmp_path))
