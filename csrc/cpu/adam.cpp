@@ -11,6 +11,27 @@ namespace {
 using math::L1Mode;
 using math::WeightDecay;
 
+bool same_hyper(const math::AdamHyper& a, const math::AdamHyper& b) {
+  return a.lr == b.lr && a.beta1 == b.beta1 && a.beta2 == b.beta2 && a.eps == b.eps &&
+         a.weight_decay == b.weight_decay && a.l1_decay == b.l1_decay;
+}
+
+// A tensor's scalars take two pow() and depend only on its group's hyperparameters and its step,
+// which the tensors of a group nearly always share: each thread keeps the last ones it made
+// (measured: 2-3 us of a 39 us step over 148 one-element params).
+template <typename T>
+const math::AdamTensorScalars<T>& tensor_scalars(const math::AdamHyper& hyper, double step) {
+  thread_local math::AdamHyper last_hyper{};
+  thread_local double last_step = 0.0;  // steps count from 1
+  thread_local math::AdamTensorScalars<T> last{};
+  if (step != last_step || !same_hyper(hyper, last_hyper)) {
+    last = math::adam_tensor_scalars<T>(hyper, step);
+    last_hyper = hyper;
+    last_step = step;
+  }
+  return last;
+}
+
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
               at::TensorList master_params, c10::ArrayRef<int64_t> group_sizes,
@@ -50,7 +71,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
                         grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
                           using T = decltype(opmath_tag);
                           run(math::AdamElement<T, kAmsgrad, kMaximize, kMode, kL1>{
-                              math::adam_tensor_scalars<T>(hyper, step_value(group_steps[t]))});
+                              tensor_scalars<T>(hyper, step_value(group_steps[t]))});
                         });
                   });
             });
