@@ -44,13 +44,26 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _gathered(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Every param of a sharded module and its optimizer state, gathered whole, by name."""
+    from torch.distributed.tensor import DTensor
+
+    result = {}
+    for name, p in module.named_parameters():
+        assert isinstance(p, DTensor), f"{name} is not sharded"
+        state = optimizer.state[p]
+        assert state, f"{name} has no optimizer state"
+        result[name] = {"param": p.detach().full_tensor(),
+                        **{key: _full(value) for key, value in state.items()}}
+    return result
+
+
 def _lightning_worker(rank: int, precision: str, distributed_checkpoint: bool,
                       directory: str) -> None:
     import lightning
     from lightning.pytorch.plugins import MixedPrecision
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     # What torchrun would set: Lightning then takes the processes as started for it, and the
     # process group as made (tests/ranks.py).
@@ -117,16 +130,9 @@ def _lightning_worker(rank: int, precision: str, distributed_checkpoint: bool,
         return trainer, module
 
     def trained(trainer, module):
-        optimizer = trainer.optimizers[0]
-        result = {}
-        for name, p in module.named_parameters():
-            assert isinstance(p, DTensor), f"{name} is not sharded"
-            state = optimizer.state[p]
-            assert state, f"{name} has no optimizer state"
-            result[name] = {"param": p.detach().full_tensor(),
-                            **{key: _full(value) for key, value in state.items()}}
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        return result, None if scaler is None else scaler.state_dict()
+        return (_gathered(module, trainer.optimizers[0]),
+                None if scaler is None else scaler.state_dict())
 
     runs = {}
     for fused in (False, True):
@@ -209,19 +215,6 @@ def _accelerate_worker(rank: int, directory: str) -> None:
             optimizer.step()
             optimizer.zero_grad()
 
-    def trained(model, optimizer):
-        from torch.distributed.tensor import DTensor
-
-        inner = optimizer.optimizer
-        result = {}
-        for name, p in model.named_parameters():
-            assert isinstance(p, DTensor), f"{name} is not sharded"
-            state = inner.state[p]
-            assert state, f"{name} has no optimizer state"
-            result[name] = {"param": p.detach().full_tensor(),
-                            **{key: _full(value) for key, value in state.items()}}
-        return result
-
     runs = {}
     for optimizer_class in (torch.optim.AdamW, fused_opt.AdamW):
         path = os.path.join(directory, optimizer_class.__module__)
@@ -229,11 +222,12 @@ def _accelerate_worker(rank: int, directory: str) -> None:
         train(accelerator, model, optimizer, 0, steps // 2)
         accelerator.save_state(path)
         train(accelerator, model, optimizer, steps // 2, steps)
-        full = trained(model, optimizer)
+        # accelerate's prepared optimizer wraps the one it was given.
+        full = _gathered(model, optimizer.optimizer)
         accelerator, model, optimizer = prepared(optimizer_class)
         accelerator.load_state(path)
         train(accelerator, model, optimizer, steps // 2, steps)
-        resumed = trained(model, optimizer)
+        resumed = _gathered(model, optimizer.optimizer)
         for name, tensors in full.items():
             assert resumed[name].keys() == tensors.keys(), (optimizer_class, name)
             for key, value in tensors.items():
