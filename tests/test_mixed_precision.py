@@ -473,6 +473,21 @@ def test_grad_norm_flags_any_non_finite_element(tensor, value, kernels):
     assert _grad_norm(grads)[1].item() == 1.0
 
 
+# Every region the CPU pass reads a chunk in: its four parts side by side (a 1031-element grad:
+# parts of 256 from 0, 256, 512 and 768, then a tail of 7 from 1024), and the same in the second
+# chunk of a 65537-element grad (parts of 8192 from 32768), whose last element is a chunk alone.
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+@pytest.mark.parametrize("tensor, position", [
+    (0, 0), (0, 255), (0, 256), (0, 600), (0, 768), (0, 1023), (0, 1024), (0, 1030),
+    (2, 32768 + 8192 + 5), (2, 32768 + 2 * 8192 + 5), (2, 32768 + 3 * 8192 + 5), (2, 65536),
+])
+def test_grad_norm_flags_a_non_finite_element_anywhere_in_a_grad(tensor, position, value,
+                                                                 kernels):
+    grads = _mixed_grads()
+    grads[tensor][position] = value
+    assert _grad_norm(grads)[1].item() == 1.0
+
+
 def test_grad_norm_flags_only_non_finite_elements(kernels):
     # Squares of float64 values past 1e154 overflow to inf, yet the values are finite: no skip.
     norm, found_inf = _grad_norm([torch.full((3,), 1e200, dtype=torch.float64)])
