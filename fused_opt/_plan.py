@@ -6,16 +6,17 @@ anew each step. After a full step, the optimizer keeps these as a plan (``fused_
 csrc/step_plan.cpp): the op calls of that step with their tensor lists converted once. The next
 step reads each param's grad in C++ and repeats the calls with the hyperparameters of that step.
 
-The plan is used only while nothing it was made from has changed. The structure that decides
-the calls is compared in Python, per group: the group objects, their ``params`` lists and
-lengths, the options that pick the op call and the state tensors, and the ``state`` dict and its
-size (``load_state_dict`` replaces groups and state; ``add_param_group`` adds a group; clearing
-the state restarts it). The C++ side checks each param: its grad present (and none new), of the
-param's dtype, device, shape and layout, the param unchanged in dtype, device, shape and layout,
-and the version counter of every param with a master. Anything else (a grad set to None or
-replaced by one of another kind, a dtype or device change, a master-weight param written in
-place, a param's state dict or one of its state tensors replaced by another object) sends the
-step through the full path, which checks, reports and makes a new plan.
+The plan is used only while nothing it was made from has changed. The structure that decides the
+calls is compared in Python, per group: the group objects, their ``params`` lists and lengths,
+the options that pick the op call and the state tensors, and the ``state`` dict object
+(``load_state_dict`` replaces groups and state; ``add_param_group`` adds a group). The C++ side
+compares the state's entries (clearing the state restarts it) and checks each param: its grad
+present (and none new), of the param's dtype, device, shape and layout, the param unchanged in
+dtype, device, shape and layout, and the version counter of every param with a master. Anything
+else (a grad set to None or replaced by one of another kind, a dtype or device change, a
+master-weight param written in place, a param's state dict or one of its state tensors replaced
+by another object) sends the step through the full path, which checks, reports and makes a new
+plan.
 
 Loss scaling is read every step. A group's hyperparameters are checked, and the op arguments made
 from them, again whenever one of its values is not the very object it was at the last step
@@ -56,7 +57,6 @@ class StepPlan:
     ) -> None:
         self.namespace = _ops.op_namespace
         self.state = optimizer.state
-        self.state_size = len(optimizer.state)
         self.groups = list(optimizer.param_groups)
         self.param_lists = [group["params"] for group in self.groups]
         self.lengths = [len(params) for params in self.param_lists]
@@ -140,7 +140,6 @@ class StepPlan:
         if (
             len(groups) != len(self.groups)
             or optimizer.state is not self.state
-            or len(optimizer.state) != self.state_size
             or _ops.op_namespace is not self.namespace
         ):
             return False
