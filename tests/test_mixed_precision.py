@@ -440,6 +440,8 @@ MIXED_GRADS = [
     (torch.float16, (65537,)),
     (torch.float64, (70001,)),
     (torch.float32, (0,)),
+    # Shorter than one pass of the CPU pass's accumulators: summed by its short-chunk loop.
+    (torch.bfloat16, (31,)),
 ]
 
 
@@ -466,7 +468,7 @@ def test_grad_norm_of_no_grads_is_zero(kernels):
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
-@pytest.mark.parametrize("tensor", range(4))
+@pytest.mark.parametrize("tensor", [0, 1, 2, 3, 5])
 def test_grad_norm_flags_any_non_finite_element(tensor, value, kernels):
     grads = _mixed_grads()
     grads[tensor].view(-1)[-1] = value
