@@ -35,18 +35,22 @@ class GradScaler(torch.amp.GradScaler):
         if not (
             self._enabled
             and isinstance(local, FusedOptimizer)
-            and local._kernels_take_scaling()
             and not hasattr(local, "grad_scale")
             and self._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY
         ):
             return super().step(optimizer, *args, **kwargs)
-        if "closure" in kwargs:
-            raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
-        scale, _ = self._check_scale_growth_tracker("step")
-
-        # The step takes the very grads this pass measures (a step plan keeps them).
-        stats = local._compute_grad_stats(scale, keep_grads=True)
+        # The check, the pass and the step take the very grads the check read (a step plan
+        # keeps them; where the answer is no, nothing is kept), so that they read them once and
+        # the step takes the grads measured.
+        if not local._kernels_take_scaling(keep_grads=True):
+            return super().step(optimizer, *args, **kwargs)
         try:
+            if "closure" in kwargs:
+                raise RuntimeError(
+                    "Closure use is not currently supported if GradScaler is enabled."
+                )
+            scale, _ = self._check_scale_growth_tracker("step")
+            stats = local._compute_grad_stats(scale, keep_grads=True)
             if not stats:
                 # torch's GradScaler refuses a step with no grads at all the same way.
                 raise AssertionError("No inf checks were recorded for this optimizer.")

@@ -265,16 +265,20 @@ class FusedOptimizer(Optimizer):
         # with its param, which keeps whatever still agrees.
         self._master_versions = {}
 
-    def _kernels_take_scaling(self) -> bool:
+    def _kernels_take_scaling(self, keep_grads: bool = False) -> bool:
         """Whether a GradScaler may hand this step grad_scale and found_inf instead of unscaling:
         the kernels unscale in registers and skip on the device. torch's sparse path cannot, so
-        with a sparse grad present the scaler unscales and checks first, as for torch.optim."""
+        with a sparse grad present the scaler unscales and checks first, as for torch.optim.
+
+        With ``keep_grads``, a step plan that fits keeps the grads it read to find out, for the
+        statistics pass and the step that follow, until ``_release_grads()``."""
         if self._sparse_grad_error is not None:
             return True
         plan = self._plan_with_grads()
         if plan is not None:
             # A plan is made and used only where every grad is dense.
-            plan.release_grads()
+            if not keep_grads:
+                plan.release_grads()
             return True
         return not any(
             p.grad is not None and p.grad.is_sparse
@@ -415,8 +419,9 @@ class FusedOptimizer(Optimizer):
 
     def _release_grads(self) -> None:
         """Ends a hold of the grads left by ``_compute_grad_stats(keep_grads=True)``."""
-        if self._step_plan is not None:
-            self._step_plan.release_grads()
+        plan = self._step_plan
+        if plan is not None and plan.holding:
+            plan.release_grads()
 
     def _step_workspace(self, device: torch.device) -> Tensor:
         """The zeroed counter the CUDA kernels advance step counters with (see csrc/ops.cpp),
