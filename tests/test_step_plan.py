@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fused_opt
+from fused_opt._plan import StepPlan
 from fused_opt.optimizer import FusedOptimizer
 
 RICH = {
@@ -355,6 +356,26 @@ def test_the_fused_grad_scaler_and_clipping_use_the_plan(name):
     assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0
     plan = twins.planned._step_plan
     assert plan is not None and plan.fits(twins.planned) and not plan.holding
+
+
+@pytest.mark.parametrize("name", list(RICH))
+def test_a_scaled_step_reads_the_grads_once(name, monkeypatch):
+    # The scaler's dense-grads check, its statistics pass and the step share one reading of the
+    # grads (SGD and Adagrad, which take sparse grads, read them twice before).
+    twins = Twins(name, **RICH[name])
+    scaler = fused_opt.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))
+    twins.set_grads()
+    scaler.step(twins.planned)
+    scaler.update()
+    reads = []
+    original = StepPlan.gather_grads
+    monkeypatch.setattr(StepPlan, "gather_grads", lambda plan: reads.append(plan) or original(plan))
+    for _ in range(3):
+        twins.set_grads()
+        scaler.step(twins.planned)
+        scaler.update()
+    assert len(reads) == 3 and not twins.planned._step_plan.holding
 
 
 @pytest.mark.parametrize("scaled", [False, True])
