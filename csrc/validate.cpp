@@ -11,17 +11,43 @@ bool supported_dtype(at::ScalarType t) {
 
 constexpr const char* kSupportedDtypes = "float32, float64, float16, bfloat16";
 
+// What a state of params[i] may be stored as, beside its reference (the param, or the float32
+// master): the reference's dtype, or bfloat16 beside float32 (state_dtype=torch.bfloat16); every
+// state of one param in the same dtype, which the kernels read them all as.
+struct StateDtype {
+  const at::Tensor* first_state;  // the param's first state, or null for the first itself
+
+  bool allows(at::ScalarType dtype, at::ScalarType reference) const {
+    if (first_state != nullptr) return dtype == first_state->scalar_type();
+    return dtype == reference || (dtype == at::kBFloat16 && reference == at::kFloat);
+  }
+};
+
 // `t` is an entry of a list that lives beside `reference` (params[i], or master_params[i] for
-// states kept in float32): same device, dtype, shape, and the same flat walk through memory.
+// states kept in float32): same device, dtype (or one `state` allows), shape, and the same flat
+// walk through memory.
 void check_matches(std::string_view op, std::string_view list, size_t i, const at::Tensor& t,
-                   std::string_view reference_list, const at::Tensor& reference) {
+                   std::string_view reference_list, const at::Tensor& reference,
+                   std::optional<StateDtype> state = std::nullopt) {
   TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
   TORCH_CHECK(!t.is_sparse(), op, ": ", list, "[", i, "] is sparse; this op takes dense tensors");
   TORCH_CHECK(t.device() == reference.device(), op, ": ", list, "[", i, "] is on ", t.device(),
               " but ", reference_list, "[", i, "] is on ", reference.device());
-  TORCH_CHECK(t.scalar_type() == reference.scalar_type(), op, ": ", list, "[", i, "] has dtype ",
-              t.scalar_type(), " but ", reference_list, "[", i, "] has dtype ",
-              reference.scalar_type());
+  if (!state) {
+    TORCH_CHECK(t.scalar_type() == reference.scalar_type(), op, ": ", list, "[", i,
+                "] has dtype ", t.scalar_type(), " but ", reference_list, "[", i,
+                "] has dtype ", reference.scalar_type());
+  } else if (state->first_state != nullptr) {
+    TORCH_CHECK(state->allows(t.scalar_type(), reference.scalar_type()), op, ": ", list, "[", i,
+                "] has dtype ", t.scalar_type(), " but the first state of params[", i,
+                "] has dtype ", state->first_state->scalar_type(),
+                "; the states of one param share a dtype");
+  } else {
+    TORCH_CHECK(state->allows(t.scalar_type(), reference.scalar_type()), op, ": ", list, "[", i,
+                "] has dtype ", t.scalar_type(), " but ", reference_list, "[", i,
+                "] has dtype ", reference.scalar_type(),
+                "; states take that dtype, or bfloat16 beside float32");
+  }
   TORCH_CHECK(t.sizes() == reference.sizes(), op, ": ", list, "[", i, "] has shape ", t.sizes(),
               " but ", reference_list, "[", i, "] has shape ", reference.sizes());
   // The kernels walk every tensor of one param as the same flat range of memory.
@@ -95,9 +121,12 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
     }
     const at::Tensor& state_reference = has_master ? master_params[masters_taken - 1] : param;
     const std::string_view reference_list = has_master ? "the master of params" : "params";
+    const at::Tensor* first_state = nullptr;
     for (const auto& list : states) {
       if (!list.tensors.empty()) {
-        check_matches(op, list.name, i, list.tensors[i], reference_list, state_reference);
+        check_matches(op, list.name, i, list.tensors[i], reference_list, state_reference,
+                      StateDtype{first_state});
+        if (first_state == nullptr) first_state = &list.tensors[i];
       }
     }
     if (steps) {

@@ -63,6 +63,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         max_grad_norm: float | None = None,
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
+        state_dtype: torch.dtype | None = None,
         shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
@@ -79,7 +80,9 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode, shard_group)
+        self._after_torch_init(
+            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype
+        )
         for group in self.param_groups:
             for p in group["params"]:
                 place_step(p, self.state[p])

@@ -63,6 +63,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         max_grad_norm: float | None = None,
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
+        state_dtype: torch.dtype | None = None,
         shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
@@ -81,7 +82,9 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode, shard_group)
+        self._after_torch_init(
+            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype
+        )
 
     def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
         betas = group.get("betas")
@@ -175,6 +178,7 @@ class AdamW(Adam, torch.optim.AdamW):
         max_grad_norm: float | None = None,
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
+        state_dtype: torch.dtype | None = None,
         shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
@@ -192,4 +196,6 @@ class AdamW(Adam, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode, shard_group)
+        self._after_torch_init(
+            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype
+        )

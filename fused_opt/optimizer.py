@@ -34,7 +34,10 @@ L1_MODES = ("subgradient", "proximal")
 # trained without L1; state_dict() leaves them out of a group that has these values.
 _L1_NEUTRAL = {"l1_decay": 0.0, "l1_mode": "subgradient"}
 # The options fused_opt adds to every param group.
-_FUSED_GROUP_KEYS = ("master_weights", "max_grad_norm", *_L1_NEUTRAL)
+_FUSED_GROUP_KEYS = ("master_weights", "max_grad_norm", "state_dtype", *_L1_NEUTRAL)
+#: What ``state_dtype`` may be: None (the dtype of what the states update: the param, or its
+#: float32 master), or one of these.
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 _MASTER_DTYPES = (torch.float16, torch.bfloat16)
 # Params a master-weight op call also takes, as their own masters (complex64: pairs of float32).
 _OWN_MASTER_DTYPES = (torch.float32, torch.complex64)
@@ -128,6 +131,13 @@ _FUSED_ARGS_DOC = """\
             groups and so in its checkpoints, give True for its default group, or set
             ``zero.optim.shard_group = group`` for another. DTensor params are summed over their
             mesh without it. Default None: the statistics are this process's alone.
+        state_dtype: how the per-element states (moments, buffers, sums) are stored, per
+            group: None, the dtype of what they update (the param, or its float32 master), or
+            ``torch.bfloat16`` beside float32 params and masters, which halves their memory
+            and bytes moved; the math runs in float32 and rounds the states to nearest when it
+            stores them. ``torch.float32`` is the default's dtype for float32 params and
+            masters. Saved in a group only where it differs from the optimizer's default;
+            torch.optim loads such states as its param's dtype. Default None.
 """
 _FUSED_ATTRIBUTES_DOC = """\
         param_groups, state, defaults: as in torch.optim; checkpoints have torch.optim's keys.
@@ -204,6 +214,7 @@ class FusedOptimizer(Optimizer):
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
         shard_group: Any = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         """Adds fused_opt's own options to the defaults and to every param group (all but
         ``shard_group``, which is no group's: see the property)."""
@@ -216,6 +227,8 @@ class FusedOptimizer(Optimizer):
         ):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         _check_l1("", {"l1_decay": l1_decay, "l1_mode": l1_mode}, stepping=False)
+        _check_state_dtype("state_dtype", state_dtype)
+        self.defaults["state_dtype"] = state_dtype
         self.defaults["l1_decay"] = l1_decay
         self.defaults["l1_mode"] = l1_mode
         self.defaults["master_weights"] = master_weights
@@ -257,6 +270,8 @@ class FusedOptimizer(Optimizer):
         # keys was trained without L1, whatever this optimizer's defaults say.
         for key, neutral in _L1_NEUTRAL.items():
             self.defaults.setdefault(key, neutral)
+        # Optimizers pickled before state_dtype existed kept every state in the default dtype.
+        self.defaults.setdefault("state_dtype", None)
         for group in self.param_groups:
             for key, neutral in _L1_NEUTRAL.items():
                 group.setdefault(key, neutral)
@@ -336,6 +351,7 @@ class FusedOptimizer(Optimizer):
             tuple(self._state_keys(group)),
             self._keeps_step(group),
             group["master_weights"],
+            group["state_dtype"],
         )
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -658,6 +674,11 @@ class FusedOptimizer(Optimizer):
             self._check_dense_grad(group_index, param_index, group, p, grad)
         if steps:
             self._check_hyperparameters(f"param_groups[{group_index}]", group, stepping=True)
+            # Each param's state dtype, before any state is made.
+            if self._state_keys(group):
+                for p in group["params"]:
+                    if p.grad is not None and not p.grad.is_sparse:
+                        self._state_dtype_of(group, p)
         return sparse_params
 
     def _first_position(self, p: Tensor) -> str:
@@ -678,6 +699,36 @@ class FusedOptimizer(Optimizer):
         for label, value in self._device_read_hypers(where, group):
             _check_number(label, value, group["params"] if stepping else None)
         _check_l1(where, group, stepping)
+        _check_state_dtype(f"{where}['state_dtype']", group.get("state_dtype"))
+
+    def _state_dtype_of(self, group: dict[str, Any], p: Tensor) -> torch.dtype:
+        """The dtype of the param's state tensors: that of what they update (the param, or its
+        float32 master) unless the group's ``state_dtype`` asks for bfloat16 beside float32."""
+        base = torch.float32 if uses_master(group, p) else p.dtype
+        wanted = group["state_dtype"]
+        if wanted is None or wanted == base:
+            return base
+        if wanted == torch.bfloat16 and base == torch.float32:
+            return wanted
+        hint = (
+            " (float32 states of a 16-bit param come with its float32 master: "
+            "master_weights=True)"
+            if wanted == torch.float32 and p.dtype in _MASTER_DTYPES
+            else ""
+        )
+        # The group may be one a checkpoint would install: the param names the place.
+        group_index, param_index = next(
+            (i, j)
+            for i, own in enumerate(self.param_groups)
+            for j, q in enumerate(own["params"])
+            if q is p
+        )
+        own_group = self.param_groups[group_index]
+        raise ValueError(
+            f"{type(self).__name__}: param_groups[{group_index}] has state_dtype={wanted} but "
+            f"{self._describe_param(group_index, param_index, own_group, p)} keeps its states in "
+            f"{base}; bfloat16 states are for float32 params and masters{hint}"
+        )
 
     def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
         """(name, value) of each hyperparameter that may be a tensor the kernels read on the
@@ -752,10 +803,16 @@ class FusedOptimizer(Optimizer):
                     state.get(key) is None for key in needed
                 ):
                     self._ensure_state(p, state, group, keys, with_master)
-                # A param's states are made and re-laid together, so one of them tells for all.
+                # A param's states are made, re-laid and cast together, so one of them tells
+                # for all.
                 first_state = state[keys[0] if keys else MASTER_KEY]
                 if layout is not None and first_state.stride() != layout:
                     _follow_layout(p, state, keys)
+                if keys:
+                    # A group's state_dtype changed since the states were made: they follow.
+                    dtype = self._state_dtype_of(group, p)
+                    if first_state.dtype != dtype:
+                        _cast_states(state, keys, dtype)
             # Read no version under torch.compile: dynamo cannot branch on one.
             if (
                 with_master
@@ -809,13 +866,11 @@ class FusedOptimizer(Optimizer):
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
             self._master_versions[p] = p._version
             # States made before the master (master_weights switched on during training) move
-            # to float32.
-            for key in keys:
-                if torch.is_tensor(state.get(key)):
-                    state[key] = state[key].to(torch.float32)
+            # to the master's state dtype.
+            _cast_states(state, keys, self._state_dtype_of(group, p))
         needed = (*keys, "step") if self._keeps_step(group) else keys
         if any(state.get(key) is None for key in needed):
-            dtype = torch.float32 if with_master else p.dtype
+            dtype = self._state_dtype_of(group, p)
             for key, value in self._new_state(p, group, dtype).items():
                 if state.get(key) is None:
                     state[key] = value
@@ -891,6 +946,10 @@ class FusedOptimizer(Optimizer):
                     self._master_versions[p] = p._version
                 else:
                     state.pop(MASTER_KEY, None)
+                # torch.optim's loading gave the states the param's dtype (exactly, from
+                # bfloat16 states); state_dtype stores them as this group keeps them.
+                if keys:
+                    _cast_states(state, keys, self._state_dtype_of(group, p))
                 # torch may have built a buffer in its grad's layout (SGD clones the grad).
                 _follow_layout(p, state, keys)
 
@@ -953,6 +1012,11 @@ class FusedOptimizer(Optimizer):
                 if not state:
                     continue
                 label = self._describe_param(group_index, param_index, group, p)
+                if keys:
+                    try:
+                        self._state_dtype_of(loaded, p)
+                    except ValueError as exc:
+                        raise ValueError(f"{error}: {exc}") from None
                 missing = [k for k in needed if state.get(k) is None and not self._lazy_key(k)]
                 if missing:
                     raise ValueError(
@@ -1048,6 +1112,15 @@ def _follow_layout(p: Tensor, state: dict[str, Any], keys: Sequence[str]) -> Non
         value = state.get(key)
         if value is not None and value.stride() != stride:
             state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def _cast_states(state: dict[str, Any], keys: Sequence[str], dtype: torch.dtype) -> None:
+    """Stores the param's state tensors in ``dtype`` (rounding to nearest), the counter and the
+    master aside."""
+    for key in keys:
+        value = state.get(key)
+        if torch.is_tensor(value) and value.dtype != dtype:
+            state[key] = value.to(dtype)
 
 
 def _state_tensor_problem(p: Tensor, value: Any) -> str | None:
@@ -1186,6 +1259,15 @@ def _check_l1(where: str, group: dict[str, Any], stepping: bool) -> None:
         raise ValueError(
             f"Invalid {mode_label} value: {mode!r}; it must be one of "
             f"{', '.join(repr(m) for m in L1_MODES)}"
+        )
+
+
+def _check_state_dtype(label: str, value: Any) -> None:
+    # By identity: dtypes are singletons, and a tensor given by mistake compares elementwise.
+    if value is not None and not any(value is dtype for dtype in STATE_DTYPES):
+        raise ValueError(
+            f"Invalid {label} value: {value!r}; it must be None (the dtype of what the states "
+            f"update) or one of {', '.join(map(str, STATE_DTYPES))}"
         )
 
 

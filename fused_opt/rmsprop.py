@@ -58,6 +58,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         max_grad_norm: float | None = None,
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
+        state_dtype: torch.dtype | None = None,
         shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
@@ -75,7 +76,9 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             maximize,
             differentiable,
         )
-        self._after_torch_init(master_weights, max_grad_norm, l1_decay, l1_mode, shard_group)
+        self._after_torch_init(
+            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype
+        )
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys = ("square_avg",)

@@ -37,6 +37,7 @@ FUSED_GROUP_DEFAULTS = {
     "max_grad_norm": None,
     "l1_decay": 0.0,
     "l1_mode": "subgradient",
+    "state_dtype": None,
 }
 FUSED_STATE_KEYS = {"SGD": ("step",)}
 

@@ -600,7 +600,7 @@ OP_CASES = {
         "adam_",
         {"master": True},
         _set("exp_avg_sqs", 1, lambda s: s.bfloat16()),
-        "exp_avg_sqs[1] has dtype BFloat16 but the master of params[1] has dtype Float",
+        "exp_avg_sqs[1] has dtype BFloat16 but the first state of params[1] has dtype Float",
     ),
     "sgd-grad_scale-float64": (
         "sgd_",

@@ -40,6 +40,7 @@ FIELD_NOTES_BYTES = {
     ("adamw", "bf16"): 14,
     ("adamw-amp-clip", "fp32"): 28,
     ("adamw-scaled", "fp32"): 28,
+    ("adamw-bf16-states", "fp32"): 28,
     ("adamw-bf16-master", "bf16"): 28,
 }
 
@@ -52,11 +53,12 @@ PIPELINE_BYTES = {
     ("adamw-amp-clip", "torch-fused"): 48,
     ("adamw-scaled", "fused_opt"): 28,
     ("adamw-scaled", "torch-fused"): 32,
+    ("adamw-bf16-states", "fused_opt"): 20,  # bf16 states: 2*4 + 4 + 2*2*2
     ("adamw-bf16-master", "fused_opt"): 28,
     ("adamw-bf16-master", "torch-foreach"): 40,
     ("adamw-bf16-master", "torch-fused"): 40,
 }
-NEW_CASES = "adamw-amp-clip,adamw-scaled,adamw-bf16-master"
+NEW_CASES = "adamw-amp-clip,adamw-scaled,adamw-bf16-states,adamw-bf16-master"
 
 OPTIONAL_STR = (str, type(None))
 OPTIONAL_FLOAT = (float, type(None))
@@ -94,7 +96,9 @@ def expected_bytes(row: dict) -> int:
     return PIPELINE_BYTES.get((row["case"], row["implementation"]), FIELD_NOTES_BYTES[(row["case"], row["dtype"])])
 
 
-def expected_state_bytes(case: Case, implementation: str) -> float:
+def expected_state_bytes(case: Case, implementation: str, variant: str = "") -> float:
+    if case.pipeline == implementations.BF16_STATES and not variant:
+        return case.n_states * 2
     if case.pipeline == implementations.MASTER_WEIGHTS:
         # fp32 states and a master copy; torch's loop also keeps the masters' fp32 grads.
         return case.n_states * 4 + 4 + (0 if implementation == implementations.REFERENCE else 4)
@@ -202,6 +206,7 @@ def test_pipeline_cases_run_fused_opt_and_torch_equivalents():
     runs = {name: [impl.name for impl in core().values() if impl.runs(case_named(name))]
             for name in NEW_CASES.split(",")}
     assert runs == {"adamw-amp-clip": ["fused_opt", "torch-fused"], "adamw-scaled": ["fused_opt", "torch-fused"],
+                    "adamw-bf16-states": ["fused_opt"],
                     "adamw-bf16-master": ["fused_opt", "torch-foreach", "torch-fused"]}
 
 
@@ -425,6 +430,9 @@ def test_tiny_run_covers_every_case_workload_and_implementation(tiny_run):
                    if row["case"] == "adamw-scaled" and row["workload"] == "gpt2"}
     assert scaled_rows == {("fused_opt", ""), ("fused_opt", "no grad_scale/found_inf"), ("torch-fused", ""),
                            ("torch-fused", "no grad_scale/found_inf"), ("probe-inplace-add", "")}
+    state_rows = {(row["implementation"], row["variant"], row["bytes_per_param"]) for row in rows
+                  if row["case"] == "adamw-bf16-states" and row["workload"] == "gpt2"}
+    assert state_rows == {("fused_opt", "", 20), ("fused_opt", "fp32 states", 28), ("probe-inplace-add", "", 12)}
 
 
 def test_tiny_run_values_are_sensible(tiny_run):
@@ -453,8 +461,8 @@ def test_tiny_run_values_are_sensible(tiny_run):
         elif row["speedup_vs_fused_opt_median"] is not None:
             assert (0 < row["speedup_vs_fused_opt_min"] <= row["speedup_vs_fused_opt_median"]
                     <= row["speedup_vs_fused_opt_max"])
-        has_baseline = row["case"] == "adamw-scaled" and not row["variant"] and row["implementation"] != \
-            "probe-inplace-add"
+        has_baseline = (row["case"] in ("adamw-scaled", "adamw-bf16-states") and not row["variant"]
+                        and row["implementation"] != "probe-inplace-add")
         assert (row["time_vs_baseline_median"] is not None) == has_baseline, row
         if has_baseline:
             assert (0 < row["time_vs_baseline_min"] <= row["time_vs_baseline_median"]
@@ -466,8 +474,8 @@ def test_tiny_run_state_bytes_match_the_case(tiny_run):
     for row in rows:
         if row["status"] == "ok" and not row["implementation"].startswith("probe"):
             case = case_named(f"{row['case']}:{row['dtype']}")
-            assert row["state_bytes_per_param"] == pytest.approx(expected_state_bytes(case, row["implementation"]),
-                                                                 abs=0.05), row
+            expected = expected_state_bytes(case, row["implementation"], row["variant"])
+            assert row["state_bytes_per_param"] == pytest.approx(expected, abs=0.05), row
 
 
 def test_tiny_run_skips_torch_fused_only_where_torch_has_no_fused_kernel(tiny_run):
@@ -485,8 +493,10 @@ def test_tiny_run_writes_the_markdown_tables(tiny_run):
     assert "| case | dtype | implementation | B/param |" in markdown and "| ops/step |" in markdown
     assert "peers found:" in markdown
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
-    # Per workload: the main table's header, the baseline table's header and its two lines (adamw-scaled).
-    assert len(table_lines) == len(rows) + 2 * (1 + 1 + 2)
+    # Per workload: the main table's header, the baseline table's header and its lines (adamw-scaled's two,
+    # adamw-bf16-states' one).
+    assert len(table_lines) == len(rows) + 2 * (1 + 1 + 2 + 1)
+    assert "| adamw-bf16-states | fp32 | fused_opt |" in markdown and "| fp32 states |" in markdown
     assert "- adamw bf16: bf16 params, grads and states" in markdown
     assert "| torch-fused (no grad_scale/found_inf) |" in markdown
     assert "| adamw-scaled | fp32 | fused_opt |" in markdown and "| time / baseline [min-max] |" in markdown
@@ -694,7 +704,8 @@ def test_help_says_what_quick_and_full_run(capsys):
 def test_cases_flag_picks_cases_by_name_among_the_optimizers(capsys):
     args = parse_args(["--device", "cpu", "--optimizers", "adamw", "--cases", NEW_CASES])
     assert [(case.name, case.dtype) for case in args.cases] == [
-        ("adamw-amp-clip", "fp32"), ("adamw-scaled", "fp32"), ("adamw-bf16-master", "bf16")]
+        ("adamw-amp-clip", "fp32"), ("adamw-scaled", "fp32"), ("adamw-bf16-states", "fp32"),
+        ("adamw-bf16-master", "bf16")]
     with pytest.raises(SystemExit):
         parse_args(["--device", "cpu", "--optimizers", "sgd", "--cases", "adamw-scaled"])
     assert "no case has optimizer in ['sgd'], name in ['adamw-scaled']" in capsys.readouterr().err

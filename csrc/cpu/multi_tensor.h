@@ -84,7 +84,11 @@ template <typename ParamT, typename GradT, typename StateT, typename CopyT, type
 void update_range(ParamT* param, const GradT* grad, StateT* state0, StateT* state1,
                   StateT* state2, CopyT* param_copy, int64_t n,
                   typename Element::opmath grad_factor, const Element& element) {
-  if constexpr (sizeof(GradT) == 2) {
+  if constexpr (Element::kNumStates == 0 && !std::is_same_v<StateT, ParamT>) {
+    // Nothing to store as StateT (plain SGD): the loop of the param's own storage, not a copy.
+    update_range(param, grad, static_cast<ParamT*>(nullptr), static_cast<ParamT*>(nullptr),
+                 static_cast<ParamT*>(nullptr), param_copy, n, grad_factor, element);
+  } else if constexpr (sizeof(GradT) == 2) {
     update_range_16bit(param, grad, state0, state1, state2, param_copy, n, grad_factor, element);
   } else {
     update_range_wide(param, grad, state0, state1, state2, param_copy, n, grad_factor, element);
@@ -133,13 +137,33 @@ void parallel_over_elements(at::TensorList params, const Body& body) {
   });
 }
 
+// Calls fn(StateT{}) with the storage type of tensor t's states: bfloat16 when they are stored so
+// beside a float32 param or master (state_dtype=torch.bfloat16; validate.cpp allows no other
+// mix), else the param's own storage type ParamT.
+template <typename ParamT, size_t kLists, typename Fn>
+void with_state_storage(const std::array<at::TensorList, kLists>& state_lists, size_t t,
+                        const Fn& fn) {
+  if constexpr (std::is_same_v<ParamT, float>) {
+    for (const auto& list : state_lists) {
+      if (list.empty()) continue;
+      if (list[t].scalar_type() == at::kBFloat16) {
+        fn(c10::BFloat16{});
+        return;
+      }
+      break;
+    }
+  }
+  fn(ParamT{});
+}
+
 // For every tensor t, with_element(opmath_tag, t, run) picks the element functor for t and calls
 // run(functor); run then applies it to every element of params[t], grads[t] and the matching
 // entries of the state lists (an empty list: that state is unused). Passing the functor to a
 // continuation lets per-tensor facts (a first step, say) select a different compiled loop.
 // With master_params, the functor updates the master of each float16/bfloat16 param (they take
 // master_params in order) and float32 states, and the param receives the result rounded to its
-// 16-bit type; float32 params are their own masters.
+// 16-bit type; float32 params are their own masters. States of float32 params and masters may be
+// stored as bfloat16 (see with_state_storage); the math runs in float32 all the same.
 template <size_t kLists, typename WithElement>
 void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorList master_params,
                        const std::array<at::TensorList, kLists>& state_lists, float grad_factor,
@@ -170,24 +194,28 @@ void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorLi
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kHalf, at::kBFloat16, params[t].scalar_type(), "fused_opt_cpu", [&] {
             using T = math::opmath_t<scalar_t>;
-            const auto states = state_pointers(t, begin, scalar_t{});
             scalar_t* param = elements<scalar_t>(params[t]) + begin;
             const scalar_t* grad = elements<const scalar_t>(grads[t]) + begin;
-            with_element(T{}, t, [&](const auto& element) {
-              update_range(param, grad, states[0], states[1], states[2],
-                           static_cast<NoCopy*>(nullptr), n, static_cast<T>(grad_factor),
-                           element);
+            with_state_storage<scalar_t>(state_lists, t, [&](auto state_tag) {
+              const auto states = state_pointers(t, begin, state_tag);
+              with_element(T{}, t, [&](const auto& element) {
+                update_range(param, grad, states[0], states[1], states[2],
+                             static_cast<NoCopy*>(nullptr), n, static_cast<T>(grad_factor),
+                             element);
+              });
             });
           });
     } else {
       AT_DISPATCH_REDUCED_FLOATING_TYPES(params[t].scalar_type(), "fused_opt_cpu_master", [&] {
-        const auto states = state_pointers(t, begin, float{});
         float* master = elements<float>(master_params[master_index[t]]) + begin;
         const scalar_t* grad = elements<const scalar_t>(grads[t]) + begin;
         scalar_t* param = elements<scalar_t>(params[t]) + begin;
-        with_element(float{}, t, [&](const auto& element) {
-          update_range(master, grad, states[0], states[1], states[2], param, n, grad_factor,
-                       element);
+        with_state_storage<float>(state_lists, t, [&](auto state_tag) {
+          const auto states = state_pointers(t, begin, state_tag);
+          with_element(float{}, t, [&](const auto& element) {
+            update_range(master, grad, states[0], states[1], states[2], param, n, grad_factor,
+                         element);
+          });
         });
       });
     }

@@ -27,7 +27,8 @@ constexpr int kMaxStates = 3;
 // master weights, param is the float32 master that the update math updates (states are float32
 // too), and param_copy the float16/bfloat16 param that receives its rounding; otherwise (a
 // float32 param of a master-weight call included) param_copy is null. group indexes the call's
-// per-group hyperparameters.
+// per-group hyperparameters. bf16_states: the states are stored as bfloat16 beside a float32
+// param or master (state_dtype=torch.bfloat16); otherwise they have the storage of param.
 struct TensorArgs {
   void* param;
   const void* grad;
@@ -37,6 +38,7 @@ struct TensorArgs {
   int64_t numel;
   uint32_t group;
   DType dtype;
+  bool bf16_states;
 };
 
 // A one-element tensor the kernels read on the device when ptr is set, so that a value changed

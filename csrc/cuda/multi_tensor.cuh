@@ -208,9 +208,11 @@ struct TensorTable {
   // weights.
   static constexpr int kLists = 2 + kStates + (kMaster ? 1 : 0);
   static constexpr int kCopyList = 2 + kStates;
-  static constexpr size_t kHeaderBytes = sizeof(int64_t) + sizeof(int64_t);  // count, padded
+  // total_chunks, count (padded), and the one-entry steps array of a table without counters.
+  static constexpr size_t kHeaderBytes =
+      sizeof(int64_t) + sizeof(int64_t) + (kWithSteps ? 0 : sizeof(float*));
   static constexpr size_t kBytesPerTensor = kLists * sizeof(void*) + 2 * sizeof(int64_t) +
-                                            (kWithSteps ? sizeof(float*) : 0) + 3;
+                                            (kWithSteps ? sizeof(float*) : 0) + 4;
   // Less the padding that rounds the struct up to its 8-byte alignment.
   static constexpr int kCapacity = static_cast<int>(
       (kKernelParamBytes - kGroupParamBytes - kHeaderBytes - alignof(int64_t)) / kBytesPerTensor);
@@ -226,6 +228,7 @@ struct TensorTable {
   DType dtype[kCapacity];
   uint8_t group[kCapacity];  // index into the launch's LaunchGroups
   bool aligned[kCapacity];   // every pointer of the tensor is aligned to its vector
+  bool bf16_states[kCapacity];  // see TensorArgs
 
   void clear() {
     total_chunks = 0;
@@ -239,13 +242,14 @@ struct TensorTable {
     const int elems = vector_elems(storage_bytes(tensor.dtype), kMaster);
     const int storage_vector = elems * storage_bytes(tensor.dtype);
     const int update_vector = kMaster ? elems * static_cast<int>(sizeof(float)) : storage_vector;
+    const int state_vector = tensor.bf16_states ? elems * 2 : update_vector;
     lists[0][t] = tensor.param;
     lists[1][t] = const_cast<void*>(tensor.grad);
     bool all_aligned =
         is_aligned(tensor.param, update_vector) && is_aligned(tensor.grad, storage_vector);
     for (int s = 0; s < kStates; ++s) {
       lists[2 + s][t] = tensor.states[s];
-      all_aligned = all_aligned && is_aligned(tensor.states[s], update_vector);
+      all_aligned = all_aligned && is_aligned(tensor.states[s], state_vector);
     }
     if constexpr (kMaster) {
       lists[kCopyList][t] = tensor.param_copy;
@@ -258,6 +262,7 @@ struct TensorTable {
     dtype[t] = tensor.dtype;
     group[t] = static_cast<uint8_t>(launch_group);
     aligned[t] = all_aligned;
+    bf16_states[t] = tensor.bf16_states;
   }
 
   __device__ __forceinline__ TensorInfo info(int t) const {
@@ -280,29 +285,32 @@ struct alignas(sizeof(S) * kWidth) Pack {
 };
 
 // Updates the first n / kWidth * kWidth elements behind the pointers, each aligned to kWidth of
-// its elements. M is the storage of param and states (the float32 master and states with master
-// weights), S that of the grad and of `copy`, which with kCopy receives the param rounded to S.
+// its elements. M is the storage of param (the float32 master with master weights), SM that of
+// the states (M, or bfloat16 beside float32), S that of the grad and of `copy`, which with kCopy
+// receives the param rounded to S.
 // Thread i takes packs i, i + kBlockSize, ...: each warp reads whole contiguous segments, and
 // kInFlight packs per tensor are loaded before any is used.
-template <typename M, typename S, int kWidth, int kInFlight, bool kCopy, typename Element>
+template <typename M, typename SM, typename S, int kWidth, int kInFlight, bool kCopy,
+          typename Element>
 __device__ __forceinline__ void update_packs(M* param, const S* grad,
-                                             M* const (&states)[kMaxStates], S* copy, int n,
+                                             SM* const (&states)[kMaxStates], S* copy, int n,
                                              typename Element::opmath grad_factor,
                                              const Element& element) {
   using T = typename Element::opmath;
   constexpr int kStates = Element::kNumStates;
   constexpr int kStateSlots = kStates > 0 ? kStates : 1;
   using UpdatePack = Pack<M, kWidth>;
+  using StatePack = Pack<SM, kWidth>;
   using StoragePack = Pack<S, kWidth>;
 
   // One pointer per tensor, advanced per iteration; the packs in flight sit at constant offsets
   // from it, which the loads and stores encode as immediates.
   UpdatePack* next_param = reinterpret_cast<UpdatePack*>(param) + threadIdx.x;
   const StoragePack* next_grad = reinterpret_cast<const StoragePack*>(grad) + threadIdx.x;
-  UpdatePack* next_state[kStateSlots];
+  StatePack* next_state[kStateSlots];
 #pragma unroll
   for (int s = 0; s < kStates; ++s) {
-    next_state[s] = reinterpret_cast<UpdatePack*>(states[s]) + threadIdx.x;
+    next_state[s] = reinterpret_cast<StatePack*>(states[s]) + threadIdx.x;
   }
   StoragePack* next_copy = nullptr;
   if constexpr (kCopy) next_copy = reinterpret_cast<StoragePack*>(copy) + threadIdx.x;
@@ -311,7 +319,7 @@ __device__ __forceinline__ void update_packs(M* param, const S* grad,
   for (int first = threadIdx.x; first < packs; first += kBlockSize * kInFlight) {
     UpdatePack p[kInFlight];
     StoragePack g[kInFlight];
-    UpdatePack st[kStateSlots][kInFlight];
+    StatePack st[kStateSlots][kInFlight];
 #pragma unroll
     for (int j = 0; j < kInFlight; ++j) {
       if (first + j * kBlockSize < packs) {
@@ -333,7 +341,7 @@ __device__ __forceinline__ void update_packs(M* param, const S* grad,
         element(value, scale_grad(to_opmath(g[j].v[e]), grad_factor), state_values);
         p[j].v[e] = FromOpmath<M>::convert(value);
 #pragma unroll
-        for (int s = 0; s < kStates; ++s) st[s][j].v[e] = FromOpmath<M>::convert(state_values[s]);
+        for (int s = 0; s < kStates; ++s) st[s][j].v[e] = FromOpmath<SM>::convert(state_values[s]);
       }
       next_param[j * kBlockSize] = p[j];
 #pragma unroll
@@ -354,9 +362,10 @@ __device__ __forceinline__ void update_packs(M* param, const S* grad,
   }
 }
 
-// Updates elements [begin, begin + n) of table tensor t, whose grad is stored as S and whose
-// param and states as M (S itself, or float32 with master weights).
-template <typename M, typename S, typename Op, typename Table>
+// Updates elements [begin, begin + n) of table tensor t, whose grad is stored as S, whose param
+// as M (S itself, or float32 with master weights) and whose states as SM (M, or bfloat16 beside
+// float32).
+template <typename M, typename SM, typename S, typename Op, typename Table>
 __device__ __forceinline__ void update_chunk(const Table& table, const typename Op::Group& group,
                                              int t, int64_t begin, int n, float grad_factor) {
   // A float16/bfloat16 param receives the rounding of its master; a float32 param in a
@@ -365,10 +374,10 @@ __device__ __forceinline__ void update_chunk(const Table& table, const typename 
   constexpr int kWidth = vector_elems(sizeof(S), kCopy);
   M* param = static_cast<M*>(table.lists[0][t]) + begin;
   const S* grad = static_cast<const S*>(table.lists[1][t]) + begin;
-  M* states[kMaxStates] = {};
+  SM* states[kMaxStates] = {};
 #pragma unroll
   for (int s = 0; s < Table::kStates; ++s) {
-    states[s] = static_cast<M*>(table.lists[2 + s][t]) + begin;
+    states[s] = static_cast<SM*>(table.lists[2 + s][t]) + begin;
   }
   S* copy = nullptr;
   if constexpr (kCopy) copy = static_cast<S*>(table.lists[Table::kCopyList][t]) + begin;
@@ -382,13 +391,13 @@ __device__ __forceinline__ void update_chunk(const Table& table, const typename 
     static_assert(std::decay_t<decltype(element)>::kNumStates == Table::kStates,
                   "the table carries other state lists than the element functor uses");
     const T factor = static_cast<T>(grad_factor);
-    update_packs<M, S, kWidth, kVectorsInFlight, kCopy>(param, grad, states, copy, vectorized,
-                                                        factor, element);
+    update_packs<M, SM, S, kWidth, kVectorsInFlight, kCopy>(param, grad, states, copy,
+                                                            vectorized, factor, element);
     if (vectorized < n) {
-      M* rest_states[kMaxStates] = {};
+      SM* rest_states[kMaxStates] = {};
 #pragma unroll
       for (int s = 0; s < Table::kStates; ++s) rest_states[s] = states[s] + vectorized;
-      update_packs<M, S, 1, kScalarsInFlight<M, Table::kStates>, kCopy>(
+      update_packs<M, SM, S, 1, kScalarsInFlight<M, Table::kStates>, kCopy>(
           param + vectorized, grad + vectorized, rest_states,
           kCopy ? copy + vectorized : nullptr, n - vectorized, factor, element);
     }
@@ -434,15 +443,27 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     const int n = static_cast<int>(
         table.numel[t] - begin < kChunkElems ? table.numel[t] - begin : kChunkElems);
     const typename Op::Group group = groups.at[table.group[t]];
+    // States stored as bfloat16 exist only beside float32 (a float32 param, or a master).
     if constexpr (Table::kMaster) {
       with_master_call_storage(table.dtype[t], [&](auto tag) {
-        update_chunk<float, typename decltype(tag)::type, Op>(table, group, t, begin, n,
-                                                              grad_factor);
+        using S = typename decltype(tag)::type;
+        if (table.bf16_states[t]) {
+          update_chunk<float, __nv_bfloat16, S, Op>(table, group, t, begin, n, grad_factor);
+        } else {
+          update_chunk<float, float, S, Op>(table, group, t, begin, n, grad_factor);
+        }
       });
     } else {
       with_storage(table.dtype[t], [&](auto tag) {
         using S = typename decltype(tag)::type;
-        update_chunk<S, S, Op>(table, group, t, begin, n, grad_factor);
+        if constexpr (std::is_same_v<S, float>) {
+          if (table.bf16_states[t]) {
+            update_chunk<float, __nv_bfloat16, float, Op>(table, group, t, begin, n,
+                                                          grad_factor);
+            return;
+          }
+        }
+        update_chunk<S, S, S, Op>(table, group, t, begin, n, grad_factor);
       });
     }
   }

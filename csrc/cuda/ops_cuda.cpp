@@ -89,7 +89,10 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
       arg.grad = grads[i].const_data_ptr();
       int used = 0;
       for (const auto& list : state_lists) {
-        if (!list.empty()) arg.states[used++] = list[i].data_ptr();
+        if (list.empty()) continue;
+        if (used == 0) arg.bf16_states = list[i].scalar_type() == at::kBFloat16 &&
+                                         (has_master || params[i].scalar_type() == at::kFloat);
+        arg.states[used++] = list[i].data_ptr();
       }
       arg.step = steps.empty() ? nullptr : steps[i].data_ptr<float>();
       arg.numel = params[i].numel();

@@ -29,6 +29,7 @@ _TORCH_FLAGS = {
 AMP_CLIP = "amp-clip"
 SCALED = "scaled"
 MASTER_WEIGHTS = "master-weights"
+BF16_STATES = "bf16-states"
 
 
 def step_bytes_per_param(n_states: int, element_size: int, state_size: int | None = None,
@@ -122,6 +123,11 @@ CASES = (
               "optimizer as GradScaler.step sets them (its inf-check pass left out), scale 1.0; torch's fused "
               "kernel writes the unscaled grads back (+4 B); each implementation also runs without them "
               "in the same rounds"),
+    Case("adamw-bf16-states", "AdamW", _ADAMW, "fp32", n_states=2, pipeline=BF16_STATES,
+         implementations=(REFERENCE,), baseline="fp32 states", in_default=True,
+         note="fp32 params and grads with bf16 states: fused_opt.AdamW(state_dtype=torch.bfloat16) against "
+              "the same optimizer with fp32 states in the same rounds (torch.optim keeps states in the "
+              "params' dtype)"),
     Case("adamw-bf16-master", "AdamW", _ADAMW, "bf16", n_states=2, pipeline=MASTER_WEIGHTS,
          implementations=(REFERENCE, "torch-fused", "torch-foreach"), in_default=True,
          note="bf16 params and grads with fp32 master weights and states; fused_opt: "
@@ -170,13 +176,15 @@ class Pipeline:
 
     Its traffic beyond the step's own, per param: `passes` reads or writes of a tensor in the params' dtype
     and `fp32_passes` of an fp32 one. `writes_grads`: it changes the grads, so it needs its own copy of
-    them. `optimizer_kwargs`: options it needs from the implementation's optimizer.
+    them. `optimizer_kwargs`: options it needs from the implementation's optimizer. `state_size`: the element
+    size of the states it makes the optimizer keep, where that is not the implementation's own.
     """
     build: Callable[[OptimizerFactory, list[torch.nn.Parameter]], Prepared]
     passes: int = 0
     fp32_passes: int = 0
     writes_grads: bool = False
     optimizer_kwargs: dict = field(default_factory=dict, hash=False)
+    state_size: int | None = None
 
     def extra_bytes_per_param(self, element_size: int) -> int:
         return self.passes * element_size + self.fp32_passes * 4
@@ -268,6 +276,7 @@ def _fused_opt_pipelines(fused_opt) -> dict[str, Pipeline]:
                            optimizer_kwargs={"max_grad_norm": CLIP_MAX_NORM}),
         SCALED: Pipeline(_scaled_step),
         MASTER_WEIGHTS: Pipeline(_bare_step, optimizer_kwargs={"master_weights": True}),
+        BF16_STATES: Pipeline(_bare_step, optimizer_kwargs={"state_dtype": torch.bfloat16}, state_size=2),
     }
 
 
@@ -297,14 +306,17 @@ class Implementation:
     def pipeline(self, case: Case) -> Pipeline | None:
         if case.pipeline is None:
             return None
-        return self.pipelines.get(case.pipeline, STOCK_PIPELINES[case.pipeline])
+        own = self.pipelines.get(case.pipeline)
+        # A pipeline no stock implementation runs (bf16 states) has no stock way.
+        return own if own is not None else STOCK_PIPELINES[case.pipeline]
 
     def bytes_per_param(self, case: Case, bare: bool = False) -> int:
         """The traffic of this implementation's step of the case, with the passes of its way of running the
         pipeline unless `bare`."""
         pipeline = None if bare else self.pipeline(case)
         extra = 0 if pipeline is None else pipeline.extra_bytes_per_param(case.torch_dtype.itemsize)
-        return case.bytes_per_param_with(self.state_size) + extra
+        state_size = self.state_size if pipeline is None or pipeline.state_size is None else pipeline.state_size
+        return case.bytes_per_param_with(state_size) + extra
 
 
 def load_fused_opt():
