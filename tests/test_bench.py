@@ -819,3 +819,27 @@ def test_bad_numbers_and_the_program_name_in_usage(monkeypatch, capsys):
         parse_args(["--rounds", "0"])
     err = capsys.readouterr().err
     assert err.startswith("usage: fused-opt-bench") and "must be at least 1, got 0" in err
+
+
+def test_the_quality_script_tables_every_storage_tier_for_both_tasks(tmp_path, monkeypatch):
+    path = REPO_ROOT / "benchmarks" / "state_dtype_quality.py"
+    spec = importlib.util.spec_from_file_location("state_dtype_quality", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    # The script runs on one thread; the tests after this one keep theirs.
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    for task in ("lm", "mlp"):
+        monkeypatch.setattr(sys, "argv", [str(path), "--task", task, "--steps", "3", "--output", str(tmp_path)])
+        quality.main()
+        text = (tmp_path / f"quality-{task}.md").read_text()
+        rows = [line.strip("| ").split(" | ") for line in text.splitlines()
+                if line.startswith("| ") and not line.startswith("| run")]
+        assert [row[0] for row in rows] == list(quality.RUNS)
+        numbers = {row[0]: [float(cell) for cell in row[1:]] for row in rows}
+        assert all(math.isfinite(value) for row in numbers.values() for value in row)
+        assert numbers[quality.BASELINE][1] == 1.0
+        if task == "lm":
+            floor = float(text.split("(the floor): ")[1].split(" nats")[0])
+            # The source is far from uniform, and three steps leave every model near uniform.
+            assert 0 < floor < math.log(quality.LM_VOCAB) - 1
+            assert all(row[0] > floor + 1 for row in numbers.values())
