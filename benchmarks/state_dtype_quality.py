@@ -33,7 +33,7 @@ import fused_opt
 
 MLP_WIDTH, MLP_DEPTH, MLP_FEATURES, MLP_BATCH = 256, 3, 64, 256
 LM_VOCAB, LM_WIDTH, LM_HEADS, LM_LAYERS, LM_LENGTH, LM_BATCH, LM_HELD_OUT = 32, 64, 4, 2, 64, 32, 512
-LR = {"mlp": 1e-3, "lm": 1e-3}
+LR = 1e-3
 WEIGHT_DECAY = 0.01
 LM_CLIP = 1.0  # global gradient norm: a trial run of torch.optim at lr 3e-3 without it went to NaN
 
@@ -70,10 +70,11 @@ class MarkovSource:
     once from a sparse Dirichlet (most of each row's mass on a few tokens)."""
 
     def __init__(self, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        gamma = torch._standard_gamma(torch.full((LM_VOCAB, LM_VOCAB, LM_VOCAB), 0.1),
-                                      generator=generator).clamp_min(1e-30)
-        self.transitions = gamma / gamma.sum(-1, keepdim=True)
+        torch.manual_seed(seed)
+        rows = torch.distributions.Dirichlet(torch.full((LM_VOCAB, LM_VOCAB, LM_VOCAB), 0.1)).sample()
+        # Draws at concentration 0.1 can underflow to zero; the clamp keeps every row a distribution.
+        rows = rows.clamp_min(1e-30)
+        self.transitions = rows / rows.sum(-1, keepdim=True)
 
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
         tokens = torch.empty(count, LM_LENGTH + 1, dtype=torch.long)
@@ -159,12 +160,12 @@ def commit() -> str:
 def describe(task: str, steps: int) -> str:
     if task == "mlp":
         return (f"a {MLP_DEPTH}-layer MLP (width {MLP_WIDTH}) regressing a fixed random teacher of the same shape "
-                f"on fresh Gaussian batches of {MLP_BATCH}x{MLP_FEATURES}, AdamW lr {LR[task]}, weight decay "
+                f"on fresh Gaussian batches of {MLP_BATCH}x{MLP_FEATURES}, AdamW lr {LR}, weight decay "
                 f"{WEIGHT_DECAY}, {steps} steps, same seeds for every run; final loss: the mean over the last "
                 "100 steps")
     return (f"a {LM_LAYERS}-layer causal transformer (width {LM_WIDTH}, {LM_HEADS} heads) on sequences of "
             f"{LM_LENGTH} tokens from a fixed random second-order Markov source over {LM_VOCAB} tokens, fresh "
-            f"batches of {LM_BATCH}, AdamW lr {LR[task]}, weight decay {WEIGHT_DECAY}, gradient norm clipped to "
+            f"batches of {LM_BATCH}, AdamW lr {LR}, weight decay {WEIGHT_DECAY}, gradient norm clipped to "
             f"{LM_CLIP}, {steps} steps, same seeds for every run; final loss: cross-entropy (nats) on "
             f"{LM_HELD_OUT} held-out sequences")
 
@@ -185,7 +186,7 @@ def main() -> None:
     losses = {}
     for name, (dtype, make) in RUNS.items():
         def make_optimizer(params, make=make):
-            return make(params, LR[args.task])
+            return make(params, LR)
         if args.task == "mlp":
             losses[name] = train_mlp(make_optimizer, dtype, args.steps)
         else:

@@ -28,7 +28,7 @@ def resolve_torch_sqrt() -> None:
     call runs on several threads at once, one thread's chunk can come from a low-accuracy kernel
     (pytorch/pytorch#188792: seen here as 2.8e-4 relative error on half of a 2,112-element
     tensor, in 7 to 10 of 40 fresh processes with 2 threads, torch 2.13.0). One call on one
-    element resolves it first, so that torch.optim's twins below are exact."""
+    element resolves it first, so that torch.optim's twins below compute what they should."""
     for dtype in (torch.float32, torch.float64):
         torch.ones(1, dtype=dtype).sqrt()
 
