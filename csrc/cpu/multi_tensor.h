@@ -38,6 +38,51 @@ constexpr int kMaxStates = 3;
 // The param-copy pointer type of loops without master weights: nothing is written through it.
 struct NoCopy {};
 
+// The element loop prefetches every stream kPrefetchAhead elements ahead, once per block of
+// kPrefetchBlock elements. One core's hardware prefetchers alone keep too few cache misses in
+// flight: the loops ran 10-30% above the time of the same traffic, and each uop an element added
+// (L1's compares and selects) cost time as if it moved bytes. Measured on this project's 2-core
+// Xeon, 16M params, old and new builds in alternating processes: a step took 0.88-0.95x the time
+// on one thread and 0.91-0.95x on two (AdamW, SGD with momentum, Adagrad, float32 and float64,
+// bfloat16 with float32 masters), 0.69-0.74x for bfloat16 states and 0.50-0.57x for bfloat16
+// params, and L1's extra uops now fit into the time the loop waits for memory anyway. A block
+// of 32: one of 16 is peeled completely before vectorizing and lost its vectors, and one of 64
+// bunched its prefetches and gained less.
+constexpr int64_t kPrefetchBlock = 32;
+constexpr int64_t kPrefetchAhead = 1024;
+constexpr size_t kCacheLine = 64;
+
+template <typename T>
+FUSED_OPT_HD void prefetch_block(const T* block) {
+  const char* bytes = reinterpret_cast<const char*>(block);
+  for (size_t byte = 0; byte < kPrefetchBlock * sizeof(T); byte += kCacheLine) {
+    __builtin_prefetch(bytes + byte);
+  }
+}
+
+// Element i of one pass (update_elements). A function with restrict pointers, not a lambda: a
+// lambda's captured pointers lose their restrict, and some loops no longer vectorized fully.
+template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element>
+FUSED_OPT_HD void update_element(ParamT* __restrict param, const GradT* __restrict grad,
+                                 StateT* __restrict state0, StateT* __restrict state1,
+                                 StateT* __restrict state2, CopyT* __restrict param_copy,
+                                 int64_t i, typename Element::opmath grad_factor,
+                                 const Element& element) {
+  using T = typename Element::opmath;
+  constexpr int kStates = Element::kNumStates;
+  T states[kStates > 0 ? kStates : 1];
+  if constexpr (kStates > 0) states[0] = static_cast<T>(state0[i]);
+  if constexpr (kStates > 1) states[1] = static_cast<T>(state1[i]);
+  if constexpr (kStates > 2) states[2] = static_cast<T>(state2[i]);
+  T p = static_cast<T>(param[i]);
+  element(p, static_cast<T>(grad[i]) * grad_factor, states);
+  if constexpr (kStates > 0) state0[i] = static_cast<StateT>(states[0]);
+  if constexpr (kStates > 1) state1[i] = static_cast<StateT>(states[1]);
+  if constexpr (kStates > 2) state2[i] = static_cast<StateT>(states[2]);
+  param[i] = static_cast<ParamT>(p);
+  if constexpr (!std::is_same_v<CopyT, NoCopy>) param_copy[i] = static_cast<CopyT>(p);
+}
+
 // One pass over n elements. `param` is what the update math updates (the float32 master when
 // there is one); `param_copy`, unless NoCopy, receives its rounding to the 16-bit param. Every
 // gradient is multiplied by grad_factor (loss scale and clipping, math/grad_scaling.h) before
@@ -50,21 +95,28 @@ FUSED_OPT_HD void update_elements(ParamT* __restrict param, const GradT* __restr
                                   StateT* __restrict state2, CopyT* __restrict param_copy,
                                   int64_t n, typename Element::opmath grad_factor,
                                   const Element& element) {
-  using T = typename Element::opmath;
   constexpr int kStates = Element::kNumStates;
   static_assert(kStates <= kMaxStates, "update_elements handles at most three state tensors");
-  for (int64_t i = 0; i < n; ++i) {
-    T states[kStates > 0 ? kStates : 1];
-    if constexpr (kStates > 0) states[0] = static_cast<T>(state0[i]);
-    if constexpr (kStates > 1) states[1] = static_cast<T>(state1[i]);
-    if constexpr (kStates > 2) states[2] = static_cast<T>(state2[i]);
-    T p = static_cast<T>(param[i]);
-    element(p, static_cast<T>(grad[i]) * grad_factor, states);
-    if constexpr (kStates > 0) state0[i] = static_cast<StateT>(states[0]);
-    if constexpr (kStates > 1) state1[i] = static_cast<StateT>(states[1]);
-    if constexpr (kStates > 2) state2[i] = static_cast<StateT>(states[2]);
-    param[i] = static_cast<ParamT>(p);
-    if constexpr (!std::is_same_v<CopyT, NoCopy>) param_copy[i] = static_cast<CopyT>(p);
+  constexpr bool kHasCopy = !std::is_same_v<CopyT, NoCopy>;
+  // Two streams (plain SGD) the hardware prefetchers keep up with: prefetching them too made
+  // that step 7% slower.
+  constexpr bool kPrefetches = kStates > 0 || kHasCopy;
+  int64_t i = 0;
+  // The last kPrefetchAhead elements were prefetched by the blocks before them.
+  for (; kPrefetches && i + kPrefetchAhead + kPrefetchBlock <= n; i += kPrefetchBlock) {
+    const int64_t ahead = i + kPrefetchAhead;
+    prefetch_block(param + ahead);
+    prefetch_block(grad + ahead);
+    if constexpr (kStates > 0) prefetch_block(state0 + ahead);
+    if constexpr (kStates > 1) prefetch_block(state1 + ahead);
+    if constexpr (kStates > 2) prefetch_block(state2 + ahead);
+    if constexpr (kHasCopy) prefetch_block(param_copy + ahead);
+    for (int64_t j = 0; j < kPrefetchBlock; ++j) {
+      update_element(param, grad, state0, state1, state2, param_copy, i + j, grad_factor, element);
+    }
+  }
+  for (; i < n; ++i) {
+    update_element(param, grad, state0, state1, state2, param_copy, i, grad_factor, element);
   }
 }
 
