@@ -1,5 +1,6 @@
 """Properties of the compiled library itself: op registrations and vectorized CPU loops."""
 
+import functools
 import platform
 import re
 import shutil
@@ -32,13 +33,15 @@ def _disassembly() -> str:
     ).stdout
 
 
-@pytest.mark.skipif(
+_X86_64_OBJDUMP = pytest.mark.skipif(
     platform.machine() != "x86_64" or shutil.which("objdump") is None,
     reason="the multiversioned loops and this disassembly check are x86-64 only (needs objdump)",
 )
-def test_cpu_loops_have_isa_clones_that_vectorize():
-    """16-bit loops come in AVX-512, AVX2 and baseline clones, wider ones in AVX2 and baseline;
-    the AVX-512 clones use zmm vectors and the AVX2 clones ymm vectors."""
+
+
+@functools.cache
+def _loop_clones() -> dict[tuple[str, str], dict[str, list[str]]]:
+    """The disassembled CPU element loops: {(wrapper, template arguments): {clone: lines}}."""
     header = re.compile(
         r"^[0-9a-f]+ <.*(update_range_16bit|update_range_wide)<(.*)"
         r" \[clone \.(arch_x86_64_v[34]|default)\]>:$"
@@ -54,6 +57,14 @@ def test_cpu_loops_have_isa_clones_that_vectorize():
             body = None
         elif body is not None:
             body.append(line)
+    return clones
+
+
+@_X86_64_OBJDUMP
+def test_cpu_loops_have_isa_clones_that_vectorize():
+    """16-bit loops come in AVX-512, AVX2 and baseline clones, wider ones in AVX2 and baseline;
+    the AVX-512 clones use zmm vectors and the AVX2 clones ymm vectors."""
+    clones = _loop_clones()
     kinds = {kind for kind, _ in clones}
     assert kinds == {"update_range_16bit", "update_range_wide"}, kinds
     for (kind, loop), bodies in clones.items():
@@ -63,3 +74,18 @@ def test_cpu_loops_have_isa_clones_that_vectorize():
             assert "zmm" in "\n".join(bodies["arch_x86_64_v4"]), f"AVX-512 clone of {loop} is scalar"
         assert set(bodies) == expected, (kind, loop)
         assert "ymm" in "\n".join(bodies["arch_x86_64_v3"]), f"AVX2 clone of {loop} is scalar"
+
+
+@_X86_64_OBJDUMP
+def test_cpu_loops_prefetch_all_but_two_stream_loops():
+    """Every clone of a loop with states or a 16-bit param copy prefetches; plain SGD without
+    masters (a param and a grad: two streams) leaves them to the hardware."""
+    clones = _loop_clones()
+    two_streams = 0
+    for (_, loop), bodies in clones.items():
+        plain_sgd = "Momentum)0" in loop and "NoCopy" in loop
+        two_streams += plain_sgd
+        for clone, lines in bodies.items():
+            prefetches = any("prefetch" in line for line in lines)
+            assert prefetches is not plain_sgd, (clone, loop)
+    assert two_streams > 0
