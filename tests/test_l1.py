@@ -9,7 +9,11 @@ the emulated CUDA kernels.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -380,3 +384,63 @@ def test_state_dict_keeps_l1_of_the_groups_that_use_it(name):
     assert fused.param_groups[0]["l1_decay"] == 0.0
     assert fused.param_groups[0]["l1_mode"] == "subgradient"
 
+
+
+def _load_script(relative_path: str):
+    """A script of the repository (benchmarks/, examples/) as a module, without running it."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_sparse_regression_example_recovers_the_support_only_by_proximal_steps(
+    tmp_path, monkeypatch
+):
+    example = _load_script("examples/sparse_regression.py")
+    output = tmp_path / "sparse-regression.md"
+    monkeypatch.setattr(sys, "argv", ["sparse_regression.py", "--output", str(output)])
+    example.main()
+    rows = {
+        cells[0]: cells[1:]
+        for cells in (line.strip("| ").split(" | ") for line in output.read_text().splitlines())
+        if cells[0] in example.RUNS
+    }
+    assert list(rows) == list(example.RUNS)
+    for name, (loss, error, zeros, recovered) in rows.items():
+        proximal = example.RUNS[name].get("l1_mode") == "proximal"
+        assert math.isfinite(float(loss)) and math.isfinite(float(error))
+        # Exact zeros come from soft-thresholding alone, and there they are the true support's
+        # complement: 980 of the 1,000 weights.
+        expected_zeros = example.FEATURES - example.NONZERO if proximal else 0
+        assert zeros.endswith(f"({expected_zeros})"), name
+        assert recovered == ("yes" if proximal else "no"), name
+    # The penalty that recovers the support also lands far nearer the true weights.
+    assert float(rows["L1 proximal"][1]) < float(rows["no penalty"][1]) / 10
+
+
+def test_the_l1_cost_script_tables_both_modes_of_every_optimizer(tmp_path, monkeypatch):
+    cost = _load_script("benchmarks/l1_cost.py")
+    # The script sets its own thread count; the tests after this one keep theirs.
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(sys, "argv", ["l1_cost.py", "--numel", "5000", "--rounds", "2",
+                                      "--steps", "1", "--output", str(tmp_path)])
+    cost.main()
+    rows = [line.strip("| ").split(" | ") for line in
+            (tmp_path / "cost-cpu-wall.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| case")]
+    assert [(case, variant) for case, variant, *_ in rows] == [
+        (case, variant) for case in cost.CASES for variant in cost.VARIANTS
+    ]
+    for case, variant, ms, ratio in rows:
+        assert float(ms) >= 0
+        if variant == "none":
+            assert ratio == "1.00x"
+        else:
+            assert float(ratio.split("x")[0]) > 0
+    records = [json.loads(line) for line in (tmp_path / "cost-cpu.jsonl").read_text().splitlines()]
+    assert [(record["case"], record["l1"]) for record in records] == [tuple(row[:2]) for row in rows]
+    for record in records:
+        assert record["numel"] == 5000 and record["ms_median"] > 0
+        assert record["ratio_min"] <= record["ratio_median"] <= record["ratio_max"]

@@ -20,8 +20,8 @@ namespace fused_opt::cpu {
 
 // Each element loop is compiled for several x86-64 levels and picked at load time, so one wheel
 // runs everywhere. Loops over 16-bit storage (grads, or bfloat16 states beside float32 params)
-// are bound by the conversions to and from fp32 and
-// gain from AVX-512 (measured: bf16 AdamW 17 ms with it, 26 ms with AVX2 alone, on 64M params);
+// are bound by the conversions to and from fp32 and gain from AVX-512 (measured: bf16 AdamW
+// 17 ms with it, 26 ms with AVX2 alone, on 64M params);
 // loops over 32/64-bit storage are bound by memory, where 512-bit vectors only cost (measured on
 // an AMD EPYC: 7% slower than the AVX2 loop on one thread), so they stop at AVX2+FMA.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
