@@ -43,9 +43,9 @@ struct NoCopy {};
 // flight: the loops ran 10-30% above the time of the same traffic, and each uop an element added
 // (L1's compares and selects) cost time as if it moved bytes. Measured on this project's 2-core
 // Xeon, 16M params, old and new builds in alternating processes: a step took 0.88-0.95x the time
-// on one thread and 0.91-0.95x on two (AdamW, SGD with momentum, Adagrad, float32 and float64,
+// on one thread and 0.87-0.95x on two (AdamW, SGD with momentum, Adagrad, float32 and float64,
 // bfloat16 with float32 masters), 0.69-0.74x for bfloat16 states and 0.50-0.57x for bfloat16
-// params, and L1's extra uops now fit into the time the loop waits for memory anyway. A block
+// params, and L1's extra uops now mostly fit into the time the loop waits for memory. A block
 // of 32: one of 16 is peeled completely before vectorizing and lost its vectors, and one of 64
 // bunched its prefetches and gained less.
 constexpr int64_t kPrefetchBlock = 32;
