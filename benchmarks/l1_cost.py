@@ -158,7 +158,8 @@ def main() -> None:
     print(report)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / f"cost-cpu-{args.clock}.md").write_text(report)
+        threads = "" if args.threads == 1 else f"-{args.threads}-threads"
+        (args.output / f"cost-cpu-{args.clock}{threads}.md").write_text(report)
         with open(args.output / "cost-cpu.jsonl", "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

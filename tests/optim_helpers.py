@@ -7,6 +7,9 @@ tests find is a difference between the two libraries and not between their setup
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -175,3 +178,12 @@ def assert_same_tree(actual, expected, where: str = "value") -> None:
             assert_same_tree(a, e, f"{where}[{index}]")
     else:
         assert actual == expected, where
+
+
+def load_repo_script(relative_path: str) -> ModuleType:
+    """A script of the repository (benchmarks/, examples/) as a module, without running its main."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

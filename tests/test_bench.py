@@ -22,6 +22,7 @@ from fused_opt.bench.progress import ProgressBar
 from fused_opt.bench.workloads import (MANY_SMALL_MAX_NUMEL, gpt2_shapes, llama_shapes, make_workload,
                                        many_small_shapes)
 from fused_opt.optimizer import MASTER_KEY
+from optim_helpers import load_repo_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -823,9 +824,7 @@ def test_bad_numbers_and_the_program_name_in_usage(monkeypatch, capsys):
 
 def test_the_quality_script_tables_every_storage_tier_for_both_tasks(tmp_path, monkeypatch):
     path = REPO_ROOT / "benchmarks" / "state_dtype_quality.py"
-    spec = importlib.util.spec_from_file_location("state_dtype_quality", path)
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_repo_script("benchmarks/state_dtype_quality.py")
     # The script runs on one thread; the tests after this one keep theirs.
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     for task in ("lm", "mlp"):

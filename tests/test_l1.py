@@ -9,11 +9,9 @@ the emulated CUDA kernels.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +19,7 @@ import torch
 from torch import Tensor
 
 import fused_opt
-from optim_helpers import make_params, set_grads
+from optim_helpers import load_repo_script, make_params, set_grads
 from reference import REFERENCES
 from test_parity import GRID_SHAPES, LR, as_float64, assert_close, magnitude, random_params
 
@@ -386,19 +384,10 @@ def test_state_dict_keeps_l1_of_the_groups_that_use_it(name):
 
 
 
-def _load_script(relative_path: str):
-    """A script of the repository (benchmarks/, examples/) as a module, without running it."""
-    path = Path(__file__).resolve().parents[1] / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_sparse_regression_example_recovers_the_support_only_by_proximal_steps(
     tmp_path, monkeypatch
 ):
-    example = _load_script("examples/sparse_regression.py")
+    example = load_repo_script("examples/sparse_regression.py")
     output = tmp_path / "sparse-regression.md"
     monkeypatch.setattr(sys, "argv", ["sparse_regression.py", "--output", str(output)])
     example.main()
@@ -421,7 +410,7 @@ def test_the_sparse_regression_example_recovers_the_support_only_by_proximal_ste
 
 
 def test_the_l1_cost_script_tables_both_modes_of_every_optimizer(tmp_path, monkeypatch):
-    cost = _load_script("benchmarks/l1_cost.py")
+    cost = load_repo_script("benchmarks/l1_cost.py")
     # The script sets its own thread count; the tests after this one keep theirs.
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     monkeypatch.setattr(sys, "argv", ["l1_cost.py", "--numel", "5000", "--rounds", "2",
@@ -444,3 +433,9 @@ def test_the_l1_cost_script_tables_both_modes_of_every_optimizer(tmp_path, monke
     for record in records:
         assert record["numel"] == 5000 and record["ms_median"] > 0
         assert record["ratio_min"] <= record["ratio_median"] <= record["ratio_max"]
+    # A run on more threads is reported beside the one-thread run, not over it.
+    monkeypatch.setattr(sys, "argv", ["l1_cost.py", "--numel", "5000", "--rounds", "1",
+                                      "--steps", "1", "--threads", "2", "--output", str(tmp_path)])
+    cost.main()
+    assert "2 thread(s)" in (tmp_path / "cost-cpu-wall-2-threads.md").read_text()
+    assert "1 thread(s)" in (tmp_path / "cost-cpu-wall.md").read_text()
