@@ -145,6 +145,9 @@ RUNS: dict[str, Run] = {
         params, lr=lr, weight_decay=WEIGHT_DECAY, master_weights=True, state_dtype=torch.bfloat16)),
     "bfloat16 params and states, no masters (nearest rounding)": (torch.bfloat16, lambda params, lr: fused_opt.AdamW(
         params, lr=lr, weight_decay=WEIGHT_DECAY)),
+    "bfloat16 params and states, no masters (stochastic rounding)": (
+        torch.bfloat16, lambda params, lr: fused_opt.AdamW(
+            params, lr=lr, weight_decay=WEIGHT_DECAY, param_rounding="stochastic")),
 }
 BASELINE = "fused_opt.AdamW, float32 states"
 

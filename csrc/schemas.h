@@ -10,6 +10,9 @@
 //   l1_decay / l1_proximal: per group, the L1 penalty and whether it is applied as a proximal
 //     step after the update (exact zeros) instead of a subgradient added to the gradient (see
 //     math/l1.h). A group with l1_decay 0 runs the loops compiled without L1.
+//   stochastic_rounding_seed: per group, None (bfloat16 params round to nearest) or the seed
+//     with which the group's bfloat16 params round stochastically (math/rounding.h). Such a
+//     group needs step counters and no master_params, and has no float16 params.
 //   master_params: empty, or one float32 master per float16/bfloat16 param, in the params'
 //     order. Such a param's update then runs on its master (with float32 states) and writes
 //     its rounding into the param; float32 params of the call are their own masters.
@@ -36,7 +39,8 @@ namespace schema_detail {
 
 inline const std::string kStepArgs =
     "Tensor(z!)[] master_params, *, int[] group_sizes, float[] lr, {hyper}, "
-    "float[] l1_decay, bool[] l1_proximal, Tensor?[] lr_tensor, Tensor? grad_scale=None, Tensor? found_inf=None, "
+    "float[] l1_decay, bool[] l1_proximal, int?[] stochastic_rounding_seed, Tensor?[] lr_tensor, "
+    "Tensor? grad_scale=None, Tensor? found_inf=None, "
     "Tensor? grad_norm=None, float? max_grad_norm=None, Tensor(w!)? workspace=None) -> ()";
 
 // Parsed by def() at once, so the string may be a temporary.
@@ -55,6 +59,7 @@ struct StepSignature<std::tuple<Lists...>, std::tuple<Hypers...>> {
   using type = void(Lists..., at::TensorList master_params, c10::ArrayRef<int64_t> group_sizes,
                     c10::ArrayRef<double> lr, Hypers..., c10::ArrayRef<double> l1_decay,
                     const c10::List<bool>& l1_proximal,
+                    const c10::List<std::optional<int64_t>>& stochastic_rounding_seed,
                     const c10::List<std::optional<at::Tensor>>& lr_tensor,
                     const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf,

@@ -193,6 +193,17 @@ void ParamGroups::check_hyper_tensors(std::string_view name, const HyperTensors&
 
 namespace {
 
+}  // namespace
+
+bool StepArgs::any_stochastic_rounding() const {
+  for (size_t g = 0; g < stochastic_rounding_seed.size(); ++g) {
+    if (rounding_seed(g)) return true;
+  }
+  return false;
+}
+
+namespace {
+
 // A call-wide mode that follows from a per-group hyperparameter (momentum on or off, which
 // decides whether buffers exist) must be the same in every group of the call.
 bool same_in_every_group(std::string_view op, std::string_view name,
@@ -208,10 +219,28 @@ bool same_in_every_group(std::string_view op, std::string_view name,
 
 // The checks every step op ends with, once its lists are known to be consistent.
 void check_step_args(std::string_view op, at::TensorList params, at::TensorList steps,
-                     const StepArgs& step) {
+                     at::TensorList master_params, const StepArgs& step) {
   step.groups.check_entries("lr", step.lr.size());
   step.groups.check_entries("l1_decay", step.l1_decay.size());
   step.groups.check_entries("l1_proximal", step.l1_proximal.size());
+  step.groups.check_entries("stochastic_rounding_seed", step.stochastic_rounding_seed.size());
+  if (!params.empty() && step.any_stochastic_rounding()) {
+    // The step is part of each element's random bits: without it every step would round an
+    // element alike, and the rounding would be biased.
+    TORCH_CHECK(!steps.empty(), op, ": stochastic rounding needs the params' step counters");
+    TORCH_CHECK(master_params.empty(), op,
+                ": stochastic rounding rounds params that have no master weights; with "
+                "master_params the float32 masters keep the exact values");
+    step.groups.for_each(params, false, [&](const GroupRange& group) {
+      if (!step.rounding_seed(group.group)) return;
+      for (size_t i = group.offset; i < group.offset + group.size; ++i) {
+        TORCH_CHECK(params[i].scalar_type() != at::kHalf, op, ": params[", i,
+                    "] is float16, which stochastic rounding does not cover (bfloat16 params "
+                    "round stochastically, float32 and float64 params need no rounding); group ",
+                    group.group, " has a stochastic_rounding_seed");
+      }
+    });
+  }
   for (size_t g = 0; g < step.l1_decay.size(); ++g) {
     // Also refuses NaN; an infinite penalty would zero (proximal) or NaN (subgradient) weights.
     TORCH_CHECK(step.l1_decay[g] >= 0.0 && std::isfinite(step.l1_decay[g]), op, ": l1_decay[", g,
@@ -257,7 +286,7 @@ void check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList
   groups.check_entries("beta2", beta2.size());
   groups.check_entries("weight_decay", weight_decay.size());
   groups.check_entries("eps", eps.size());
-  check_step_args(kOp, params, steps, step);
+  check_step_args(kOp, params, steps, master_params, step);
   if (!params.empty()) {
     groups.check_hyper_tensors("beta1_tensor", beta1_tensor, params[0].device());
     groups.check_hyper_tensors("beta2_tensor", beta2_tensor, params[0].device());
@@ -276,16 +305,20 @@ void check_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList 
   const bool has_momentum =
       same_in_every_group(kOp, "momentum", momentum, [](double m) { return m != 0.0; });
   // With momentum, each buffer has a step counter beside it: the kernel starts the buffer when
-  // the counter reaches one, so a skipped first step leaves nothing half-initialized.
+  // the counter reaches one, so a skipped first step leaves nothing half-initialized. Stochastic
+  // rounding hashes the step.
+  const bool counts_steps = has_momentum || step.any_stochastic_rounding();
+  TORCH_CHECK(params.empty() || counts_steps == !steps.empty(), kOp,
+              ": steps must be given exactly when momentum != 0 or a group rounds "
+              "stochastically");
   check_tensor_lists(kOp, params, grads, master_params,
                      {{"momentum_buffers", momentum_buffers, has_momentum}},
-                     has_momentum ? std::optional<at::TensorList>(steps) : std::nullopt);
-  TORCH_CHECK(params.empty() || (has_momentum == !momentum_buffers.empty() &&
-                                 (has_momentum || steps.empty())),
-              kOp, ": momentum_buffers and steps must be given exactly when momentum != 0");
+                     counts_steps ? std::optional<at::TensorList>(steps) : std::nullopt);
+  TORCH_CHECK(params.empty() || has_momentum == !momentum_buffers.empty(), kOp,
+              ": momentum_buffers must be given exactly when momentum != 0");
   TORCH_CHECK(!nesterov || has_momentum || groups.count() == 0, kOp,
               ": nesterov requires momentum");
-  check_step_args(kOp, params, steps, step);
+  check_step_args(kOp, params, steps, master_params, step);
 }
 
 void check_rmsprop_args(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
@@ -311,7 +344,7 @@ void check_rmsprop_args(at::TensorList params, at::TensorList grads, at::TensorL
                                  has_momentum == !momentum_buffers.empty()),
               kOp, ": grad_avgs must be given exactly when centered, momentum_buffers exactly ",
               "when momentum > 0");
-  check_step_args(kOp, params, steps, step);
+  check_step_args(kOp, params, steps, master_params, step);
 }
 
 void check_adagrad_args(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
@@ -325,7 +358,7 @@ void check_adagrad_args(at::TensorList params, at::TensorList grads, at::TensorL
   groups.check_entries("eps", eps.size());
   check_tensor_lists(kOp, params, grads, master_params, {{"state_sums", state_sums, true}},
                      steps);
-  check_step_args(kOp, params, steps, step);
+  check_step_args(kOp, params, steps, master_params, step);
 }
 
 void check_grad_norm_args(at::TensorList grads, const at::Tensor& norm,

@@ -64,6 +64,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
         state_dtype: torch.dtype | None = None,
+        param_rounding: str = "nearest",
+        rounding_seed: int = 0,
         shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
@@ -81,7 +83,14 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             fused=fused,
         )
         self._after_torch_init(
-            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype
+            master_weights,
+            max_grad_norm,
+            l1_decay,
+            l1_mode,
+            shard_group,
+            state_dtype,
+            param_rounding,
+            rounding_seed,
         )
         for group in self.param_groups:
             for p in group["params"]:

@@ -64,6 +64,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
         state_dtype: torch.dtype | None = None,
+        param_rounding: str = "nearest",
+        rounding_seed: int = 0,
         shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
@@ -83,7 +85,14 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         self._after_torch_init(
-            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype
+            master_weights,
+            max_grad_norm,
+            l1_decay,
+            l1_mode,
+            shard_group,
+            state_dtype,
+            param_rounding,
+            rounding_seed,
         )
 
     def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -179,6 +188,8 @@ class AdamW(Adam, torch.optim.AdamW):
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
         state_dtype: torch.dtype | None = None,
+        param_rounding: str = "nearest",
+        rounding_seed: int = 0,
         shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
@@ -197,5 +208,12 @@ class AdamW(Adam, torch.optim.AdamW):
             fused=fused,
         )
         self._after_torch_init(
-            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype
+            master_weights,
+            max_grad_norm,
+            l1_decay,
+            l1_mode,
+            shard_group,
+            state_dtype,
+            param_rounding,
+            rounding_seed,
         )

@@ -30,11 +30,20 @@ from fused_opt._plan import StepPlan
 MASTER_KEY = "master_param"
 #: The ways ``l1_mode`` applies ``l1_decay`` (csrc/include/fused_opt/math/l1.h).
 L1_MODES = ("subgradient", "proximal")
-# A group without these keys (a torch.optim checkpoint, or one saved before fused_opt had L1) was
-# trained without L1; state_dict() leaves them out of a group that has these values.
-_L1_NEUTRAL = {"l1_decay": 0.0, "l1_mode": "subgradient"}
+#: The ways ``param_rounding`` stores updated bfloat16 params without master weights
+#: (csrc/include/fused_opt/math/rounding.h).
+PARAM_ROUNDINGS = ("nearest", "stochastic")
+# A group without these keys (a torch.optim checkpoint, or one saved before fused_opt had L1 or
+# param_rounding) was trained without L1 and rounded to nearest; state_dict() leaves them out of
+# a group that has these values.
+_NEUTRAL_OPTIONS = {
+    "l1_decay": 0.0,
+    "l1_mode": "subgradient",
+    "param_rounding": "nearest",
+    "rounding_seed": 0,
+}
 # The options fused_opt adds to every param group.
-_FUSED_GROUP_KEYS = ("master_weights", "max_grad_norm", "state_dtype", *_L1_NEUTRAL)
+_FUSED_GROUP_KEYS = ("master_weights", "max_grad_norm", "state_dtype", *_NEUTRAL_OPTIONS)
 #: What ``state_dtype`` may be: None (the dtype of what the states update: the param, or its
 #: float32 master), or one of these.
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -138,6 +147,17 @@ _FUSED_ARGS_DOC = """\
             stores them. ``torch.float32`` is the default's dtype for float32 params and
             masters. Saved in a group only where it differs from the optimizer's default;
             torch.optim loads such states as its param's dtype. Default None.
+        param_rounding: how updated bfloat16 params without master weights are stored, per
+            group: ``"nearest"`` (as torch), or ``"stochastic"``: rounded up or down at random
+            with the probabilities that make the rounding unbiased, so that updates below half a
+            bfloat16 ulp still move the weights on average (csrc/include/fused_opt/math/
+            rounding.h). Its random bits are a hash of ``rounding_seed``, the param's position in
+            the step's op call, its step counter and the element's index: reproducible, and the
+            same on every thread count, launch geometry and backend. float32 and float64 params
+            need no rounding; float16 params and master weights are refused with it. Saved in a
+            group only where not "nearest". Default ``"nearest"``.
+        rounding_seed: the seed of ``param_rounding="stochastic"``, an int in [0, 2**63), per
+            group. Default 0.
 """
 _FUSED_ATTRIBUTES_DOC = """\
         param_groups, state, defaults: as in torch.optim; checkpoints have torch.optim's keys.
@@ -215,6 +235,8 @@ class FusedOptimizer(Optimizer):
         l1_mode: str = "subgradient",
         shard_group: Any = None,
         state_dtype: torch.dtype | None = None,
+        param_rounding: str = "nearest",
+        rounding_seed: int = 0,
     ) -> None:
         """Adds fused_opt's own options to the defaults and to every param group (all but
         ``shard_group``, which is no group's: see the property)."""
@@ -228,6 +250,9 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         _check_l1("", {"l1_decay": l1_decay, "l1_mode": l1_mode}, stepping=False)
         _check_state_dtype("state_dtype", state_dtype)
+        rounding = {"param_rounding": param_rounding, "rounding_seed": rounding_seed}
+        _check_param_rounding("", rounding | {"master_weights": master_weights})
+        self.defaults.update(rounding)
         self.defaults["state_dtype"] = state_dtype
         self.defaults["l1_decay"] = l1_decay
         self.defaults["l1_mode"] = l1_mode
@@ -267,13 +292,14 @@ class FusedOptimizer(Optimizer):
         self._step_plan = None
         super().__setstate__(state)
         # Groups loaded from a torch.optim checkpoint lack fused_opt's options; one without L1's
-        # keys was trained without L1, whatever this optimizer's defaults say.
-        for key, neutral in _L1_NEUTRAL.items():
+        # keys was trained without L1, and one without param_rounding rounded to nearest,
+        # whatever this optimizer's defaults say.
+        for key, neutral in _NEUTRAL_OPTIONS.items():
             self.defaults.setdefault(key, neutral)
         # Optimizers pickled before state_dtype existed kept every state in the default dtype.
         self.defaults.setdefault("state_dtype", None)
         for group in self.param_groups:
-            for key, neutral in _L1_NEUTRAL.items():
+            for key, neutral in _NEUTRAL_OPTIONS.items():
                 group.setdefault(key, neutral)
             self._set_fused_opt_defaults(group)
         # A copy or unpickled optimizer knows no versions: its first step compares every master
@@ -352,6 +378,8 @@ class FusedOptimizer(Optimizer):
             self._keeps_step(group),
             group["master_weights"],
             group["state_dtype"],
+            # A change is validated by a full step (float16 params are refused with it).
+            group["param_rounding"],
         )
 
     def _step_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -413,6 +441,10 @@ class FusedOptimizer(Optimizer):
             "lr": lr,
             "l1_decay": bucket.hypers("l1_decay"),
             "l1_proximal": [group["l1_mode"] == "proximal" for group in bucket.groups],
+            "stochastic_rounding_seed": [
+                group["rounding_seed"] if group["param_rounding"] == "stochastic" else None
+                for group in bucket.groups
+            ],
             "lr_tensor": lr_tensor,
             "workspace": self._step_workspace(device) if bucket.steps else None,
             **scaling,
@@ -672,6 +704,13 @@ class FusedOptimizer(Optimizer):
                 sparse_params.append(p)
                 continue
             self._check_dense_grad(group_index, param_index, group, p, grad)
+            if p.dtype == torch.float16 and group.get("param_rounding") == "stochastic":
+                raise ValueError(
+                    f"{type(self).__name__}: "
+                    f"{self._describe_param(group_index, param_index, group, p)} is float16, "
+                    f"but param_groups[{group_index}] has param_rounding='stochastic', which "
+                    "covers bfloat16 params (float16 ones train with master_weights=True)"
+                )
         if steps:
             self._check_hyperparameters(f"param_groups[{group_index}]", group, stepping=True)
             # Each param's state dtype, before any state is made.
@@ -700,6 +739,7 @@ class FusedOptimizer(Optimizer):
             _check_number(label, value, group["params"] if stepping else None)
         _check_l1(where, group, stepping)
         _check_state_dtype(f"{where}['state_dtype']", group.get("state_dtype"))
+        _check_param_rounding(where, group)
 
     def _state_dtype_of(self, group: dict[str, Any], p: Tensor) -> torch.dtype:
         """The dtype of the param's state tensors: that of what they update (the param, or its
@@ -804,9 +844,13 @@ class FusedOptimizer(Optimizer):
                 ):
                     self._ensure_state(p, state, group, keys, with_master)
                 # A param's states are made, re-laid and cast together, so one of them tells
-                # for all.
-                first_state = state[keys[0] if keys else MASTER_KEY]
-                if layout is not None and first_state.stride() != layout:
+                # for all (a step counter alone has no layout).
+                first_state = state.get(keys[0] if keys else MASTER_KEY)
+                if (
+                    layout is not None
+                    and first_state is not None
+                    and first_state.stride() != layout
+                ):
                     _follow_layout(p, state, keys)
                 if keys:
                     # A group's state_dtype changed since the states were made: they follow.
@@ -914,7 +958,7 @@ class FusedOptimizer(Optimizer):
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             for key in _FUSED_GROUP_KEYS:
-                omitted = _L1_NEUTRAL[key] if key in _L1_NEUTRAL else self.defaults[key]
+                omitted = _NEUTRAL_OPTIONS.get(key, self.defaults[key])
                 if key in group and _same_value(group[key], omitted):
                     del group[key]
         return state_dict
@@ -936,7 +980,7 @@ class FusedOptimizer(Optimizer):
                 state = self.state.get(p)
                 if not state:
                     continue
-                self._complete_loaded_state(state)
+                self._complete_loaded_state(state, group)
                 place_step(p, state)
                 if uses_master(group, p):
                     self._load_master_state(p, state, saved_state[saved_id], keys)
@@ -967,7 +1011,7 @@ class FusedOptimizer(Optimizer):
         if state.get(MASTER_KEY) is None:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
 
-    def _complete_loaded_state(self, state: dict[str, Any]) -> None:
+    def _complete_loaded_state(self, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Fills in what a torch.optim checkpoint of this optimizer may lack."""
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1259,6 +1303,32 @@ def _check_l1(where: str, group: dict[str, Any], stepping: bool) -> None:
         raise ValueError(
             f"Invalid {mode_label} value: {mode!r}; it must be one of "
             f"{', '.join(repr(m) for m in L1_MODES)}"
+        )
+
+
+def _check_param_rounding(where: str, group: dict[str, Any]) -> None:
+    """``param_rounding`` is one of PARAM_ROUNDINGS, "stochastic" only without master weights
+    (the float32 masters keep the exact values then), and ``rounding_seed`` an int in
+    [0, 2**63); ``where`` names the group (empty: the constructor's arguments)."""
+    def label(key: str) -> str:
+        return f"{where}['{key}']" if where else key
+
+    mode = group.get("param_rounding")
+    if not (isinstance(mode, str) and mode in PARAM_ROUNDINGS):
+        raise ValueError(
+            f"Invalid {label('param_rounding')} value: {mode!r}; it must be one of "
+            f"{', '.join(repr(m) for m in PARAM_ROUNDINGS)}"
+        )
+    seed = group.get("rounding_seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(
+            f"Invalid {label('rounding_seed')} value: {seed!r}; it must be an int in [0, 2**63)"
+        )
+    if mode == "stochastic" and group.get("master_weights"):
+        raise ValueError(
+            f"{label('param_rounding')} is 'stochastic' together with master_weights=True: "
+            "stochastic rounding is for bfloat16 params trained without masters (the float32 "
+            "masters keep the exact values); choose one"
         )
 
 

@@ -59,6 +59,8 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
         state_dtype: torch.dtype | None = None,
+        param_rounding: str = "nearest",
+        rounding_seed: int = 0,
         shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
@@ -77,7 +79,14 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             differentiable,
         )
         self._after_torch_init(
-            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype
+            master_weights,
+            max_grad_norm,
+            l1_decay,
+            l1_mode,
+            shard_group,
+            state_dtype,
+            param_rounding,
+            rounding_seed,
         )
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:

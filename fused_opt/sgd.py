@@ -64,6 +64,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         l1_decay: float | Tensor = 0.0,
         l1_mode: str = "subgradient",
         state_dtype: torch.dtype | None = None,
+        param_rounding: str = "nearest",
+        rounding_seed: int = 0,
         shard_group: Any = None,
     ) -> None:
         self._reject_differentiable(differentiable)
@@ -81,14 +83,22 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             fused=fused,
         )
         self._after_torch_init(
-            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype
+            master_weights,
+            max_grad_norm,
+            l1_decay,
+            l1_mode,
+            shard_group,
+            state_dtype,
+            param_rounding,
+            rounding_seed,
         )
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _keeps_step(self, group: dict[str, Any]) -> bool:
-        return group["momentum"] != 0
+        # Stochastic rounding hashes the step (csrc/include/fused_opt/math/rounding.h).
+        return group["momentum"] != 0 or group["param_rounding"] == "stochastic"
 
     def _lazy_key(self, key: str) -> bool:
         # torch.optim.SGD creates the buffer on the first step and keeps no counter.
@@ -101,17 +111,28 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         with dampening its next grad is weighed by 1 - dampening instead of 1, as torch.optim.SGD
         does with that checkpoint."""
         state_dict = super().state_dict()
+        # Stochastic rounding's counters are kept: they decide the random bits of the next step.
+        counted = {
+            index
+            for group in state_dict["param_groups"]
+            if group.get("param_rounding") == "stochastic"
+            for index in group["params"]
+        }
         state_dict["state"] = {
-            index: {key: value for key, value in state.items() if key != "step"}
+            index: {
+                key: value for key, value in state.items() if key != "step" or index in counted
+            }
             for index, state in state_dict["state"].items()
         }
         return state_dict
 
-    def _complete_loaded_state(self, state: dict[str, Any]) -> None:
+    def _complete_loaded_state(self, state: dict[str, Any], group: dict[str, Any]) -> None:
         # The counter tells the kernel whether the buffer has been started. torch.optim.SGD keeps
         # none: a buffer it saved has been started; a buffer missing starts afresh, as in torch.
+        # Without momentum, only stochastic rounding keeps (and saves) a counter.
         if state.get("momentum_buffer") is None:
-            state.pop("step", None)
+            if group["momentum"] != 0 or not self._keeps_step(group):
+                state.pop("step", None)
         elif state.get("step") is None:
             state["step"] = torch.ones((), dtype=torch.float32)
 
@@ -119,24 +140,24 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         # The kernel writes the whole buffer on its first step, but a first step that GradScaler
         # skips leaves it unwritten, and state_dict() would hand out uninitialized memory as a
         # buffer that torch.optim.SGD takes for a started one.
+        state = {"step": new_step(p)} if self._keeps_step(group) else {}
         if group["momentum"] != 0:
-            return {
-                "step": new_step(p),
-                "momentum_buffer": torch.zeros_like(
-                    p, dtype=dtype, memory_format=torch.preserve_format
-                ),
-            }
-        return {}
+            state["momentum_buffer"] = torch.zeros_like(
+                p, dtype=dtype, memory_format=torch.preserve_format
+            )
+        return state
 
     def _call_modes(self, group: dict[str, Any]) -> tuple[bool, ...]:
         # A momentum schedule that reaches 0 turns a Nesterov group into plain SGD, as in torch.
         has_momentum = plain_bool(group["momentum"] != 0)
-        return (has_momentum, group["nesterov"] and has_momentum, group["maximize"])
+        # Step counters are all the call's tensors' or none.
+        keeps_step = plain_bool(self._keeps_step(group))
+        return (has_momentum, group["nesterov"] and has_momentum, group["maximize"], keeps_step)
 
     def _op_arguments(
         self, bucket: DeviceBucket
     ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
-        _, nesterov, maximize = self._call_modes(bucket.groups[0])
+        _, nesterov, maximize, _ = self._call_modes(bucket.groups[0])
         lists = (
             bucket.params,
             bucket.grads,

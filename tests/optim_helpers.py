@@ -41,6 +41,8 @@ FUSED_GROUP_DEFAULTS = {
     "l1_decay": 0.0,
     "l1_mode": "subgradient",
     "state_dtype": None,
+    "param_rounding": "nearest",
+    "rounding_seed": 0,
 }
 FUSED_STATE_KEYS = {"SGD": ("step",)}
 

@@ -377,6 +377,7 @@ def _valid_fp32_call(op_name, **modes):
         "lr": [0.1, 0.05],
         "l1_decay": [0.0, 0.01],
         "l1_proximal": [False, True],
+        "stochastic_rounding_seed": [None, None],
         "lr_tensor": [None, None],
         "maximize": False,
         "workspace": torch.zeros(1, dtype=torch.int32),
@@ -546,7 +547,7 @@ OP_CASES = {
         "sgd_",
         {},
         _replace("momentum_buffers", lambda s: _tensors()),
-        "momentum_buffers and steps must be given exactly when momentum != 0",
+        "momentum_buffers must be given exactly when momentum != 0",
     ),
     "sgd-momentum-without-buffers": (
         "sgd_",
@@ -564,7 +565,7 @@ OP_CASES = {
         "sgd_",
         {},
         _replace("steps", lambda s: _steps()),
-        "momentum_buffers and steps must be given exactly when momentum != 0",
+        "steps must be given exactly when momentum != 0 or a group rounds stochastically",
     ),
     "adam-fewer-master_params": (
         "adam_",
@@ -649,6 +650,12 @@ OP_CASES = {
         {},
         _replace("l1_proximal", lambda flags: flags[:1]),
         "got 2 param groups but 1 l1_proximal (one per group)",
+    ),
+    "adam-stochastic_rounding_seed-one-entry-for-two-groups": (
+        "adam_",
+        {},
+        _replace("stochastic_rounding_seed", lambda seeds: seeds[:1]),
+        "got 2 param groups but 1 stochastic_rounding_seed (one per group)",
     ),
     "adagrad-l1_decay-three-entries-for-two-groups": (
         "adagrad_",

@@ -42,6 +42,7 @@ FIELD_NOTES_BYTES = {
     ("adamw-amp-clip", "fp32"): 28,
     ("adamw-scaled", "fp32"): 28,
     ("adamw-bf16-states", "fp32"): 28,
+    ("adamw-stochastic", "bf16"): 14,
     ("adamw-bf16-master", "bf16"): 28,
 }
 
@@ -55,11 +56,12 @@ PIPELINE_BYTES = {
     ("adamw-scaled", "fused_opt"): 28,
     ("adamw-scaled", "torch-fused"): 32,
     ("adamw-bf16-states", "fused_opt"): 20,  # bf16 states: 2*4 + 4 + 2*2*2
+    ("adamw-stochastic", "fused_opt"): 14,
     ("adamw-bf16-master", "fused_opt"): 28,
     ("adamw-bf16-master", "torch-foreach"): 40,
     ("adamw-bf16-master", "torch-fused"): 40,
 }
-NEW_CASES = "adamw-amp-clip,adamw-scaled,adamw-bf16-states,adamw-bf16-master"
+NEW_CASES = "adamw-amp-clip,adamw-scaled,adamw-bf16-states,adamw-stochastic,adamw-bf16-master"
 
 OPTIONAL_STR = (str, type(None))
 OPTIONAL_FLOAT = (float, type(None))
@@ -191,7 +193,8 @@ def test_select_cases_by_optimizer_class_case_name_dtype_and_default():
     assert [case.name for case in select_cases(["sgd"], ["fp32"], full=False)] == ["sgd-momentum", "sgd-nesterov"]
     assert [case.name for case in select_cases(["sgd-nesterov"], ["fp32", "bf16"], full=False)] == ["sgd-nesterov"]
     bf16_adamw = select_cases(["adamw"], ["bf16"], full=False)
-    assert [(case.name, case.dtype) for case in bf16_adamw] == [("adamw", "bf16"), ("adamw-bf16-master", "bf16")]
+    assert [(case.name, case.dtype) for case in bf16_adamw] == [
+        ("adamw", "bf16"), ("adamw-stochastic", "bf16"), ("adamw-bf16-master", "bf16")]
     named = select_cases(["adamw"], ["fp32", "bf16"], full=False, names=NEW_CASES.split(","))
     assert [case.name for case in named] == NEW_CASES.split(",")
     assert select_cases(["sgd"], ["fp32", "bf16"], full=False, names=["adamw-scaled"]) == []
@@ -207,7 +210,7 @@ def test_pipeline_cases_run_fused_opt_and_torch_equivalents():
     runs = {name: [impl.name for impl in core().values() if impl.runs(case_named(name))]
             for name in NEW_CASES.split(",")}
     assert runs == {"adamw-amp-clip": ["fused_opt", "torch-fused"], "adamw-scaled": ["fused_opt", "torch-fused"],
-                    "adamw-bf16-states": ["fused_opt"],
+                    "adamw-bf16-states": ["fused_opt"], "adamw-stochastic": ["fused_opt"],
                     "adamw-bf16-master": ["fused_opt", "torch-foreach", "torch-fused"]}
 
 
@@ -462,7 +465,7 @@ def test_tiny_run_values_are_sensible(tiny_run):
         elif row["speedup_vs_fused_opt_median"] is not None:
             assert (0 < row["speedup_vs_fused_opt_min"] <= row["speedup_vs_fused_opt_median"]
                     <= row["speedup_vs_fused_opt_max"])
-        has_baseline = (row["case"] in ("adamw-scaled", "adamw-bf16-states") and not row["variant"]
+        has_baseline = (row["case"] in {case.name for case in CASES if case.baseline} and not row["variant"]
                         and row["implementation"] != "probe-inplace-add")
         assert (row["time_vs_baseline_median"] is not None) == has_baseline, row
         if has_baseline:
@@ -495,8 +498,8 @@ def test_tiny_run_writes_the_markdown_tables(tiny_run):
     assert "peers found:" in markdown
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
     # Per workload: the main table's header, the baseline table's header and its lines (adamw-scaled's two,
-    # adamw-bf16-states' one).
-    assert len(table_lines) == len(rows) + 2 * (1 + 1 + 2 + 1)
+    # adamw-bf16-states' and adamw-stochastic's one each).
+    assert len(table_lines) == len(rows) + 2 * (1 + 1 + 2 + 1 + 1)
     assert "| adamw-bf16-states | fp32 | fused_opt |" in markdown and "| fp32 states |" in markdown
     assert "- adamw bf16: bf16 params, grads and states" in markdown
     assert "| torch-fused (no grad_scale/found_inf) |" in markdown
@@ -706,7 +709,7 @@ def test_cases_flag_picks_cases_by_name_among_the_optimizers(capsys):
     args = parse_args(["--device", "cpu", "--optimizers", "adamw", "--cases", NEW_CASES])
     assert [(case.name, case.dtype) for case in args.cases] == [
         ("adamw-amp-clip", "fp32"), ("adamw-scaled", "fp32"), ("adamw-bf16-states", "fp32"),
-        ("adamw-bf16-master", "bf16")]
+        ("adamw-stochastic", "bf16"), ("adamw-bf16-master", "bf16")]
     with pytest.raises(SystemExit):
         parse_args(["--device", "cpu", "--optimizers", "sgd", "--cases", "adamw-scaled"])
     assert "no case has optimizer in ['sgd'], name in ['adamw-scaled']" in capsys.readouterr().err

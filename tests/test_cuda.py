@@ -273,6 +273,7 @@ def call_op(op: str, t: OpTensors, options: dict[str, Any], lr_tensor: Tensor | 
         "lr": [g["lr"] for g in per_group],
         "l1_decay": [float(g.get("l1_decay", 0.0)) for g in per_group],
         "l1_proximal": [g.get("l1_mode") == "proximal" for g in per_group],
+        "stochastic_rounding_seed": [g.get("rounding_seed") for g in per_group],
         "lr_tensor": [g.get("lr_tensor", lr_tensor) for g in per_group],
         **{key: [float(g[key]) for g in per_group] for key in OP_HYPERS[op]},
         **{key: o[key] for key in OP_MODES[op]},

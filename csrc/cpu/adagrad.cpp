@@ -15,13 +15,15 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
                  c10::ArrayRef<int64_t> group_sizes, c10::ArrayRef<double> lr,
                  c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
                  c10::ArrayRef<double> eps, bool maximize, c10::ArrayRef<double> l1_decay,
-                 const c10::List<bool>& l1_proximal, const HyperTensors& lr_tensor,
+                 const c10::List<bool>& l1_proximal,
+                 const c10::List<std::optional<int64_t>>& stochastic_rounding_seed,
+                 const HyperTensors& lr_tensor,
                  const std::optional<at::Tensor>& grad_scale,
                  const std::optional<at::Tensor>& found_inf,
                  const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
                  const std::optional<at::Tensor>& workspace) {
   const StepArgs step{ParamGroups(kAdagradOp, group_sizes, params.size()), lr, l1_decay,
-                      l1_proximal, lr_tensor,
+                      l1_proximal, stochastic_rounding_seed, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_adagrad_args(params, grads, state_sums, steps, master_params, step, lr_decay,
                      weight_decay, eps);
@@ -37,7 +39,7 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
             step.l1_mode(g), [&](auto kL1) {
               apply_elementwise<1>(
                   group.of(params), group.of(grads), group.masters_of(master_params),
-                  {group.of(state_sums)}, grad_factor,
+                  {group.of(state_sums)}, grad_factor, GroupRounding(step, group, steps),
                   [&](auto opmath_tag, size_t t, const auto& run) {
                     using T = decltype(opmath_tag);
                     run(math::AdagradElement<T, kMaximize, kWeightDecay, kL1>{

@@ -39,13 +39,15 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps, bool amsgrad,
               bool maximize, bool decoupled_weight_decay, const HyperTensors& beta1_tensor,
               const HyperTensors& beta2_tensor, c10::ArrayRef<double> l1_decay,
-              const c10::List<bool>& l1_proximal, const HyperTensors& lr_tensor,
+              const c10::List<bool>& l1_proximal,
+              const c10::List<std::optional<int64_t>>& stochastic_rounding_seed,
+              const HyperTensors& lr_tensor,
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
               const std::optional<at::Tensor>& workspace) {
   const StepArgs step{ParamGroups(kAdamOp, group_sizes, params.size()), lr, l1_decay,
-                      l1_proximal, lr_tensor,
+                      l1_proximal, stochastic_rounding_seed, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
                   step, beta1, beta2, weight_decay, eps, amsgrad, beta1_tensor, beta2_tensor);
@@ -68,7 +70,8 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
                     apply_elementwise<3>(
                         group.of(params), group.of(grads), group.masters_of(master_params),
                         {group.of(exp_avgs), group.of(exp_avg_sqs), group.of(max_exp_avg_sqs)},
-                        grad_factor, [&](auto opmath_tag, size_t t, const auto& run) {
+                        grad_factor, GroupRounding(step, group, steps),
+                        [&](auto opmath_tag, size_t t, const auto& run) {
                           using T = decltype(opmath_tag);
                           run(math::AdamElement<T, kAmsgrad, kMaximize, kMode, kL1>{
                               tensor_scalars<T>(hyper, step_value(group_steps[t]))});

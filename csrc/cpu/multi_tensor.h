@@ -14,6 +14,7 @@
 
 #include "fused_opt/math/grad_scaling.h"
 #include "fused_opt/math/macros.h"
+#include "fused_opt/math/rounding.h"
 #include "fused_opt/validate.h"
 
 namespace fused_opt::cpu {
@@ -60,15 +61,40 @@ FUSED_OPT_HD void prefetch_block(const T* block) {
   }
 }
 
+// How a loop stores the updated value into its param: rounded to nearest (every param but ...)
+struct RoundToNearest {
+  template <typename ParamT, typename T>
+  FUSED_OPT_HD ParamT store(T value, int64_t) const {
+    return static_cast<ParamT>(value);
+  }
+};
+
+// ... or, for bfloat16 params of a group with a stochastic_rounding_seed, stochastically, with the
+// random bits of element first_element + i of the tensor (math/rounding.h).
+struct RoundStochastically {
+  uint32_t step_key;
+  int64_t first_element;
+
+  template <typename ParamT, typename T>
+  FUSED_OPT_HD ParamT store(T value, int64_t i) const {
+    static_assert(std::is_same_v<ParamT, c10::BFloat16> && std::is_same_v<T, float>,
+                  "stochastic rounding stores float32 values into bfloat16 params");
+    const uint32_t random = math::rounding_bits(step_key, first_element + i);
+    return c10::BFloat16(math::bfloat16_bits_stochastic(value, random),
+                         c10::BFloat16::from_bits());
+  }
+};
+
 // Element i of one pass (update_elements). A function with restrict pointers, not a lambda: a
 // lambda's captures do not carry restrict, and with one six float16 SGD loops lost their
 // AVX-512 vectors.
-template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element>
+template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element,
+          typename Rounding>
 FUSED_OPT_HD void update_element(ParamT* __restrict param, const GradT* __restrict grad,
                                  StateT* __restrict state0, StateT* __restrict state1,
                                  StateT* __restrict state2, CopyT* __restrict param_copy,
                                  int64_t i, typename Element::opmath grad_factor,
-                                 const Element& element) {
+                                 const Element& element, const Rounding& rounding) {
   using T = typename Element::opmath;
   constexpr int kStates = Element::kNumStates;
   T states[kStates > 0 ? kStates : 1];
@@ -80,7 +106,7 @@ FUSED_OPT_HD void update_element(ParamT* __restrict param, const GradT* __restri
   if constexpr (kStates > 0) state0[i] = static_cast<StateT>(states[0]);
   if constexpr (kStates > 1) state1[i] = static_cast<StateT>(states[1]);
   if constexpr (kStates > 2) state2[i] = static_cast<StateT>(states[2]);
-  param[i] = static_cast<ParamT>(p);
+  param[i] = rounding.template store<ParamT>(p, i);
   if constexpr (!std::is_same_v<CopyT, NoCopy>) param_copy[i] = static_cast<CopyT>(p);
 }
 
@@ -90,12 +116,14 @@ FUSED_OPT_HD void update_element(ParamT* __restrict param, const GradT* __restri
 // the math sees it; x * 1 is exact, so the factor costs no accuracy when there is none. Unused
 // state pointers are never touched (the functor's kNumStates is a compile-time constant), so
 // separate restrict pointers keep the loop free of aliasing checks and let it vectorize.
-template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element>
+// `rounding` stores the updated param (RoundToNearest or RoundStochastically).
+template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element,
+          typename Rounding>
 FUSED_OPT_HD void update_elements(ParamT* __restrict param, const GradT* __restrict grad,
                                   StateT* __restrict state0, StateT* __restrict state1,
                                   StateT* __restrict state2, CopyT* __restrict param_copy,
                                   int64_t n, typename Element::opmath grad_factor,
-                                  const Element& element) {
+                                  const Element& element, const Rounding& rounding) {
   constexpr int kStates = Element::kNumStates;
   static_assert(kStates <= kMaxStates, "update_elements handles at most three state tensors");
   constexpr bool kHasCopy = !std::is_same_v<CopyT, NoCopy>;
@@ -113,39 +141,48 @@ FUSED_OPT_HD void update_elements(ParamT* __restrict param, const GradT* __restr
     if constexpr (kStates > 2) prefetch_block(state2 + ahead);
     if constexpr (kHasCopy) prefetch_block(param_copy + ahead);
     for (int64_t j = 0; j < kPrefetchBlock; ++j) {
-      update_element(param, grad, state0, state1, state2, param_copy, i + j, grad_factor, element);
+      update_element(param, grad, state0, state1, state2, param_copy, i + j, grad_factor, element,
+                     rounding);
     }
   }
   for (; i < n; ++i) {
-    update_element(param, grad, state0, state1, state2, param_copy, i, grad_factor, element);
+    update_element(param, grad, state0, state1, state2, param_copy, i, grad_factor, element,
+                   rounding);
   }
 }
 
-#define FUSED_OPT_UPDATE_RANGE(name, clones)                                                     \
-  template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element> \
+#define FUSED_OPT_UPDATE_RANGE(name, clones)                                                  \
+  template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element, \
+            typename Rounding>                                                                 \
   clones void name(ParamT* __restrict param, const GradT* __restrict grad,                     \
                    StateT* __restrict state0, StateT* __restrict state1,                       \
                    StateT* __restrict state2, CopyT* __restrict param_copy, int64_t n,         \
-                   typename Element::opmath grad_factor, const Element element) {              \
-    update_elements(param, grad, state0, state1, state2, param_copy, n, grad_factor, element); \
+                   typename Element::opmath grad_factor, const Element element,                \
+                   const Rounding rounding) {                                                  \
+    update_elements(param, grad, state0, state1, state2, param_copy, n, grad_factor, element,  \
+                    rounding);                                                                 \
   }
 // An attribute cannot depend on a template parameter, hence one wrapper per set of clones.
 FUSED_OPT_UPDATE_RANGE(update_range_16bit, FUSED_OPT_CPU_CLONES_16BIT)
 FUSED_OPT_UPDATE_RANGE(update_range_wide, FUSED_OPT_CPU_CLONES_WIDE)
 #undef FUSED_OPT_UPDATE_RANGE
 
-template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element>
+template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element,
+          typename Rounding = RoundToNearest>
 void update_range(ParamT* param, const GradT* grad, StateT* state0, StateT* state1,
                   StateT* state2, CopyT* param_copy, int64_t n,
-                  typename Element::opmath grad_factor, const Element& element) {
+                  typename Element::opmath grad_factor, const Element& element,
+                  const Rounding& rounding = {}) {
   if constexpr (Element::kNumStates == 0 && !std::is_same_v<StateT, ParamT>) {
     // Nothing to store as StateT (plain SGD): the loop of the param's own storage, not a copy.
     update_range(param, grad, static_cast<ParamT*>(nullptr), static_cast<ParamT*>(nullptr),
-                 static_cast<ParamT*>(nullptr), param_copy, n, grad_factor, element);
+                 static_cast<ParamT*>(nullptr), param_copy, n, grad_factor, element, rounding);
   } else if constexpr (sizeof(GradT) == 2 || sizeof(StateT) == 2) {
-    update_range_16bit(param, grad, state0, state1, state2, param_copy, n, grad_factor, element);
+    update_range_16bit(param, grad, state0, state1, state2, param_copy, n, grad_factor, element,
+                       rounding);
   } else {
-    update_range_wide(param, grad, state0, state1, state2, param_copy, n, grad_factor, element);
+    update_range_wide(param, grad, state0, state1, state2, param_copy, n, grad_factor, element,
+                      rounding);
   }
 }
 
@@ -210,6 +247,26 @@ void with_state_storage(const std::array<at::TensorList, kLists>& state_lists, s
   fn(ParamT{});
 }
 
+// How one group's params are stored: to nearest, or, with a seed, bfloat16 params stochastically.
+struct GroupRounding {
+  std::optional<int64_t> seed;
+  size_t first_tensor;  // the call-wide index of the group's first param
+  at::TensorList steps;  // the group's step counters, already counting this step
+
+  GroupRounding(const StepArgs& step, const GroupRange& group, at::TensorList call_steps)
+      : seed(step.rounding_seed(group.group)),
+        first_tensor(group.offset),
+        steps(group.of(call_steps)) {}
+
+  // Tensor t's (of the group) elements from `first_element` on, rounding stochastically.
+  RoundStochastically stochastic(size_t t, int64_t first_element) const {
+    const uint32_t tensor_key =
+        math::rounding_tensor_key(static_cast<uint64_t>(*seed), first_tensor + t);
+    return {math::rounding_step_key(tensor_key, *elements<const float>(steps[t])),
+            first_element};
+  }
+};
+
 // For every tensor t, with_element(opmath_tag, t, run) picks the element functor for t and calls
 // run(functor); run then applies it to every element of params[t], grads[t] and the matching
 // entries of the state lists (an empty list: that state is unused). Passing the functor to a
@@ -218,10 +275,11 @@ void with_state_storage(const std::array<at::TensorList, kLists>& state_lists, s
 // master_params in order) and float32 states, and the param receives the result rounded to its
 // 16-bit type; float32 params are their own masters. States of float32 params and masters may be
 // stored as bfloat16 (see with_state_storage); the math runs in float32 all the same.
+// `rounding` says how bfloat16 params without masters are stored.
 template <size_t kLists, typename WithElement>
 void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorList master_params,
                        const std::array<at::TensorList, kLists>& state_lists, float grad_factor,
-                       const WithElement& with_element) {
+                       const GroupRounding& rounding, const WithElement& with_element) {
   static_assert(kLists <= kMaxStates, "at most three state lists");
   const auto state_pointers = [&](size_t t, int64_t begin, auto state_tag) {
     using StateT = decltype(state_tag);
@@ -253,9 +311,18 @@ void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorLi
             with_state_storage<scalar_t>(state_lists, t, [&](auto state_tag) {
               const auto states = state_pointers(t, begin, state_tag);
               with_element(T{}, t, [&](const auto& element) {
-                update_range(param, grad, states[0], states[1], states[2],
-                             static_cast<NoCopy*>(nullptr), n, static_cast<T>(grad_factor),
-                             element);
+                const auto run = [&](const auto& store) {
+                  update_range(param, grad, states[0], states[1], states[2],
+                               static_cast<NoCopy*>(nullptr), n, static_cast<T>(grad_factor),
+                               element, store);
+                };
+                if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+                  if (rounding.seed) {
+                    run(rounding.stochastic(t, begin));
+                    return;
+                  }
+                }
+                run(RoundToNearest{});
               });
             });
           });

@@ -17,12 +17,13 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
                  c10::ArrayRef<double> eps, c10::ArrayRef<double> weight_decay,
                  c10::ArrayRef<double> momentum, bool centered, bool maximize,
                  c10::ArrayRef<double> l1_decay, const c10::List<bool>& l1_proximal,
+                 const c10::List<std::optional<int64_t>>& stochastic_rounding_seed,
                  const HyperTensors& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                  const std::optional<at::Tensor>& found_inf,
                  const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
                  const std::optional<at::Tensor>& workspace) {
   const StepArgs step{ParamGroups(kRmspropOp, group_sizes, params.size()), lr, l1_decay,
-                      l1_proximal, lr_tensor,
+                      l1_proximal, stochastic_rounding_seed, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
                      master_params, step, alpha, eps, weight_decay, momentum, centered);
@@ -40,7 +41,8 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
                   apply_elementwise<3>(
                       group.of(params), group.of(grads), group.masters_of(master_params),
                       {group.of(square_avgs), group.of(grad_avgs), group.of(momentum_buffers)},
-                      grad_factor, [&](auto opmath_tag, size_t, const auto& run) {
+                      grad_factor, GroupRounding(step, group, steps),
+                      [&](auto opmath_tag, size_t, const auto& run) {
                         using T = decltype(opmath_tag);
                         run(math::RmspropElement<T, kMaximize, kWeightDecay, kCentered, kMomentum,
                                                  kL1>{math::rmsprop_tensor_scalars<T>(hyper)});

@@ -17,12 +17,13 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
              c10::ArrayRef<double> momentum, c10::ArrayRef<double> dampening,
              c10::ArrayRef<double> weight_decay, bool nesterov, bool maximize,
              c10::ArrayRef<double> l1_decay, const c10::List<bool>& l1_proximal,
+             const c10::List<std::optional<int64_t>>& stochastic_rounding_seed,
              const HyperTensors& lr_tensor, const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf,
              const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
              const std::optional<at::Tensor>& workspace) {
   const StepArgs step{ParamGroups(kSgdOp, group_sizes, params.size()), lr, l1_decay,
-                      l1_proximal, lr_tensor,
+                      l1_proximal, stochastic_rounding_seed, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_sgd_args(params, grads, momentum_buffers, steps, master_params, step, momentum,
                  dampening, weight_decay, nesterov);
@@ -42,6 +43,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
                     apply_elementwise<1>(
                         group.of(params), group.of(grads), group.masters_of(master_params),
                         {group.of(momentum_buffers)}, grad_factor,
+                        GroupRounding(step, group, steps),
                         [&](auto opmath_tag, size_t t, const auto& run) {
                           using T = decltype(opmath_tag);
                           const auto scalars = math::sgd_tensor_scalars<T>(hyper);

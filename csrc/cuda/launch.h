@@ -29,6 +29,8 @@ constexpr int kMaxStates = 3;
 // float32 param of a master-weight call included) param_copy is null. group indexes the call's
 // per-group hyperparameters. bf16_states: the states are stored as bfloat16 beside a float32
 // param or master (state_dtype=torch.bfloat16); otherwise they have the storage of param.
+// stochastic_rounding: a bfloat16 param without a master that rounds stochastically, with the
+// random bits of math::rounding_tensor_key(its group's seed, its index in the call) = rounding_key.
 struct TensorArgs {
   void* param;
   const void* grad;
@@ -39,6 +41,8 @@ struct TensorArgs {
   uint32_t group;
   DType dtype;
   bool bf16_states;
+  bool stochastic_rounding;
+  uint32_t rounding_key;
 };
 
 // A one-element tensor the kernels read on the device when ptr is set, so that a value changed
@@ -99,8 +103,8 @@ void adam_step(const StepCall& call, const AdamGroup* groups, bool amsgrad, bool
                bool decoupled_weight_decay);
 
 // With momentum, every tensor has a step counter, which decides on the device whether its
-// momentum buffer starts on this step (math::sgd_first_step). Momentum is on in every group or
-// in none.
+// momentum buffer starts on this step (math::sgd_first_step); without it, tensors have counters
+// only when a group rounds stochastically. Momentum is on in every group or in none.
 void sgd_step(const StepCall& call, const SgdGroup* groups, bool nesterov, bool maximize);
 
 // Momentum is on in every group or in none.

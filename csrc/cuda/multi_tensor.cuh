@@ -28,6 +28,7 @@
 #include "cuda/launch.h"
 #include "fused_opt/math/grad_scaling.h"
 #include "fused_opt/math/macros.h"
+#include "fused_opt/math/rounding.h"
 
 namespace fused_opt::cuda {
 
@@ -122,6 +123,31 @@ __device__ __forceinline__ double scale_grad(double grad, double factor) {
   return __dmul_rn(grad, factor);
 }
 
+// How the element loop stores an updated param: rounded to nearest (every param but ...)
+struct RoundToNearest {
+  template <typename M, typename T>
+  __device__ __forceinline__ M store(T value, int) const {
+    return FromOpmath<M>::convert(value);
+  }
+};
+
+// ... or, for bfloat16 params that round stochastically, with the random bits of element
+// first_element + i of the tensor (math/rounding.h): the same bits as on the CPU.
+struct RoundStochastically {
+  uint32_t step_key;
+  int64_t first_element;
+
+  template <typename M, typename T>
+  __device__ __forceinline__ M store(T value, int i) const {
+    static_assert(std::is_same_v<M, __nv_bfloat16> && std::is_same_v<T, float>,
+                  "stochastic rounding stores float32 values into bfloat16 params");
+    __nv_bfloat16_raw raw;
+    raw.x = math::bfloat16_bits_stochastic(value,
+                                           math::rounding_bits(step_key, first_element + i));
+    return __nv_bfloat16(raw);
+  }
+};
+
 template <typename Storage>
 struct StorageTag {
   using type = Storage;
@@ -212,7 +238,8 @@ struct TensorTable {
   static constexpr size_t kHeaderBytes =
       sizeof(int64_t) + sizeof(int64_t) + (kWithSteps ? 0 : sizeof(float*));
   static constexpr size_t kBytesPerTensor = kLists * sizeof(void*) + 2 * sizeof(int64_t) +
-                                            (kWithSteps ? sizeof(float*) : 0) + 4;
+                                            (kWithSteps ? sizeof(float*) : 0) +
+                                            sizeof(uint32_t) + 5;
   // Less the padding that rounds the struct up to its 8-byte alignment.
   static constexpr int kCapacity = static_cast<int>(
       (kKernelParamBytes - kGroupParamBytes - kHeaderBytes - alignof(int64_t)) / kBytesPerTensor);
@@ -229,6 +256,8 @@ struct TensorTable {
   uint8_t group[kCapacity];  // index into the launch's LaunchGroups
   bool aligned[kCapacity];   // every pointer of the tensor is aligned to its vector
   bool bf16_states[kCapacity];  // see TensorArgs
+  bool stochastic_rounding[kCapacity];  // see TensorArgs
+  uint32_t rounding_key[kCapacity];
 
   void clear() {
     total_chunks = 0;
@@ -263,6 +292,8 @@ struct TensorTable {
     group[t] = static_cast<uint8_t>(launch_group);
     aligned[t] = all_aligned;
     bf16_states[t] = tensor.bf16_states;
+    stochastic_rounding[t] = tensor.stochastic_rounding;
+    rounding_key[t] = tensor.rounding_key;
   }
 
   __device__ __forceinline__ TensorInfo info(int t) const {
@@ -287,15 +318,16 @@ struct alignas(sizeof(S) * kWidth) Pack {
 // Updates the first n / kWidth * kWidth elements behind the pointers, each aligned to kWidth of
 // its elements. M is the storage of param (the float32 master with master weights), SM that of
 // the states (M, or bfloat16 beside float32), S that of the grad and of `copy`, which with kCopy
-// receives the param rounded to S.
+// receives the param rounded to S; `rounding` stores param (RoundToNearest or
+// RoundStochastically, whose element 0 is param[0]).
 // Thread i takes packs i, i + kBlockSize, ...: each warp reads whole contiguous segments, and
 // kInFlight packs per tensor are loaded before any is used.
 template <typename M, typename SM, typename S, int kWidth, int kInFlight, bool kCopy,
-          typename Element>
+          typename Element, typename Rounding>
 __device__ __forceinline__ void update_packs(M* param, const S* grad,
                                              SM* const (&states)[kMaxStates], S* copy, int n,
                                              typename Element::opmath grad_factor,
-                                             const Element& element) {
+                                             const Element& element, const Rounding& rounding) {
   using T = typename Element::opmath;
   constexpr int kStates = Element::kNumStates;
   constexpr int kStateSlots = kStates > 0 ? kStates : 1;
@@ -339,7 +371,7 @@ __device__ __forceinline__ void update_packs(M* param, const S* grad,
 #pragma unroll
         for (int s = 0; s < kStates; ++s) state_values[s] = to_opmath(st[s][j].v[e]);
         element(value, scale_grad(to_opmath(g[j].v[e]), grad_factor), state_values);
-        p[j].v[e] = FromOpmath<M>::convert(value);
+        p[j].v[e] = rounding.template store<M>(value, (first + j * kBlockSize) * kWidth + e);
 #pragma unroll
         for (int s = 0; s < kStates; ++s) st[s][j].v[e] = FromOpmath<SM>::convert(state_values[s]);
       }
@@ -364,8 +396,9 @@ __device__ __forceinline__ void update_packs(M* param, const S* grad,
 
 // Updates elements [begin, begin + n) of table tensor t, whose grad is stored as S, whose param
 // as M (S itself, or float32 with master weights) and whose states as SM (M, or bfloat16 beside
-// float32).
-template <typename M, typename SM, typename S, typename Op, typename Table>
+// float32). kStochastic: the param is bfloat16 and rounds stochastically.
+template <typename M, typename SM, typename S, typename Op, bool kStochastic = false,
+          typename Table>
 __device__ __forceinline__ void update_chunk(const Table& table, const typename Op::Group& group,
                                              int t, int64_t begin, int n, float grad_factor) {
   // A float16/bfloat16 param receives the rounding of its master; a float32 param in a
@@ -387,19 +420,30 @@ __device__ __forceinline__ void update_chunk(const Table& table, const typename 
   const int vectorized = table.aligned[t] ? n / kWidth * kWidth : 0;
 
   using T = math::opmath_t<M>;
-  Op::template with_element<T>(group, table.info(t), [&](const auto& element) {
+  const TensorInfo info = table.info(t);
+  // The rounding of the elements from `first` (of this chunk) on.
+  const auto rounding_from = [&](int first) {
+    if constexpr (kStochastic) {
+      return RoundStochastically{math::rounding_step_key(table.rounding_key[t], info.step),
+                                 begin + first};
+    } else {
+      return RoundToNearest{};
+    }
+  };
+  Op::template with_element<T>(group, info, [&](const auto& element) {
     static_assert(std::decay_t<decltype(element)>::kNumStates == Table::kStates,
                   "the table carries other state lists than the element functor uses");
     const T factor = static_cast<T>(grad_factor);
-    update_packs<M, SM, S, kWidth, kVectorsInFlight, kCopy>(param, grad, states, copy,
-                                                            vectorized, factor, element);
+    update_packs<M, SM, S, kWidth, kVectorsInFlight, kCopy>(
+        param, grad, states, copy, vectorized, factor, element, rounding_from(0));
     if (vectorized < n) {
       SM* rest_states[kMaxStates] = {};
 #pragma unroll
       for (int s = 0; s < Table::kStates; ++s) rest_states[s] = states[s] + vectorized;
       update_packs<M, SM, S, 1, kScalarsInFlight<M, Table::kStates>, kCopy>(
           param + vectorized, grad + vectorized, rest_states,
-          kCopy ? copy + vectorized : nullptr, n - vectorized, factor, element);
+          kCopy ? copy + vectorized : nullptr, n - vectorized, factor, element,
+          rounding_from(vectorized));
     }
   });
 }
@@ -460,6 +504,12 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
           if (table.bf16_states[t]) {
             update_chunk<float, __nv_bfloat16, float, Op>(table, group, t, begin, n,
                                                           grad_factor);
+            return;
+          }
+        }
+        if constexpr (std::is_same_v<S, __nv_bfloat16> && Table::kWithSteps) {
+          if (table.stochastic_rounding[t]) {
+            update_chunk<S, S, S, Op, true>(table, group, t, begin, n, grad_factor);
             return;
           }
         }

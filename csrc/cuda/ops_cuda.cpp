@@ -14,6 +14,7 @@
 
 #include "cuda/launch.h"
 #include "cuda/ops_cuda.h"
+#include "fused_opt/math/rounding.h"
 #include "fused_opt/validate.h"
 
 // shim.h declares this only under USE_CUDA, which extension builds do not define.
@@ -98,6 +99,11 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
       arg.numel = params[i].numel();
       arg.group = static_cast<uint32_t>(group.group);
       arg.dtype = dtype_code(op, "params", params[i].scalar_type());
+      const std::optional<int64_t> seed = step.rounding_seed(group.group);
+      arg.stochastic_rounding = seed && arg.dtype == DType::kBFloat16 && !has_master;
+      if (arg.stochastic_rounding) {
+        arg.rounding_key = math::rounding_tensor_key(static_cast<uint64_t>(*seed), i);
+      }
       args.push_back(arg);
     }
   });
@@ -127,13 +133,15 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                c10::ArrayRef<double> weight_decay, c10::ArrayRef<double> eps, bool amsgrad,
                bool maximize, bool decoupled_weight_decay, const HyperTensors& beta1_tensor,
                const HyperTensors& beta2_tensor, c10::ArrayRef<double> l1_decay,
-               const c10::List<bool>& l1_proximal, const HyperTensors& lr_tensor,
+               const c10::List<bool>& l1_proximal,
+               const c10::List<std::optional<int64_t>>& stochastic_rounding_seed,
+               const HyperTensors& lr_tensor,
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf,
                const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
                const std::optional<at::Tensor>& workspace) {
   const StepArgs step{ParamGroups(kAdamOp, group_sizes, params.size()), lr, l1_decay,
-                      l1_proximal, lr_tensor,
+                      l1_proximal, stochastic_rounding_seed, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, master_params,
                   step, beta1, beta2, weight_decay, eps, amsgrad, beta1_tensor, beta2_tensor);
@@ -163,12 +171,13 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               c10::ArrayRef<double> momentum, c10::ArrayRef<double> dampening,
               c10::ArrayRef<double> weight_decay, bool nesterov, bool maximize,
               c10::ArrayRef<double> l1_decay, const c10::List<bool>& l1_proximal,
+              const c10::List<std::optional<int64_t>>& stochastic_rounding_seed,
               const HyperTensors& lr_tensor, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
               const std::optional<at::Tensor>& workspace) {
   const StepArgs step{ParamGroups(kSgdOp, group_sizes, params.size()), lr, l1_decay,
-                      l1_proximal, lr_tensor,
+                      l1_proximal, stochastic_rounding_seed, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_sgd_args(params, grads, momentum_buffers, steps, master_params, step, momentum,
                  dampening, weight_decay, nesterov);
@@ -192,13 +201,14 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList sq
                   c10::ArrayRef<double> eps, c10::ArrayRef<double> weight_decay,
                   c10::ArrayRef<double> momentum, bool centered, bool maximize,
                   c10::ArrayRef<double> l1_decay, const c10::List<bool>& l1_proximal,
+                  const c10::List<std::optional<int64_t>>& stochastic_rounding_seed,
                   const HyperTensors& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& grad_norm,
                   std::optional<double> max_grad_norm,
                   const std::optional<at::Tensor>& workspace) {
   const StepArgs step{ParamGroups(kRmspropOp, group_sizes, params.size()), lr, l1_decay,
-                      l1_proximal, lr_tensor,
+                      l1_proximal, stochastic_rounding_seed, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_rmsprop_args(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
                      master_params, step, alpha, eps, weight_decay, momentum, centered);
@@ -222,14 +232,16 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                   c10::ArrayRef<int64_t> group_sizes, c10::ArrayRef<double> lr,
                   c10::ArrayRef<double> lr_decay, c10::ArrayRef<double> weight_decay,
                   c10::ArrayRef<double> eps, bool maximize, c10::ArrayRef<double> l1_decay,
-                  const c10::List<bool>& l1_proximal, const HyperTensors& lr_tensor,
+                  const c10::List<bool>& l1_proximal,
+                  const c10::List<std::optional<int64_t>>& stochastic_rounding_seed,
+                  const HyperTensors& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& grad_norm,
                   std::optional<double> max_grad_norm,
                   const std::optional<at::Tensor>& workspace) {
   const StepArgs step{ParamGroups(kAdagradOp, group_sizes, params.size()), lr, l1_decay,
-                      l1_proximal, lr_tensor,
+                      l1_proximal, stochastic_rounding_seed, lr_tensor,
                       {grad_scale, found_inf, grad_norm, max_grad_norm}, workspace};
   check_adagrad_args(params, grads, state_sums, steps, master_params, step, lr_decay,
                      weight_decay, eps);

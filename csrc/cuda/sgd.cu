@@ -11,12 +11,13 @@ namespace {
 using math::L1Mode;
 using math::Momentum;
 
-template <bool kMaximize, bool kWeightDecay, Momentum kMomentum, L1Mode kL1>
+// kStepCounters: the tensors have step counters, which they have with momentum (the counter
+// says whether the buffer has been started) or with stochastic rounding (which hashes the step).
+template <bool kMaximize, bool kWeightDecay, Momentum kMomentum, L1Mode kL1, bool kStepCounters>
 struct SgdOp {
   using Group = SgdGroup;
   static constexpr int kNumStates = kMomentum == Momentum::kNone ? 0 : 1;
-  // With momentum, the counter says whether the buffer has been started.
-  static constexpr bool kCountsSteps = kMomentum != Momentum::kNone;
+  static constexpr bool kCountsSteps = kStepCounters;
 
   template <typename T, typename Run>
   static __device__ void with_element(const Group& group, const TensorInfo& tensor,
@@ -39,6 +40,7 @@ struct SgdOp {
 void sgd_step(const StepCall& call, const SgdGroup* groups, bool nesterov, bool maximize) {
   if (call.group_count == 0) return;
   const Momentum mode = math::sgd_momentum_mode(groups[0].hyper.momentum, nesterov);
+  const bool step_counters = call.count > 0 && call.tensors[0].step != nullptr;
   // L2 decay by zero adds 0 * param (NaN for an infinite param, +0 to a -0 gradient), so groups
   // without decay launch apart.
   const auto mode_of = [&](size_t g) {
@@ -52,8 +54,13 @@ void sgd_step(const StepCall& call, const SgdGroup* groups, bool nesterov, bool 
             mode, [&](auto kMode) {
               with_constant<L1Mode::kNone, L1Mode::kSubgradient, L1Mode::kProximal>(
                   group_mode.second, [&](auto kL1) {
-                    launch_multi_tensor<SgdOp<kMaximize, kWeightDecay, kMode, kL1>>(
-                        call, groups, in_mode, phase);
+                    with_bool(step_counters, [&](auto kStepCounters) {
+                      // Momentum always comes with counters (validate.cpp).
+                      if constexpr (kMode == Momentum::kNone || kStepCounters) {
+                        launch_multi_tensor<SgdOp<kMaximize, kWeightDecay, kMode, kL1,
+                                                  kStepCounters>>(call, groups, in_mode, phase);
+                      }
+                    });
                   });
             });
       });

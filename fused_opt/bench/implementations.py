@@ -30,6 +30,7 @@ AMP_CLIP = "amp-clip"
 SCALED = "scaled"
 MASTER_WEIGHTS = "master-weights"
 BF16_STATES = "bf16-states"
+STOCHASTIC_ROUNDING = "stochastic-rounding"
 
 
 def step_bytes_per_param(n_states: int, element_size: int, state_size: int | None = None,
@@ -128,6 +129,11 @@ CASES = (
          note="fp32 params and grads with bf16 states: fused_opt.AdamW(state_dtype=torch.bfloat16) against "
               "the same optimizer with fp32 states in the same rounds (torch.optim keeps states in the "
               "params' dtype)"),
+    Case("adamw-stochastic", "AdamW", _ADAMW, "bf16", n_states=2, pipeline=STOCHASTIC_ROUNDING,
+         implementations=(REFERENCE,), baseline="nearest rounding",
+         note="bf16 params, grads and states without master weights, the params rounded stochastically: "
+              "fused_opt.AdamW(param_rounding='stochastic') against the same optimizer rounding to nearest in "
+              "the same rounds (the same bytes; the rounding's hash is the difference)"),
     Case("adamw-bf16-master", "AdamW", _ADAMW, "bf16", n_states=2, pipeline=MASTER_WEIGHTS,
          implementations=(REFERENCE, "torch-fused", "torch-foreach"), in_default=True,
          note="bf16 params and grads with fp32 master weights and states; fused_opt: "
@@ -277,6 +283,7 @@ def _fused_opt_pipelines(fused_opt) -> dict[str, Pipeline]:
         SCALED: Pipeline(_scaled_step),
         MASTER_WEIGHTS: Pipeline(_bare_step, optimizer_kwargs={"master_weights": True}),
         BF16_STATES: Pipeline(_bare_step, optimizer_kwargs={"state_dtype": torch.bfloat16}, state_size=2),
+        STOCHASTIC_ROUNDING: Pipeline(_bare_step, optimizer_kwargs={"param_rounding": "stochastic"}),
     }
 
 

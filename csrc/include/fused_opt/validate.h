@@ -130,6 +130,7 @@ struct StepArgs {
   c10::ArrayRef<double> lr;
   c10::ArrayRef<double> l1_decay;
   const c10::List<bool>& l1_proximal;
+  const c10::List<std::optional<int64_t>>& stochastic_rounding_seed;
   const HyperTensors& lr_tensor;
   ScalingArgs scaling;
   // One int32 element the CUDA kernels count finished blocks in, so that the last block of a
@@ -138,6 +139,9 @@ struct StepArgs {
 
   // The compiled L1 mode of group g; l1_decay 0 is kNone whatever l1_proximal says.
   math::L1Mode l1_mode(size_t g) const { return math::l1_mode(l1_decay[g], l1_proximal.get(g)); }
+  // The seed with which group g's bfloat16 params round stochastically, or nullopt: to nearest.
+  std::optional<int64_t> rounding_seed(size_t g) const { return stochastic_rounding_seed.get(g); }
+  bool any_stochastic_rounding() const;
 };
 
 // Everything each op checks, for every backend: the lists, their presence for the op's modes,
