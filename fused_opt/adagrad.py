@@ -83,14 +83,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             fused=fused,
         )
         self._after_torch_init(
-            master_weights,
-            max_grad_norm,
-            l1_decay,
-            l1_mode,
-            shard_group,
-            state_dtype,
-            param_rounding,
-            rounding_seed,
+            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype,
+            param_rounding, rounding_seed,
         )
         for group in self.param_groups:
             for p in group["params"]:

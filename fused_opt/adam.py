@@ -85,14 +85,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         self._after_torch_init(
-            master_weights,
-            max_grad_norm,
-            l1_decay,
-            l1_mode,
-            shard_group,
-            state_dtype,
-            param_rounding,
-            rounding_seed,
+            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype,
+            param_rounding, rounding_seed,
         )
 
     def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -208,12 +202,6 @@ class AdamW(Adam, torch.optim.AdamW):
             fused=fused,
         )
         self._after_torch_init(
-            master_weights,
-            max_grad_norm,
-            l1_decay,
-            l1_mode,
-            shard_group,
-            state_dtype,
-            param_rounding,
-            rounding_seed,
+            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype,
+            param_rounding, rounding_seed,
         )

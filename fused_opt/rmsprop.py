@@ -79,14 +79,8 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             differentiable,
         )
         self._after_torch_init(
-            master_weights,
-            max_grad_norm,
-            l1_decay,
-            l1_mode,
-            shard_group,
-            state_dtype,
-            param_rounding,
-            rounding_seed,
+            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype,
+            param_rounding, rounding_seed,
         )
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:

@@ -83,14 +83,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             fused=fused,
         )
         self._after_torch_init(
-            master_weights,
-            max_grad_norm,
-            l1_decay,
-            l1_mode,
-            shard_group,
-            state_dtype,
-            param_rounding,
-            rounding_seed,
+            master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype,
+            param_rounding, rounding_seed,
         )
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:

@@ -76,15 +76,19 @@ def test_sgd_steps_equal_the_reference_bit_for_bit(kernels):
         assert optimizer.state[p]["step"].item() == STEPS
 
 
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["unclipped", "clipped"])
 @pytest.mark.parametrize("name", NAMES)
-def test_one_step_rounds_to_a_neighbour_of_the_nearest_twin(name, kernels):
+def test_one_step_rounds_to_a_neighbour_of_the_nearest_twin(name, clip, kernels):
     # Both runs compute the same float32 values and states; only the param's rounding differs:
     # every element is the float32 value's bfloat16 below or above, so it equals the nearest
-    # twin's or sits one bfloat16 gap from it, and both directions occur.
-    options = FULL_STATE_OPTIONS[name]
+    # twin's or sits one bfloat16 gap from it, and both directions occur. Clipping (the grads'
+    # norm is far above 0.5) scales the gradients in registers before either rounding.
+    options = dict(FULL_STATE_OPTIONS[name], max_grad_norm=clip)
     nearest = run(make_params(), name, 1, **options)
     stochastic = run(make_params(), name, 1, **options, param_rounding="stochastic",
                      rounding_seed=SEED)
+    if clip is not None:
+        assert stochastic.last_grad_norm.item() > 10 * clip
     moved_up = moved_down = 0
     for index, (p_near, p_sr) in enumerate(zip(nearest.param_groups[0]["params"],
                                                stochastic.param_groups[0]["params"])):
@@ -179,6 +183,12 @@ def test_a_checkpoint_resumes_bit_for_bit(name):
         second.step()
     for a, b in zip(straight, resumed):
         np.testing.assert_array_equal(bits(a), bits(b))
+    # torch.optim takes the checkpoint (it ignores the rounding keys) and steps on from it.
+    twin_params = make_params()
+    twin = getattr(torch.optim, name)(twin_params, **FULL_STATE_OPTIONS[name])
+    twin.load_state_dict(saved)
+    set_grads(twin_params, 2)
+    twin.step()
 
 
 def test_nearest_groups_save_no_rounding_keys_and_torch_checkpoints_load_as_nearest():
@@ -232,7 +242,7 @@ def test_bad_configurations_are_refused_naming_the_param_or_option():
         group_with_masters.step()
 
 
-def test_the_op_refuses_stochastic_rounding_without_counters_or_with_masters():
+def test_the_op_refuses_stochastic_rounding_without_counters_with_masters_or_float16():
     param = torch.randn(8).to(torch.bfloat16)
     grad = torch.randn(8).to(torch.bfloat16)
     common = dict(group_sizes=[1], lr=[0.1], momentum=[0.0], dampening=[0.0],
@@ -248,3 +258,8 @@ def test_the_op_refuses_stochastic_rounding_without_counters_or_with_masters():
         torch.ops.fused_opt.sgd_([param], [grad], [], [step], [master], **common,
                                  workspace=torch.zeros(1, dtype=torch.int32))
     assert torch.equal(param, before) and step.item() == 0
+    half = param.to(torch.float16)
+    with pytest.raises(RuntimeError, match=r"params\[0\] is float16, which stochastic rounding"):
+        torch.ops.fused_opt.sgd_([half], [grad.to(torch.float16)], [], [step], [], **common,
+                                 workspace=torch.zeros(1, dtype=torch.int32))
+    assert step.item() == 0

@@ -201,6 +201,29 @@ def test_a_hyperparameter_changed_by_hand_takes_effect(key, value):
     assert twins.plan_steps >= 2
 
 
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+@pytest.mark.parametrize(
+    "key, value", [("param_rounding", "stochastic"), ("rounding_seed", 7)])
+def test_param_rounding_changed_by_hand_takes_effect(name, key, value):
+    # bfloat16 params, where the rounding shows; plain SGD also gains step counters with it.
+    options = {"lr": 1e-2} if name == "SGD" else RICH[name]
+    if key == "rounding_seed":
+        options = {**options, "param_rounding": "stochastic"}
+    twins = Twins(name, params=make_params(torch.bfloat16), **options)
+    for _ in range(2):
+        twins.set_grads()
+        twins.step()
+
+    def change(optimizer, params):
+        optimizer.param_groups[0][key] = value
+
+    twins.both(change)
+    for _ in range(3):
+        twins.set_grads()
+        twins.step()
+    assert twins.plan_steps >= 2
+
+
 def test_hyperparameters_changed_in_place_take_effect():
     # A list or a tensor can change without being replaced: such groups are read every step.
     twins = Twins("Adam", **RICH["Adam"])
