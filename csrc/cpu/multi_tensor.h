@@ -70,16 +70,18 @@ struct RoundToNearest {
 };
 
 // ... or, for bfloat16 params of a group with a stochastic_rounding_seed, stochastically, with the
-// random bits of element first_element + i of the tensor (math/rounding.h).
+// random bits of the loop's element i (math/rounding.h): the tensor's element whose index has
+// the low 32 bits first_low + i, in the block of block_key (a loop never crosses blocks).
 struct RoundStochastically {
-  uint32_t step_key;
-  int64_t first_element;
+  uint32_t block_key;
+  uint32_t first_low;
 
   template <typename ParamT, typename T>
   FUSED_OPT_HD ParamT store(T value, int64_t i) const {
     static_assert(std::is_same_v<ParamT, c10::BFloat16> && std::is_same_v<T, float>,
                   "stochastic rounding stores float32 values into bfloat16 params");
-    const uint32_t random = math::rounding_bits(step_key, first_element + i);
+    const uint32_t random =
+        math::rounding_bits(block_key, first_low + static_cast<uint32_t>(i));
     return c10::BFloat16(math::bfloat16_bits_stochastic(value, random),
                          c10::BFloat16::from_bits());
   }
@@ -258,12 +260,15 @@ struct GroupRounding {
         first_tensor(group.offset),
         steps(group.of(call_steps)) {}
 
-  // Tensor t's (of the group) elements from `first_element` on, rounding stochastically.
+  // Tensor t's (of the group) elements from `first_element` to the end of its block of 2^32,
+  // rounding stochastically.
   RoundStochastically stochastic(size_t t, int64_t first_element) const {
     const uint32_t tensor_key =
         math::rounding_tensor_key(static_cast<uint64_t>(*seed), first_tensor + t);
-    return {math::rounding_step_key(tensor_key, *elements<const float>(steps[t])),
-            first_element};
+    const uint32_t step_key =
+        math::rounding_step_key(tensor_key, *elements<const float>(steps[t]));
+    return {math::rounding_block_key(step_key, first_element),
+            static_cast<uint32_t>(first_element)};
   }
 };
 
@@ -311,18 +316,30 @@ void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorLi
             with_state_storage<scalar_t>(state_lists, t, [&](auto state_tag) {
               const auto states = state_pointers(t, begin, state_tag);
               with_element(T{}, t, [&](const auto& element) {
-                const auto run = [&](const auto& store) {
-                  update_range(param, grad, states[0], states[1], states[2],
-                               static_cast<NoCopy*>(nullptr), n, static_cast<T>(grad_factor),
-                               element, store);
+                // Elements [from, to) of the range.
+                const auto run = [&](int64_t from, int64_t to, const auto& store) {
+                  auto at = states;
+                  for (auto& state : at) {
+                    if (state != nullptr) state += from;
+                  }
+                  update_range(param + from, grad + from, at[0], at[1], at[2],
+                               static_cast<NoCopy*>(nullptr), to - from,
+                               static_cast<T>(grad_factor), element, store);
                 };
                 if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
                   if (rounding.seed) {
-                    run(rounding.stochastic(t, begin));
+                    for (int64_t from = 0; from < n;) {
+                      const int64_t block_end =
+                          (begin + from) / math::kRoundingBlock * math::kRoundingBlock +
+                          math::kRoundingBlock;
+                      const int64_t to = std::min(n, block_end - begin);
+                      run(from, to, rounding.stochastic(t, begin + from));
+                      from = to;
+                    }
                     return;
                   }
                 }
-                run(RoundToNearest{});
+                run(0, n, RoundToNearest{});
               });
             });
           });

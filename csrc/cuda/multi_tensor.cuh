@@ -131,19 +131,21 @@ struct RoundToNearest {
   }
 };
 
-// ... or, for bfloat16 params that round stochastically, with the random bits of element
-// first_element + i of the tensor (math/rounding.h): the same bits as on the CPU.
+// ... or, for bfloat16 params that round stochastically, with the random bits of the loop's
+// element i (math/rounding.h): the tensor's element whose index has the low 32 bits
+// first_low + i, in the block of block_key (a chunk never crosses blocks). The same bits as on
+// the CPU.
 struct RoundStochastically {
-  uint32_t step_key;
-  int64_t first_element;
+  uint32_t block_key;
+  uint32_t first_low;
 
   template <typename M, typename T>
   __device__ __forceinline__ M store(T value, int i) const {
     static_assert(std::is_same_v<M, __nv_bfloat16> && std::is_same_v<T, float>,
                   "stochastic rounding stores float32 values into bfloat16 params");
     __nv_bfloat16_raw raw;
-    raw.x = math::bfloat16_bits_stochastic(value,
-                                           math::rounding_bits(step_key, first_element + i));
+    raw.x = math::bfloat16_bits_stochastic(
+        value, math::rounding_bits(block_key, first_low + static_cast<uint32_t>(i)));
     return __nv_bfloat16(raw);
   }
 };
@@ -421,11 +423,14 @@ __device__ __forceinline__ void update_chunk(const Table& table, const typename 
 
   using T = math::opmath_t<M>;
   const TensorInfo info = table.info(t);
-  // The rounding of the elements from `first` (of this chunk) on.
+  // The rounding of the elements from `first` (of this chunk) on. Chunks start at multiples of
+  // kChunkElems, which divides 2^32, so no chunk crosses a block of the random bits.
+  static_assert(math::kRoundingBlock % kChunkElems == 0, "a chunk must lie in one block");
   const auto rounding_from = [&](int first) {
     if constexpr (kStochastic) {
-      return RoundStochastically{math::rounding_step_key(table.rounding_key[t], info.step),
-                                 begin + first};
+      const uint32_t step_key = math::rounding_step_key(table.rounding_key[t], info.step);
+      return RoundStochastically{math::rounding_block_key(step_key, begin),
+                                 static_cast<uint32_t>(begin + first)};
     } else {
       return RoundToNearest{};
     }

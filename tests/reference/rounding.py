@@ -45,12 +45,10 @@ def step_key(key: np.uint32, step: int) -> np.uint32:
 
 
 def random_bits(key: np.uint32, numel: int) -> np.ndarray:
-    """The 32 random bits of elements 0 .. numel - 1 (tensors below 2**32 elements)."""
-    index = np.arange(numel, dtype=np.uint64)
-    low = (index & np.uint64(0xFFFFFFFF)).astype(_U32)
-    high = (index >> np.uint64(32)).astype(_U32)
-    with np.errstate(over="ignore"):
-        return mix32(mix32(low ^ key) + high)
+    """The 32 random bits of elements 0 .. numel - 1 (below 2**32: all in the first block)."""
+    assert numel <= 2**32
+    block_key = hash_combine(key, 0)
+    return mix32(np.arange(numel, dtype=np.uint64).astype(_U32) ^ block_key)
 
 
 def round_bfloat16_stochastic(values: np.ndarray, random: np.ndarray) -> np.ndarray:

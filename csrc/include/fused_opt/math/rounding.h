@@ -49,13 +49,20 @@ FUSED_OPT_HD uint32_t rounding_step_key(uint32_t tensor_key, float step) {
   return hash_combine(tensor_key, static_cast<uint32_t>(step));
 }
 
-// 32 random bits for element `index` of the tensor: an element loop computes them lane by lane
-// with 32-bit integer vectors. Elements of one step hash distinct words (mix32 is a bijection),
-// and beyond 2^32 elements the high half of the index shifts the result.
-FUSED_OPT_HD uint32_t rounding_bits(uint32_t step_key, int64_t index) {
-  const auto low = static_cast<uint32_t>(index);
-  const auto high = static_cast<uint32_t>(static_cast<uint64_t>(index) >> 32);
-  return mix32(mix32(low ^ step_key) + high);
+// Elements come in blocks of 2^32; a block's key is made once per loop, not per element: a loop's
+// range lies inside one block (CUDA chunks always do; the CPU splits its ranges at the blocks).
+constexpr int64_t kRoundingBlock = int64_t{1} << 32;
+
+FUSED_OPT_HD uint32_t rounding_block_key(uint32_t step_key, int64_t index) {
+  return hash_combine(step_key, static_cast<uint32_t>(static_cast<uint64_t>(index) >> 32));
+}
+
+// 32 random bits for the element whose index has these low 32 bits, in the block of block_key:
+// one mix32 per element, which an element loop computes lane by lane with 32-bit integer
+// vectors. The elements of one block and step hash distinct words (mix32 is a bijection); on
+// another step the same element hashes a word made unrelated by the step key.
+FUSED_OPT_HD uint32_t rounding_bits(uint32_t block_key, uint32_t index_low) {
+  return mix32(index_low ^ block_key);
 }
 
 FUSED_OPT_HD uint32_t float_bits(float value) {
