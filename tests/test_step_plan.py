@@ -179,14 +179,8 @@ def test_requires_grad_toggled_steps_as_the_full_path():
     twins.step(expect_plan=False)
 
 
-@pytest.mark.parametrize(
-    "key, value",
-    [("lr", 0.5), ("weight_decay", 0.3), ("betas", (0.5, 0.6)), ("eps", 1e-3),
-     ("amsgrad", False), ("maximize", True), ("l1_decay", 0.01), ("l1_mode", "proximal"),
-     ("max_grad_norm", 0.01), ("lr", torch.tensor(0.2))],
-)
-def test_a_hyperparameter_changed_by_hand_takes_effect(key, value):
-    twins = Twins("Adam", **RICH["Adam"])
+def change_by_hand_and_step(twins, key, value):
+    """Two steps, group 0's `key` set to `value` on both twins, three more steps."""
     for _ in range(2):
         twins.set_grads()
         twins.step()
@@ -199,6 +193,16 @@ def test_a_hyperparameter_changed_by_hand_takes_effect(key, value):
         twins.set_grads()
         twins.step()
     assert twins.plan_steps >= 2
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("lr", 0.5), ("weight_decay", 0.3), ("betas", (0.5, 0.6)), ("eps", 1e-3),
+     ("amsgrad", False), ("maximize", True), ("l1_decay", 0.01), ("l1_mode", "proximal"),
+     ("max_grad_norm", 0.01), ("lr", torch.tensor(0.2))],
+)
+def test_a_hyperparameter_changed_by_hand_takes_effect(key, value):
+    change_by_hand_and_step(Twins("Adam", **RICH["Adam"]), key, value)
 
 
 @pytest.mark.parametrize("name", ["Adam", "SGD"])
@@ -210,18 +214,7 @@ def test_param_rounding_changed_by_hand_takes_effect(name, key, value):
     if key == "rounding_seed":
         options = {**options, "param_rounding": "stochastic"}
     twins = Twins(name, params=make_params(torch.bfloat16), **options)
-    for _ in range(2):
-        twins.set_grads()
-        twins.step()
-
-    def change(optimizer, params):
-        optimizer.param_groups[0][key] = value
-
-    twins.both(change)
-    for _ in range(3):
-        twins.set_grads()
-        twins.step()
-    assert twins.plan_steps >= 2
+    change_by_hand_and_step(twins, key, value)
 
 
 def test_hyperparameters_changed_in_place_take_effect():
