@@ -28,16 +28,16 @@ STEPS = 4
 SEED = 1234
 
 
-def make_params(dtype=torch.bfloat16, seed=0):
+def make_params(dtype=torch.bfloat16, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device, dtype))
             for shape in SHAPES]
 
 
 def set_grads(params, step, scale=1.0):
     generator = torch.Generator().manual_seed(1000 + step)
     for p in params:
-        p.grad = (torch.randn(p.shape, generator=generator) * scale).to(p.dtype)
+        p.grad = (torch.randn(p.shape, generator=generator) * scale).to(p.device, p.dtype)
 
 
 def run(params, name, steps, **options):
@@ -49,19 +49,19 @@ def run(params, name, steps, **options):
 
 
 def bits(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().view(torch.int16).numpy().view(np.uint16)
+    return tensor.detach().cpu().view(torch.int16).numpy().view(np.uint16)
 
 
-def test_sgd_steps_equal_the_reference_bit_for_bit(kernels):
+def test_sgd_steps_equal_the_reference_bit_for_bit(device):
     # lr 1 and no momentum: each param's float32 value before rounding is float32(p) - float32(g),
     # one exact-rounded subtraction, which NumPy computes alike.
-    params = make_params()
-    expected = [p.detach().float().numpy().copy() for p in params]
+    params = make_params(device=device)
+    expected = [p.detach().cpu().float().numpy().copy() for p in params]
     optimizer = fused_opt.SGD(params, lr=1.0, param_rounding="stochastic", rounding_seed=SEED)
     for step in range(STEPS):
         set_grads(params, step)
         for index, (p, value) in enumerate(zip(params, expected)):
-            exact = (value - p.grad.float().numpy()).ravel()
+            exact = (value - p.grad.cpu().float().numpy()).ravel()
             key = rounding.step_key(rounding.tensor_key(SEED, index), step + 1)
             rounded = rounding.round_bfloat16_stochastic(
                 exact, rounding.random_bits(key, exact.size))
@@ -71,7 +71,7 @@ def test_sgd_steps_equal_the_reference_bit_for_bit(kernels):
             assert p.dtype == torch.bfloat16
             np.testing.assert_array_equal(
                 bits(p), bits(torch.from_numpy(value).to(torch.bfloat16)),
-                err_msg=f"{kernels} step {step + 1} param {index}")
+                err_msg=f"{device} step {step + 1} param {index}")
     for p in params:
         assert optimizer.state[p]["step"].item() == STEPS
 
