@@ -191,10 +191,6 @@ void ParamGroups::check_hyper_tensors(std::string_view name, const HyperTensors&
   }
 }
 
-namespace {
-
-}  // namespace
-
 bool StepArgs::any_stochastic_rounding() const {
   for (size_t g = 0; g < stochastic_rounding_seed.size(); ++g) {
     if (rounding_seed(g)) return true;

@@ -82,6 +82,7 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
   const bool master_weights = !master_params.empty();
   size_t next_master = 0;
   step.groups.for_each(params, master_weights, [&](const GroupRange& group) {
+    const std::optional<int64_t> seed = step.rounding_seed(group.group);
     for (size_t i = group.offset; i < group.offset + group.size; ++i) {
       const bool has_master = master_weights && takes_master(params[i]);
       TensorArgs arg{};
@@ -99,7 +100,6 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
       arg.numel = params[i].numel();
       arg.group = static_cast<uint32_t>(group.group);
       arg.dtype = dtype_code(op, "params", params[i].scalar_type());
-      const std::optional<int64_t> seed = step.rounding_seed(group.group);
       arg.stochastic_rounding = seed && arg.dtype == DType::kBFloat16 && !has_master;
       if (arg.stochastic_rounding) {
         arg.rounding_key = math::rounding_tensor_key(static_cast<uint64_t>(*seed), i);
