@@ -148,6 +148,9 @@ RUNS: dict[str, Run] = {
     "bfloat16 params and states, no masters (stochastic rounding)": (
         torch.bfloat16, lambda params, lr: fused_opt.AdamW(
             params, lr=lr, weight_decay=WEIGHT_DECAY, param_rounding="stochastic")),
+    "bfloat16 params and states, no masters (Kahan compensation)": (
+        torch.bfloat16, lambda params, lr: fused_opt.AdamW(
+            params, lr=lr, weight_decay=WEIGHT_DECAY, param_rounding="kahan")),
 }
 BASELINE = "fused_opt.AdamW, float32 states"
 

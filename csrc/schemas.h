@@ -15,7 +15,10 @@
 //     group needs step counters and no master_params, and has no float16 params.
 //   master_params: empty, or one float32 master per float16/bfloat16 param, in the params'
 //     order. Such a param's update then runs on its master (with float32 states) and writes
-//     its rounding into the param; float32 params of the call are their own masters.
+//     its rounding into the param; float32 params of the call are their own masters. A
+//     bfloat16 entry beside a bfloat16 param is instead its Kahan compensation
+//     (param_rounding="kahan", math/rounding.h): the update runs on param + compensation with
+//     the param's own states and stores the param and the new compensation.
 //   lr_tensor (Adam: beta1_tensor, beta2_tensor too): per group, None or a one-element tensor
 //     read on the device instead of the float beside it, so a value changed in place needs no
 //     new call.

@@ -112,15 +112,22 @@ void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorLi
                   m + 1, " float16/bfloat16 params but there are ", master_params.size(),
                   " master_params (one per float16/bfloat16 param)");
       const at::Tensor& master = master_params[m];
-      TORCH_CHECK(master.defined() && master.scalar_type() == at::kFloat, op,
-                  ": master_params[", m, "] (of params[", i, "]) must be a float32 tensor");
+      TORCH_CHECK(master.defined() && (master.scalar_type() == at::kFloat ||
+                                       is_compensation(master, param)),
+                  op, ": master_params[", m, "] (of params[", i, "]) must be a float32 tensor",
+                  " (a master), or a bfloat16 tensor beside a bfloat16 param (its Kahan "
+                  "compensation)");
       TORCH_CHECK(master.device() == param.device() && master.sizes() == param.sizes() &&
                       (master.numel() <= 1 || master.strides() == param.strides()),
                   op, ": master_params[", m, "] must have the device, shape and strides of ",
                   "params[", i, "]");
     }
-    const at::Tensor& state_reference = has_master ? master_params[masters_taken - 1] : param;
-    const std::string_view reference_list = has_master ? "the master of params" : "params";
+    // A compensation is no master: the states live beside the param.
+    const bool updates_master =
+        has_master && !is_compensation(master_params[masters_taken - 1], param);
+    const at::Tensor& state_reference =
+        updates_master ? master_params[masters_taken - 1] : param;
+    const std::string_view reference_list = updates_master ? "the master of params" : "params";
     const at::Tensor* first_state = nullptr;
     for (const auto& list : states) {
       if (!list.tensors.empty()) {

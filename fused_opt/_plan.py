@@ -12,7 +12,8 @@ the options that pick the op call and the state tensors, and the ``state`` dict 
 (``load_state_dict`` replaces groups and state; ``add_param_group`` adds a group). The C++ side
 compares the state's entries (clearing the state restarts it) and checks each param: its grad
 present (and none new), of the param's dtype, device, shape and layout, the param unchanged in
-dtype, device, shape and layout, and the version counter of every param with a master. Anything
+dtype, device, shape and layout, and the version counter of every param with a master or a Kahan
+compensation. Anything
 else (a grad set to None or replaced by one of another kind, a dtype or device change, a
 master-weight param written in place, a param's state dict or one of its state tensors replaced
 by another object) sends the step through the full path, which checks, reports and makes a new
@@ -71,7 +72,7 @@ class StepPlan:
             if any(p.grad is not None for p in group["params"])
         ]
         versioned = [
-            (p, optimizer._master_versions[p]) for bucket in buckets for p in bucket.mastered
+            (p, optimizer._master_versions[p]) for bucket in buckets for p in bucket.watched
         ]
         self.native = _C.StepPlan(idle, versioned, optimizer.state)
         # Whether the native plan holds grads gathered by gather_grads().

@@ -9,10 +9,13 @@ from torch import Tensor
 from torch.optim.adagrad import adagrad as torch_adagrad
 
 from fused_opt.optimizer import (
+    COMPENSATION_KEY,
+    MASTER_KEY,
     DeviceBucket,
     FusedOptimizer,
     new_step,
     place_step,
+    uses_compensation,
     uses_master,
 )
 
@@ -90,11 +93,15 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             for p in group["params"]:
                 place_step(p, self.state[p])
                 # torch made the sum in the param's dtype, which may round its initial value.
-                # The master is made here too: torch.distributed.checkpoint loads into the keys
-                # the state already has, and would otherwise leave it out.
+                # The master (or compensation) is made here too: torch.distributed.checkpoint
+                # loads into the keys the state already has, and would otherwise leave it out.
                 if uses_master(group, p):
                     self.state[p].update(self._new_state(p, group, torch.float32))
-                    self._ensure_state(p, self.state[p], group, self._state_keys(group), True)
+                    self._ensure_state(p, self.state[p], group, self._state_keys(group),
+                                       MASTER_KEY)
+                elif uses_compensation(group, p):
+                    self._ensure_state(p, self.state[p], group, self._state_keys(group),
+                                       COMPENSATION_KEY)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)

@@ -35,7 +35,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
         {fused_attributes}
 
     State per param (as torch): ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``
-    with amsgrad, and ``master_param`` under master weights.
+    with amsgrad, ``master_param`` under master weights, and ``kahan_compensation`` under
+    ``param_rounding="kahan"``.
     """
 
     _sparse_grad_error = (
@@ -160,7 +161,8 @@ class AdamW(Adam, torch.optim.AdamW):
         {fused_attributes}
 
     State per param (as torch): ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``
-    with amsgrad, and ``master_param`` under master weights.
+    with amsgrad, ``master_param`` under master weights, and ``kahan_compensation`` under
+    ``param_rounding="kahan"``.
     """
 
     def __init__(

@@ -28,11 +28,13 @@ from fused_opt import _distributed, _ops
 from fused_opt._plan import StepPlan
 
 MASTER_KEY = "master_param"
+#: The state key of a bfloat16 param's Kahan compensation under ``param_rounding="kahan"``.
+COMPENSATION_KEY = "kahan_compensation"
 #: The ways ``l1_mode`` applies ``l1_decay`` (csrc/include/fused_opt/math/l1.h).
 L1_MODES = ("subgradient", "proximal")
 #: The ways ``param_rounding`` stores updated bfloat16 params without master weights
 #: (csrc/include/fused_opt/math/rounding.h).
-PARAM_ROUNDINGS = ("nearest", "stochastic")
+PARAM_ROUNDINGS = ("nearest", "stochastic", "kahan")
 # A group without these keys (a torch.optim checkpoint, or one saved before fused_opt had L1 or
 # param_rounding) was trained without L1 and rounded to nearest; state_dict() leaves them out of
 # a group that has these values.
@@ -61,8 +63,9 @@ class DeviceBucket:
     grads: list[Tensor] = field(default_factory=list)
     #: The optimizer's params themselves, of which ``params`` may hold views (complex, DTensor).
     origins: list[Tensor] = field(default_factory=list)
-    #: The params (of ``origins``) with a master weight.
-    mastered: list[Tensor] = field(default_factory=list)
+    #: The params (of ``origins``) with a master weight or a Kahan compensation, which depend on
+    #: the param's value: a step watches their version counters.
+    watched: list[Tensor] = field(default_factory=list)
     states: dict[str, list[Tensor]] = field(default_factory=dict)
     steps: list[Tensor] = field(default_factory=list)
     masters: list[Tensor] = field(default_factory=list)
@@ -153,9 +156,12 @@ _FUSED_ARGS_DOC = """\
             bfloat16 ulp still move the weights on average (csrc/include/fused_opt/math/
             rounding.h). Its random bits are a hash of ``rounding_seed``, the param's position in
             the step's op call, its step counter and the element's index: reproducible, and the
-            same on every thread count, launch geometry and backend. float32 and float64 params
-            need no rounding; float16 params and master weights are refused with it. Saved in a
-            group only where not "nearest". Default ``"nearest"``.
+            same on every thread count, launch geometry and backend. Or ``"kahan"``: rounded to
+            nearest, with what the rounding dropped kept in a bfloat16 compensation buffer per
+            param (state ``"kahan_compensation"``, 2 bytes per element) that the next update
+            adds back, so that small updates accumulate there until they move the param. float32
+            and float64 params need no rounding; float16 params and master weights are refused
+            with either. Saved in a group only where not "nearest". Default ``"nearest"``.
         rounding_seed: the seed of ``param_rounding="stochastic"``, an int in [0, 2**63), per
             group. Default 0.
 """
@@ -704,11 +710,12 @@ class FusedOptimizer(Optimizer):
                 sparse_params.append(p)
                 continue
             self._check_dense_grad(group_index, param_index, group, p, grad)
-            if p.dtype == torch.float16 and group.get("param_rounding") == "stochastic":
+            rounding = group.get("param_rounding")
+            if p.dtype == torch.float16 and rounding != "nearest":
                 raise ValueError(
                     f"{type(self).__name__}: "
                     f"{self._describe_param(group_index, param_index, group, p)} is float16, "
-                    f"but param_groups[{group_index}] has param_rounding='stochastic', which "
+                    f"but param_groups[{group_index}] has param_rounding={rounding!r}, which "
                     "covers bfloat16 params (float16 ones train with master_weights=True)"
                 )
         if steps:
@@ -832,20 +839,25 @@ class FusedOptimizer(Optimizer):
             if grad is None or grad.is_sparse:
                 continue
             with_master = uses_master(group, p)
+            with_compensation = uses_compensation(group, p)
+            # What the op takes as the param's entry of master_params, if anything.
+            companion = (
+                MASTER_KEY if with_master else COMPENSATION_KEY if with_compensation else None
+            )
             # The kernels walk param, grad and states as one flat range, in the param's layout.
             layout = p.stride() if p.numel() > 1 else None
-            # Plain SGD keeps no state but a master, and without one its params get no (empty)
-            # state entries, as in torch.
-            stateful = bool(needed) or with_master
+            # Plain SGD keeps no state but a master or compensation, and without one its params
+            # get no (empty) state entries, as in torch.
+            stateful = bool(needed) or companion is not None
             state = self.state[p] if stateful else {}
             if stateful:
-                if (with_master and state.get(MASTER_KEY) is None) or any(
+                if (companion is not None and state.get(companion) is None) or any(
                     state.get(key) is None for key in needed
                 ):
-                    self._ensure_state(p, state, group, keys, with_master)
+                    self._ensure_state(p, state, group, keys, companion)
                 # A param's states are made, re-laid and cast together, so one of them tells
                 # for all (a step counter alone has no layout).
-                first_state = state.get(keys[0] if keys else MASTER_KEY)
+                first_state = state.get(keys[0] if keys else companion)
                 if (
                     layout is not None
                     and first_state is not None
@@ -859,13 +871,14 @@ class FusedOptimizer(Optimizer):
                         _cast_states(state, keys, dtype)
             # Read no version under torch.compile: dynamo cannot branch on one.
             if (
-                with_master
+                companion is not None
                 and not torch.compiler.is_compiling()
                 and self._master_versions.get(p) != p._version
             ):
-                self._refresh_master(p, state[MASTER_KEY])
-            # A master-weight call also takes the float32 params of the group, their own masters.
-            in_master_call = with_master or (
+                self._refresh_companion(p, state, companion)
+            # A master-weight call also takes the float32 params of the group, their own masters,
+            # and the compensations of Kahan groups.
+            in_master_call = companion is not None or (
                 group["master_weights"] and p.dtype in _OWN_MASTER_DTYPES
             )
             bucket = buckets.get((p.device, in_master_call, modes))
@@ -875,8 +888,8 @@ class FusedOptimizer(Optimizer):
                 )
             bucket.enter(group)
             bucket.origins.append(p)
-            if with_master:
-                bucket.mastered.append(p)
+            if companion is not None:
+                bucket.watched.append(p)
             # Autograd gives grads the param's layout; the rare grad that differs is copied into it.
             if layout is not None and grad.stride() != layout:
                 grad = torch.empty_like(p).copy_(grad)
@@ -894,8 +907,8 @@ class FusedOptimizer(Optimizer):
                 bucket.states[key].append(state[key])
             if keeps_step:
                 bucket.steps.append(state["step"])
-            if with_master:
-                bucket.masters.append(state[MASTER_KEY])
+            if companion is not None:
+                bucket.masters.append(state[companion])
 
     def _ensure_state(
         self,
@@ -903,10 +916,14 @@ class FusedOptimizer(Optimizer):
         state: dict[str, Any],
         group: dict[str, Any],
         keys: Sequence[str],
-        with_master: bool,
+        companion: str | None,
     ) -> None:
-        """Creates whatever state the param lacks: all of it on its first step."""
-        if with_master and state.get(MASTER_KEY) is None:
+        """Creates whatever state the param lacks: all of it on its first step. ``companion`` is
+        the state key of the param's master or compensation, if it has one."""
+        if companion == COMPENSATION_KEY and state.get(COMPENSATION_KEY) is None:
+            state[COMPENSATION_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._master_versions[p] = p._version
+        if companion == MASTER_KEY and state.get(MASTER_KEY) is None:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
             self._master_versions[p] = p._version
             # States made before the master (master_weights switched on during training) move
@@ -918,6 +935,16 @@ class FusedOptimizer(Optimizer):
             for key, value in self._new_state(p, group, dtype).items():
                 if state.get(key) is None:
                     state[key] = value
+
+    def _refresh_companion(self, p: Tensor, state: dict[str, Any], companion: str) -> None:
+        """After a write to the param since the last step: its master follows it (see
+        _refresh_master), and its compensation, the remainder of a value the param no longer
+        holds, is dropped, so that the write is kept exactly (a pruned element stays zero)."""
+        if companion == MASTER_KEY:
+            self._refresh_master(p, state[MASTER_KEY])
+        else:
+            state[COMPENSATION_KEY].zero_()
+            self._master_versions[p] = p._version
 
     def _refresh_master(self, p: Tensor, master: Tensor) -> None:
         """Re-starts from the param every element of its master whose rounding the param no longer
@@ -933,16 +960,21 @@ class FusedOptimizer(Optimizer):
     def refresh_master_weights(self) -> None:
         """Brings every float32 master in line with its 16-bit param: each element whose param no
         longer holds the master's rounding restarts from the param; the others keep their
-        float32 bits. step() does this by itself for every param whose version counter moved
-        since the last step. Call it after in-place edits that step() cannot see: writes through
+        float32 bits. Clears every Kahan compensation (``param_rounding="kahan"``), which
+        belongs to the param's value before the edit. step() does this by itself for every
+        param whose version counter moved since the last step. Call it after in-place edits that step() cannot see: writes through
         ``param.data`` (which do not count as versions), and edits between the steps of a
         ``torch.compile``d or CUDA-graph-captured step, which cannot branch on version counters
         and so never checks them."""
         for group in self.param_groups:
             for p in group["params"]:
-                master = self.state[p].get(MASTER_KEY) if p in self.state else None
-                if master is not None and uses_master(group, p):
-                    self._refresh_master(p, master)
+                state = self.state[p] if p in self.state else {}
+                for companion, used in (
+                    (MASTER_KEY, uses_master(group, p)),
+                    (COMPENSATION_KEY, uses_compensation(group, p)),
+                ):
+                    if used and state.get(companion) is not None:
+                        self._refresh_companion(p, state, companion)
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -990,6 +1022,16 @@ class FusedOptimizer(Optimizer):
                     self._master_versions[p] = p._version
                 else:
                     state.pop(MASTER_KEY, None)
+                if uses_compensation(group, p):
+                    # torch.optim's loading gave it the param's dtype, its own; a checkpoint
+                    # without one (torch.optim's, or one trained to nearest) starts from zero.
+                    if state.get(COMPENSATION_KEY) is None:
+                        state[COMPENSATION_KEY] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format
+                        )
+                    self._master_versions[p] = p._version
+                else:
+                    state.pop(COMPENSATION_KEY, None)
                 # torch.optim's loading gave the states the param's dtype (exactly, from
                 # bfloat16 states); state_dtype stores them as this group keeps them.
                 if keys:
@@ -1067,7 +1109,7 @@ class FusedOptimizer(Optimizer):
                         f"{error}: state[{saved_id!r}] of {label} lacks "
                         f"{', '.join(repr(k) for k in missing)}"
                     )
-                for key in (*keys, MASTER_KEY):
+                for key in (*keys, MASTER_KEY, COMPENSATION_KEY):
                     value = state.get(key)
                     if value is not None:
                         problem = _state_tensor_problem(p, value)
@@ -1152,7 +1194,7 @@ def _follow_layout(p: Tensor, state: dict[str, Any], keys: Sequence[str]) -> Non
     if p.numel() <= 1:
         return
     stride = p.stride()
-    for key in (*keys, MASTER_KEY):
+    for key in (*keys, MASTER_KEY, COMPENSATION_KEY):
         value = state.get(key)
         if value is not None and value.stride() != stride:
             state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
@@ -1201,6 +1243,12 @@ def uses_master(group: dict[str, Any], p: Tensor) -> bool:
     """Whether the param is updated through an fp32 master copy: 16-bit params of a group with
     master_weights=True. Other params of such a group are their own masters."""
     return group["master_weights"] and p.dtype in _MASTER_DTYPES
+
+
+def uses_compensation(group: dict[str, Any], p: Tensor) -> bool:
+    """Whether the param keeps a Kahan compensation: bfloat16 params of a group with
+    param_rounding="kahan" (which master weights are refused with)."""
+    return group.get("param_rounding") == "kahan" and p.dtype == torch.bfloat16
 
 
 def place_step(p: Tensor, state: dict[str, Any]) -> None:
@@ -1307,7 +1355,7 @@ def _check_l1(where: str, group: dict[str, Any], stepping: bool) -> None:
 
 
 def _check_param_rounding(where: str, group: dict[str, Any]) -> None:
-    """``param_rounding`` is one of PARAM_ROUNDINGS, "stochastic" only without master weights
+    """``param_rounding`` is one of PARAM_ROUNDINGS, all but "nearest" only without master weights
     (the float32 masters keep the exact values then), and ``rounding_seed`` an int in
     [0, 2**63); ``where`` names the group (empty: the constructor's arguments)."""
     def label(key: str) -> str:
@@ -1324,10 +1372,10 @@ def _check_param_rounding(where: str, group: dict[str, Any]) -> None:
         raise ValueError(
             f"Invalid {label('rounding_seed')} value: {seed!r}; it must be an int in [0, 2**63)"
         )
-    if mode == "stochastic" and group.get("master_weights"):
+    if mode != "nearest" and group.get("master_weights"):
         raise ValueError(
-            f"{label('param_rounding')} is 'stochastic' together with master_weights=True: "
-            "stochastic rounding is for bfloat16 params trained without masters (the float32 "
+            f"{label('param_rounding')} is {mode!r} together with master_weights=True: "
+            f"{mode} rounding is for bfloat16 params trained without masters (the float32 "
             "masters keep the exact values); choose one"
         )
 

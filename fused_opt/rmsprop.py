@@ -33,7 +33,8 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         {fused_attributes}
 
     State per param (as torch): ``step``, ``square_avg``, ``grad_avg`` when centered,
-    ``momentum_buffer`` with momentum, and ``master_param`` under master weights.
+    ``momentum_buffer`` with momentum, ``master_param`` under master weights, and
+    ``kahan_compensation`` under ``param_rounding="kahan"``.
     """
 
     _sparse_grad_error = "RMSprop does not support sparse gradients"

@@ -585,11 +585,19 @@ OP_CASES = {
         _in_float64(0),
         "params[0] has dtype Double; with master_params, params are float16 or bfloat16",
     ),
-    "adam-master-bf16": (
+    "adam-master-float16": (
+        "adam_",
+        {"master": True},
+        _set("master_params", 1, lambda m: m.half()),
+        "master_params[1] (of params[1]) must be a float32 tensor (a master), or a bfloat16",
+    ),
+    # A bfloat16 entry beside a bfloat16 param is its Kahan compensation, whose states share the
+    # param's dtype: float32 states are a master's.
+    "adam-compensation-beside-float32-states": (
         "adam_",
         {"master": True},
         _set("master_params", 1, lambda m: m.bfloat16()),
-        "master_params[1] (of params[1]) must be a float32 tensor",
+        "exp_avgs[1] has dtype Float but params[1] has dtype BFloat16",
     ),
     "adam-master-shape": (
         "adam_",

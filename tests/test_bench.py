@@ -43,6 +43,7 @@ FIELD_NOTES_BYTES = {
     ("adamw-scaled", "fp32"): 28,
     ("adamw-bf16-states", "fp32"): 28,
     ("adamw-stochastic", "bf16"): 14,
+    ("adamw-kahan", "bf16"): 14,
     ("adamw-bf16-master", "bf16"): 28,
 }
 
@@ -57,11 +58,12 @@ PIPELINE_BYTES = {
     ("adamw-scaled", "torch-fused"): 32,
     ("adamw-bf16-states", "fused_opt"): 20,  # bf16 states: 2*4 + 4 + 2*2*2
     ("adamw-stochastic", "fused_opt"): 14,
+    ("adamw-kahan", "fused_opt"): 18,  # the bf16 compensation read and written: + 2*2
     ("adamw-bf16-master", "fused_opt"): 28,
     ("adamw-bf16-master", "torch-foreach"): 40,
     ("adamw-bf16-master", "torch-fused"): 40,
 }
-NEW_CASES = "adamw-amp-clip,adamw-scaled,adamw-bf16-states,adamw-stochastic,adamw-bf16-master"
+NEW_CASES = "adamw-amp-clip,adamw-scaled,adamw-bf16-states,adamw-stochastic,adamw-kahan,adamw-bf16-master"
 
 OPTIONAL_STR = (str, type(None))
 OPTIONAL_FLOAT = (float, type(None))
@@ -102,6 +104,8 @@ def expected_bytes(row: dict) -> int:
 def expected_state_bytes(case: Case, implementation: str, variant: str = "") -> float:
     if case.pipeline == implementations.BF16_STATES and not variant:
         return case.n_states * 2
+    if case.pipeline == implementations.KAHAN and not variant:
+        return case.n_states * 2 + 2  # and the bf16 compensation
     if case.pipeline == implementations.MASTER_WEIGHTS:
         # fp32 states and a master copy; torch's loop also keeps the masters' fp32 grads.
         return case.n_states * 4 + 4 + (0 if implementation == implementations.REFERENCE else 4)
@@ -194,7 +198,7 @@ def test_select_cases_by_optimizer_class_case_name_dtype_and_default():
     assert [case.name for case in select_cases(["sgd-nesterov"], ["fp32", "bf16"], full=False)] == ["sgd-nesterov"]
     bf16_adamw = select_cases(["adamw"], ["bf16"], full=False)
     assert [(case.name, case.dtype) for case in bf16_adamw] == [
-        ("adamw", "bf16"), ("adamw-stochastic", "bf16"), ("adamw-bf16-master", "bf16")]
+        ("adamw", "bf16"), ("adamw-stochastic", "bf16"), ("adamw-kahan", "bf16"), ("adamw-bf16-master", "bf16")]
     named = select_cases(["adamw"], ["fp32", "bf16"], full=False, names=NEW_CASES.split(","))
     assert [case.name for case in named] == NEW_CASES.split(",")
     assert select_cases(["sgd"], ["fp32", "bf16"], full=False, names=["adamw-scaled"]) == []
@@ -211,6 +215,7 @@ def test_pipeline_cases_run_fused_opt_and_torch_equivalents():
             for name in NEW_CASES.split(",")}
     assert runs == {"adamw-amp-clip": ["fused_opt", "torch-fused"], "adamw-scaled": ["fused_opt", "torch-fused"],
                     "adamw-bf16-states": ["fused_opt"], "adamw-stochastic": ["fused_opt"],
+                    "adamw-kahan": ["fused_opt"],
                     "adamw-bf16-master": ["fused_opt", "torch-foreach", "torch-fused"]}
 
 
@@ -498,8 +503,8 @@ def test_tiny_run_writes_the_markdown_tables(tiny_run):
     assert "peers found:" in markdown
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
     # Per workload: the main table's header, the baseline table's header and its lines (adamw-scaled's two,
-    # adamw-bf16-states' and adamw-stochastic's one each).
-    assert len(table_lines) == len(rows) + 2 * (1 + 1 + 2 + 1 + 1)
+    # adamw-bf16-states', adamw-stochastic's and adamw-kahan's one each).
+    assert len(table_lines) == len(rows) + 2 * (1 + 1 + 2 + 1 + 1 + 1)
     assert "| adamw-bf16-states | fp32 | fused_opt |" in markdown and "| fp32 states |" in markdown
     assert "- adamw bf16: bf16 params, grads and states" in markdown
     assert "| torch-fused (no grad_scale/found_inf) |" in markdown
@@ -709,7 +714,7 @@ def test_cases_flag_picks_cases_by_name_among_the_optimizers(capsys):
     args = parse_args(["--device", "cpu", "--optimizers", "adamw", "--cases", NEW_CASES])
     assert [(case.name, case.dtype) for case in args.cases] == [
         ("adamw-amp-clip", "fp32"), ("adamw-scaled", "fp32"), ("adamw-bf16-states", "fp32"),
-        ("adamw-stochastic", "bf16"), ("adamw-bf16-master", "bf16")]
+        ("adamw-stochastic", "bf16"), ("adamw-kahan", "bf16"), ("adamw-bf16-master", "bf16")]
     with pytest.raises(SystemExit):
         parse_args(["--device", "cpu", "--optimizers", "sgd", "--cases", "adamw-scaled"])
     assert "no case has optimizer in ['sgd'], name in ['adamw-scaled']" in capsys.readouterr().err

@@ -471,11 +471,14 @@ def test_shard_group_with_dtensor_params_is_refused_before_any_change():
     spawn(_dtensor_shard_group_worker)
 
 
-def _checkpoint_worker(rank: int, name: str, master: bool, directory: str) -> None:
-    options = {**FULL_STATE_OPTIONS[name], "master_weights": master}
+def _checkpoint_worker(rank: int, name: str, precision: str, directory: str) -> None:
+    # bfloat16 params keep a float32 master, or a bfloat16 Kahan compensation, in the state.
+    companion = {"bf16-master": "master_param", "bf16-kahan": "kahan_compensation"}.get(precision)
+    options = {**FULL_STATE_OPTIONS[name], "master_weights": precision == "bf16-master",
+               "param_rounding": "kahan" if precision == "bf16-kahan" else "nearest"}
 
     def build(module=fused_opt):
-        model = _fsdp_model(torch.bfloat16 if master else torch.float32)
+        model = _fsdp_model(torch.float32 if companion is None else torch.bfloat16)
         opts = options if module is fused_opt else FULL_STATE_OPTIONS[name]
         return model, getattr(module, name)(model.parameters(), **opts)
 
@@ -508,10 +511,11 @@ def _checkpoint_worker(rank: int, name: str, master: bool, directory: str) -> No
             if name == "SGD" and state_key == "step":
                 continue  # not saved, as torch.optim.SGD saves none: it only tells a started buffer
             assert torch.equal(_full(resumed.state[b][state_key]), _full(value)), (key, state_key)
-        if master:
-            assert resumed.state[b]["master_param"].placements == b.placements
+        if companion is not None:
+            assert resumed.state[b][companion].placements == b.placements
 
-    # Into torch.optim: the same states, rounded to the params' dtype (torch has no master).
+    # Into torch.optim: the same states, rounded to the params' dtype (torch has no master or
+    # compensation).
     torch_model, torch_opt = build(torch.optim)
     load(torch_model, torch_opt)
     for key, p in torch_model.named_parameters():
@@ -521,10 +525,10 @@ def _checkpoint_worker(rank: int, name: str, master: bool, directory: str) -> No
                 assert torch.equal(_full(value), expected), (key, state_key)
 
 
-@pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-master", "bf16-kahan"])
 @pytest.mark.parametrize("name", NAMES)
-def test_distributed_checkpoint_resumes_bit_identically(name, master, tmp_path):
-    spawn(_checkpoint_worker, name, master, str(tmp_path))
+def test_distributed_checkpoint_resumes_bit_identically(name, precision, tmp_path):
+    spawn(_checkpoint_worker, name, precision, str(tmp_path))
 
 
 def _bad_grad_worker(rank: int) -> None:

@@ -207,9 +207,11 @@ def test_a_hyperparameter_changed_by_hand_takes_effect(key, value):
 
 @pytest.mark.parametrize("name", ["Adam", "SGD"])
 @pytest.mark.parametrize(
-    "key, value", [("param_rounding", "stochastic"), ("rounding_seed", 7)])
+    "key, value",
+    [("param_rounding", "stochastic"), ("param_rounding", "kahan"), ("rounding_seed", 7)])
 def test_param_rounding_changed_by_hand_takes_effect(name, key, value):
-    # bfloat16 params, where the rounding shows; plain SGD also gains step counters with it.
+    # bfloat16 params, where the rounding shows; plain SGD also gains step counters with
+    # stochastic rounding, and every optimizer a compensation with Kahan's.
     options = {"lr": 1e-2} if name == "SGD" else RICH[name]
     if key == "rounding_seed":
         options = {**options, "param_rounding": "stochastic"}

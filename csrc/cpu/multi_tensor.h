@@ -63,6 +63,9 @@ FUSED_OPT_HD void prefetch_block(const T* block) {
 
 // How a loop stores the updated value into its param: rounded to nearest (every param but ...)
 struct RoundToNearest {
+  // Whether the loop's param_copy is the param's Kahan compensation (see CompensateRounding).
+  static constexpr bool kCompensates = false;
+
   template <typename ParamT, typename T>
   FUSED_OPT_HD ParamT store(T value, int64_t) const {
     return static_cast<ParamT>(value);
@@ -73,6 +76,7 @@ struct RoundToNearest {
 // random bits of the loop's element i (math/rounding.h): the tensor's element whose index has
 // the low 32 bits first_low + i, in the block of block_key (a loop never crosses blocks).
 struct RoundStochastically {
+  static constexpr bool kCompensates = false;
   uint32_t block_key;
   uint32_t first_low;
 
@@ -85,6 +89,13 @@ struct RoundStochastically {
     return c10::BFloat16(math::bfloat16_bits_stochastic(value, random),
                          c10::BFloat16::from_bits());
   }
+};
+
+// ... or, for bfloat16 params of a group with param_rounding="kahan", to nearest with a
+// compensation (math/rounding.h): the loop's param_copy is then the param's bfloat16
+// compensation buffer, which the update reads and rewrites.
+struct CompensateRounding : RoundToNearest {
+  static constexpr bool kCompensates = true;
 };
 
 // Element i of one pass (update_elements). A function with restrict pointers, not a lambda: a
@@ -104,21 +115,32 @@ FUSED_OPT_HD void update_element(ParamT* __restrict param, const GradT* __restri
   if constexpr (kStates > 1) states[1] = static_cast<T>(state1[i]);
   if constexpr (kStates > 2) states[2] = static_cast<T>(state2[i]);
   T p = static_cast<T>(param[i]);
+  if constexpr (Rounding::kCompensates) {
+    p = math::compensated_value(p, static_cast<T>(param_copy[i]));
+  }
   element(p, static_cast<T>(grad[i]) * grad_factor, states);
   if constexpr (kStates > 0) state0[i] = static_cast<StateT>(states[0]);
   if constexpr (kStates > 1) state1[i] = static_cast<StateT>(states[1]);
   if constexpr (kStates > 2) state2[i] = static_cast<StateT>(states[2]);
   param[i] = rounding.template store<ParamT>(p, i);
-  if constexpr (!std::is_same_v<CopyT, NoCopy>) param_copy[i] = static_cast<CopyT>(p);
+  if constexpr (Rounding::kCompensates) {
+    // Read back, not kept in a local: a local c10::BFloat16 stays an aggregate in memory, which
+    // the vectorizer refuses.
+    param_copy[i] = static_cast<CopyT>(math::compensation_after(p, static_cast<T>(param[i])));
+  } else if constexpr (!std::is_same_v<CopyT, NoCopy>) {
+    param_copy[i] = static_cast<CopyT>(p);
+  }
 }
 
 // One pass over n elements. `param` is what the update math updates (the float32 master when
-// there is one); `param_copy`, unless NoCopy, receives its rounding to the 16-bit param. Every
+// there is one); `param_copy`, unless NoCopy, receives its rounding to the 16-bit param, or,
+// with CompensateRounding, is the param's compensation. Every
 // gradient is multiplied by grad_factor (loss scale and clipping, math/grad_scaling.h) before
 // the math sees it; x * 1 is exact, so the factor costs no accuracy when there is none. Unused
 // state pointers are never touched (the functor's kNumStates is a compile-time constant), so
 // separate restrict pointers keep the loop free of aliasing checks and let it vectorize.
-// `rounding` stores the updated param (RoundToNearest or RoundStochastically).
+// `rounding` stores the updated param (RoundToNearest, RoundStochastically or
+// CompensateRounding).
 template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element,
           typename Rounding>
 FUSED_OPT_HD void update_elements(ParamT* __restrict param, const GradT* __restrict grad,
@@ -278,8 +300,10 @@ struct GroupRounding {
 // continuation lets per-tensor facts (a first step, say) select a different compiled loop.
 // With master_params, the functor updates the master of each float16/bfloat16 param (they take
 // master_params in order) and float32 states, and the param receives the result rounded to its
-// 16-bit type; float32 params are their own masters. States of float32 params and masters may be
-// stored as bfloat16 (see with_state_storage); the math runs in float32 all the same.
+// 16-bit type; float32 params are their own masters. A bfloat16 entry of master_params is
+// instead the Kahan compensation of its bfloat16 param (CompensateRounding), whose states are
+// stored as the param is. States of float32 params and masters may be stored as bfloat16 (see
+// with_state_storage); the math runs in float32 all the same.
 // `rounding` says how bfloat16 params without masters are stored.
 template <size_t kLists, typename WithElement>
 void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorList master_params,
@@ -343,6 +367,18 @@ void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorLi
               });
             });
           });
+    } else if (master_params[master_index[t]].scalar_type() == at::kBFloat16) {
+      // A bfloat16 param's Kahan compensation (validate.cpp admits no other bfloat16 master);
+      // its states are stored as the param is.
+      using Storage = c10::BFloat16;
+      Storage* param = elements<Storage>(params[t]) + begin;
+      const Storage* grad = elements<const Storage>(grads[t]) + begin;
+      Storage* compensation = elements<Storage>(master_params[master_index[t]]) + begin;
+      const auto states = state_pointers(t, begin, Storage{});
+      with_element(float{}, t, [&](const auto& element) {
+        update_range(param, grad, states[0], states[1], states[2], compensation, n, grad_factor,
+                     element, CompensateRounding{});
+      });
     } else {
       AT_DISPATCH_REDUCED_FLOATING_TYPES(params[t].scalar_type(), "fused_opt_cpu_master", [&] {
         float* master = elements<float>(master_params[master_index[t]]) + begin;

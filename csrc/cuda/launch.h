@@ -22,6 +22,13 @@ enum class DType : uint8_t { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 constexpr int kMaxStates = 3;
 
+// How a kernel stores an updated param: rounded to nearest (every param but ...), stochastically
+// (a bfloat16 param without a master in a group with a stochastic_rounding_seed), or to nearest
+// with a Kahan compensation (a bfloat16 param of a master-weight call whose entry of
+// master_params is bfloat16: then param is the bfloat16 param itself and param_copy its
+// compensation, which the update adds to the param and rewrites; its states have its storage).
+enum class ParamStore : uint8_t { kNearest, kStochastic, kCompensated };
+
 // One param's tensors. All of them cover the same numel elements in the same flat order; states
 // beyond the optimizer's count are ignored; step is null for optimizers without a counter. With
 // master weights, param is the float32 master that the update math updates (states are float32
@@ -29,8 +36,8 @@ constexpr int kMaxStates = 3;
 // float32 param of a master-weight call included) param_copy is null. group indexes the call's
 // per-group hyperparameters. bf16_states: the states are stored as bfloat16 beside a float32
 // param or master (state_dtype=torch.bfloat16); otherwise they have the storage of param.
-// stochastic_rounding: a bfloat16 param without a master that rounds stochastically, with the
-// random bits of math::rounding_tensor_key(its group's seed, its index in the call) = rounding_key.
+// param_store: how the updated param is stored (ParamStore); with kStochastic, with the random
+// bits of math::rounding_tensor_key(its group's seed, its index in the call) = rounding_key.
 struct TensorArgs {
   void* param;
   const void* grad;
@@ -41,7 +48,7 @@ struct TensorArgs {
   uint32_t group;
   DType dtype;
   bool bf16_states;
-  bool stochastic_rounding;
+  ParamStore param_store;
   uint32_t rounding_key;
 };
 
@@ -64,7 +71,8 @@ struct StepCall {
   // Per group, its compiled L1 mode (math::l1_mode of its l1_decay and l1_proximal): groups that
   // differ in it go in separate launches; the value l1_decay is each Group's hyper.l1_decay.
   const math::L1Mode* l1_modes;
-  // Every TensorArgs has a param_copy, but float32 params, which are their own masters.
+  // Every TensorArgs has a param_copy (the 16-bit param, or a compensation), but float32 params,
+  // which are their own masters.
   bool master_weights;
   // With step counters: a zeroed device counter, which each launch counts its finished blocks
   // in (and leaves zero), so that the last block advances the counters every block has read.

@@ -125,6 +125,9 @@ __device__ __forceinline__ double scale_grad(double grad, double factor) {
 
 // How the element loop stores an updated param: rounded to nearest (every param but ...)
 struct RoundToNearest {
+  // Whether the loop's copy is the param's Kahan compensation (see CompensateRounding).
+  static constexpr bool kCompensates = false;
+
   template <typename M, typename T>
   __device__ __forceinline__ M store(T value, int) const {
     return FromOpmath<M>::convert(value);
@@ -136,6 +139,7 @@ struct RoundToNearest {
 // first_low + i, in the block of block_key (a chunk never crosses blocks). The same bits as on
 // the CPU.
 struct RoundStochastically {
+  static constexpr bool kCompensates = false;
   uint32_t block_key;
   uint32_t first_low;
 
@@ -148,6 +152,12 @@ struct RoundStochastically {
         value, math::rounding_bits(block_key, first_low + static_cast<uint32_t>(i)));
     return __nv_bfloat16(raw);
   }
+};
+
+// ... or, for a bfloat16 param with a compensation (ParamStore::kCompensated), to nearest, the
+// loop's copy being the compensation, which the update reads and rewrites (math/rounding.h).
+struct CompensateRounding : RoundToNearest {
+  static constexpr bool kCompensates = true;
 };
 
 template <typename Storage>
@@ -258,7 +268,7 @@ struct TensorTable {
   uint8_t group[kCapacity];  // index into the launch's LaunchGroups
   bool aligned[kCapacity];   // every pointer of the tensor is aligned to its vector
   bool bf16_states[kCapacity];  // see TensorArgs
-  bool stochastic_rounding[kCapacity];  // see TensorArgs
+  ParamStore param_store[kCapacity];  // see TensorArgs
   uint32_t rounding_key[kCapacity];
 
   void clear() {
@@ -272,7 +282,10 @@ struct TensorTable {
     const int t = count++;
     const int elems = vector_elems(storage_bytes(tensor.dtype), kMaster);
     const int storage_vector = elems * storage_bytes(tensor.dtype);
-    const int update_vector = kMaster ? elems * static_cast<int>(sizeof(float)) : storage_vector;
+    // A compensated param is updated in its own storage, a master in float32.
+    const bool compensated = tensor.param_store == ParamStore::kCompensated;
+    const int update_vector =
+        kMaster && !compensated ? elems * static_cast<int>(sizeof(float)) : storage_vector;
     const int state_vector = tensor.bf16_states ? elems * 2 : update_vector;
     lists[0][t] = tensor.param;
     lists[1][t] = const_cast<void*>(tensor.grad);
@@ -294,7 +307,7 @@ struct TensorTable {
     group[t] = static_cast<uint8_t>(launch_group);
     aligned[t] = all_aligned;
     bf16_states[t] = tensor.bf16_states;
-    stochastic_rounding[t] = tensor.stochastic_rounding;
+    param_store[t] = tensor.param_store;
     rounding_key[t] = tensor.rounding_key;
   }
 
@@ -320,8 +333,9 @@ struct alignas(sizeof(S) * kWidth) Pack {
 // Updates the first n / kWidth * kWidth elements behind the pointers, each aligned to kWidth of
 // its elements. M is the storage of param (the float32 master with master weights), SM that of
 // the states (M, or bfloat16 beside float32), S that of the grad and of `copy`, which with kCopy
-// receives the param rounded to S; `rounding` stores param (RoundToNearest or
-// RoundStochastically, whose element 0 is param[0]).
+// receives the param rounded to S, or with CompensateRounding is the param's compensation;
+// `rounding` stores param (RoundToNearest, RoundStochastically, whose element 0 is param[0], or
+// CompensateRounding).
 // Thread i takes packs i, i + kBlockSize, ...: each warp reads whole contiguous segments, and
 // kInFlight packs per tensor are loaded before any is used.
 template <typename M, typename SM, typename S, int kWidth, int kInFlight, bool kCopy,
@@ -353,12 +367,14 @@ __device__ __forceinline__ void update_packs(M* param, const S* grad,
   for (int first = threadIdx.x; first < packs; first += kBlockSize * kInFlight) {
     UpdatePack p[kInFlight];
     StoragePack g[kInFlight];
+    StoragePack compensation[Rounding::kCompensates ? kInFlight : 1];
     StatePack st[kStateSlots][kInFlight];
 #pragma unroll
     for (int j = 0; j < kInFlight; ++j) {
       if (first + j * kBlockSize < packs) {
         p[j] = next_param[j * kBlockSize];
         g[j] = next_grad[j * kBlockSize];
+        if constexpr (Rounding::kCompensates) compensation[j] = next_copy[j * kBlockSize];
 #pragma unroll
         for (int s = 0; s < kStates; ++s) st[s][j] = next_state[s][j * kBlockSize];
       }
@@ -369,18 +385,27 @@ __device__ __forceinline__ void update_packs(M* param, const S* grad,
 #pragma unroll
       for (int e = 0; e < kWidth; ++e) {
         T value = to_opmath(p[j].v[e]);
+        if constexpr (Rounding::kCompensates) {
+          value = math::compensated_value(value, to_opmath(compensation[j].v[e]));
+        }
         T state_values[kStateSlots];
 #pragma unroll
         for (int s = 0; s < kStates; ++s) state_values[s] = to_opmath(st[s][j].v[e]);
         element(value, scale_grad(to_opmath(g[j].v[e]), grad_factor), state_values);
         p[j].v[e] = rounding.template store<M>(value, (first + j * kBlockSize) * kWidth + e);
+        if constexpr (Rounding::kCompensates) {
+          compensation[j].v[e] = FromOpmath<S>::convert(
+              math::compensation_after(value, to_opmath(p[j].v[e])));
+        }
 #pragma unroll
         for (int s = 0; s < kStates; ++s) st[s][j].v[e] = FromOpmath<SM>::convert(state_values[s]);
       }
       next_param[j * kBlockSize] = p[j];
 #pragma unroll
       for (int s = 0; s < kStates; ++s) next_state[s][j * kBlockSize] = st[s][j];
-      if constexpr (kCopy) {
+      if constexpr (Rounding::kCompensates) {
+        next_copy[j * kBlockSize] = compensation[j];
+      } else if constexpr (kCopy) {
         // The master is float32, so p holds the updated values exactly.
         StoragePack rounded;
 #pragma unroll
@@ -398,14 +423,14 @@ __device__ __forceinline__ void update_packs(M* param, const S* grad,
 
 // Updates elements [begin, begin + n) of table tensor t, whose grad is stored as S, whose param
 // as M (S itself, or float32 with master weights) and whose states as SM (M, or bfloat16 beside
-// float32). kStochastic: the param is bfloat16 and rounds stochastically.
-template <typename M, typename SM, typename S, typename Op, bool kStochastic = false,
-          typename Table>
+// float32). kStore: how the param is stored; kStochastic and kCompensated params are bfloat16.
+template <typename M, typename SM, typename S, typename Op,
+          ParamStore kStore = ParamStore::kNearest, typename Table>
 __device__ __forceinline__ void update_chunk(const Table& table, const typename Op::Group& group,
                                              int t, int64_t begin, int n, float grad_factor) {
-  // A float16/bfloat16 param receives the rounding of its master; a float32 param in a
-  // master-weight call is its own master.
-  constexpr bool kCopy = !std::is_same_v<M, S>;
+  // A float16/bfloat16 param receives the rounding of its master, a compensated param's copy is
+  // its compensation; a float32 param in a master-weight call is its own master.
+  constexpr bool kCopy = !std::is_same_v<M, S> || kStore == ParamStore::kCompensated;
   constexpr int kWidth = vector_elems(sizeof(S), kCopy);
   M* param = static_cast<M*>(table.lists[0][t]) + begin;
   const S* grad = static_cast<const S*>(table.lists[1][t]) + begin;
@@ -427,10 +452,12 @@ __device__ __forceinline__ void update_chunk(const Table& table, const typename 
   // kChunkElems, which divides 2^32, so no chunk crosses a block of the random bits.
   static_assert(math::kRoundingBlock % kChunkElems == 0, "a chunk must lie in one block");
   const auto rounding_from = [&](int first) {
-    if constexpr (kStochastic) {
+    if constexpr (kStore == ParamStore::kStochastic) {
       const uint32_t step_key = math::rounding_step_key(table.rounding_key[t], info.step);
       return RoundStochastically{math::rounding_block_key(step_key, begin),
                                  static_cast<uint32_t>(begin + first)};
+    } else if constexpr (kStore == ParamStore::kCompensated) {
+      return CompensateRounding{};
     } else {
       return RoundToNearest{};
     }
@@ -496,6 +523,13 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     if constexpr (Table::kMaster) {
       with_master_call_storage(table.dtype[t], [&](auto tag) {
         using S = typename decltype(tag)::type;
+        if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+          if (table.param_store[t] == ParamStore::kCompensated) {
+            update_chunk<S, S, S, Op, ParamStore::kCompensated>(table, group, t, begin, n,
+                                                                 grad_factor);
+            return;
+          }
+        }
         if (table.bf16_states[t]) {
           update_chunk<float, __nv_bfloat16, S, Op>(table, group, t, begin, n, grad_factor);
         } else {
@@ -513,8 +547,9 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
           }
         }
         if constexpr (std::is_same_v<S, __nv_bfloat16> && Table::kWithSteps) {
-          if (table.stochastic_rounding[t]) {
-            update_chunk<S, S, S, Op, true>(table, group, t, begin, n, grad_factor);
+          if (table.param_store[t] == ParamStore::kStochastic) {
+            update_chunk<S, S, S, Op, ParamStore::kStochastic>(table, group, t, begin, n,
+                                                               grad_factor);
             return;
           }
         }

@@ -71,7 +71,8 @@ GroupHyper group_hyper(std::string_view op, std::string_view name, double value,
 
 // The kernels' view of one step call: one entry per param, with its used states packed in the
 // order the element functor expects (empty lists are the states of modes that are off), and its
-// group. A float16/bfloat16 param with a master is updated through it and receives its rounding.
+// group. A float16/bfloat16 param with a master is updated through it and receives its rounding;
+// a bfloat16 param whose entry of master_params is its compensation is updated with it.
 // The buffer is reused across calls, so a step allocates no host memory after the first.
 StepCall step_call(std::string_view op, at::TensorList params, at::TensorList grads,
                    at::TensorList master_params,
@@ -84,10 +85,15 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
   step.groups.for_each(params, master_weights, [&](const GroupRange& group) {
     const std::optional<int64_t> seed = step.rounding_seed(group.group);
     for (size_t i = group.offset; i < group.offset + group.size; ++i) {
-      const bool has_master = master_weights && takes_master(params[i]);
+      const bool takes_entry = master_weights && takes_master(params[i]);
+      const at::Tensor* entry = takes_entry ? &master_params[next_master++] : nullptr;
+      const bool compensated = entry != nullptr && is_compensation(*entry, params[i]);
+      const bool has_master = entry != nullptr && !compensated;
       TensorArgs arg{};
-      arg.param = has_master ? master_params[next_master++].data_ptr() : params[i].data_ptr();
-      arg.param_copy = has_master ? params[i].data_ptr() : nullptr;
+      arg.param = has_master ? entry->data_ptr() : params[i].data_ptr();
+      arg.param_copy = !takes_entry ? nullptr
+                       : compensated ? entry->data_ptr()
+                                     : params[i].data_ptr();
       arg.grad = grads[i].const_data_ptr();
       int used = 0;
       for (const auto& list : state_lists) {
@@ -100,8 +106,11 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
       arg.numel = params[i].numel();
       arg.group = static_cast<uint32_t>(group.group);
       arg.dtype = dtype_code(op, "params", params[i].scalar_type());
-      arg.stochastic_rounding = seed && arg.dtype == DType::kBFloat16 && !has_master;
-      if (arg.stochastic_rounding) {
+      arg.param_store = compensated ? ParamStore::kCompensated
+                        : seed && arg.dtype == DType::kBFloat16 && !has_master
+                            ? ParamStore::kStochastic
+                            : ParamStore::kNearest;
+      if (arg.param_store == ParamStore::kStochastic) {
         arg.rounding_key = math::rounding_tensor_key(static_cast<uint64_t>(*seed), i);
       }
       args.push_back(arg);

@@ -31,6 +31,7 @@ SCALED = "scaled"
 MASTER_WEIGHTS = "master-weights"
 BF16_STATES = "bf16-states"
 STOCHASTIC_ROUNDING = "stochastic-rounding"
+KAHAN = "kahan"
 
 
 def step_bytes_per_param(n_states: int, element_size: int, state_size: int | None = None,
@@ -134,6 +135,11 @@ CASES = (
          note="bf16 params, grads and states without master weights, the params rounded stochastically: "
               "fused_opt.AdamW(param_rounding='stochastic') against the same optimizer rounding to nearest in "
               "the same rounds (the same bytes; the rounding's hash is the difference)"),
+    Case("adamw-kahan", "AdamW", _ADAMW, "bf16", n_states=2, pipeline=KAHAN,
+         implementations=(REFERENCE,), baseline="nearest rounding",
+         note="bf16 params, grads and states without master weights, the params Kahan-compensated: "
+              "fused_opt.AdamW(param_rounding='kahan'), which also reads and writes a bf16 compensation "
+              "per param (+4 B), against the same optimizer rounding to nearest in the same rounds"),
     Case("adamw-bf16-master", "AdamW", _ADAMW, "bf16", n_states=2, pipeline=MASTER_WEIGHTS,
          implementations=(REFERENCE, "torch-fused", "torch-foreach"), in_default=True,
          note="bf16 params and grads with fp32 master weights and states; fused_opt: "
@@ -284,6 +290,8 @@ def _fused_opt_pipelines(fused_opt) -> dict[str, Pipeline]:
         MASTER_WEIGHTS: Pipeline(_bare_step, optimizer_kwargs={"master_weights": True}),
         BF16_STATES: Pipeline(_bare_step, optimizer_kwargs={"state_dtype": torch.bfloat16}, state_size=2),
         STOCHASTIC_ROUNDING: Pipeline(_bare_step, optimizer_kwargs={"param_rounding": "stochastic"}),
+        # The compensation is read and written beside the param.
+        KAHAN: Pipeline(_bare_step, passes=2, optimizer_kwargs={"param_rounding": "kahan"}),
     }
 
 

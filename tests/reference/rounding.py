@@ -1,7 +1,10 @@
-"""Stochastic rounding to bfloat16 (param_rounding="stochastic"), written from the description in
-csrc/include/fused_opt/math/rounding.h with NumPy's unsigned 32-bit integers: the counter-based
-random bits of (seed, tensor index in the op call, step, element index), and the rounding that
-adds 16 of them below bfloat16's last bit and truncates."""
+"""Rounding float32 values to bfloat16 params, written from the description in
+csrc/include/fused_opt/math/rounding.h with NumPy's unsigned 32-bit integers.
+
+Stochastically (param_rounding="stochastic"): the counter-based random bits of (seed, tensor
+index in the op call, step, element index), and the rounding that adds 16 of them below
+bfloat16's last bit and truncates. With a Kahan compensation (param_rounding="kahan"): to nearest,
+keeping what the param lacks of the value in a second bfloat16."""
 
 from __future__ import annotations
 
@@ -59,3 +62,25 @@ def round_bfloat16_stochastic(values: np.ndarray, random: np.ndarray) -> np.ndar
     quiet_nan = ((bits >> _U32(16)) | _U32(0x0040)).astype(np.uint16)
     return np.where(np.isnan(values), quiet_nan, rounded)
 
+
+
+def round_bfloat16_nearest(values: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) of finite float32 ``values`` rounded to nearest, ties to even."""
+    bits = np.asarray(values, dtype=np.float32).view(_U32)
+    with np.errstate(over="ignore"):
+        return ((bits + _U32(0x7FFF) + ((bits >> _U32(16)) & _U32(1))) >> _U32(16)).astype(
+            np.uint16)
+
+
+def bfloat16_values(bits: np.ndarray) -> np.ndarray:
+    """The float32 values of bfloat16 ``bits`` (uint16)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(_U32) << _U32(16)).view(np.float32)
+
+
+def kahan_store(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """param_rounding="kahan": the bfloat16 bits of the param and of its compensation that store
+    the updated float32 ``value``: the param rounded to nearest, and what it lacks of the value,
+    rounded to nearest (Kahan's compensated summation, with a bfloat16 compensation)."""
+    value = np.asarray(value, dtype=np.float32)
+    param = round_bfloat16_nearest(value)
+    return param, round_bfloat16_nearest(value - bfloat16_values(param))

@@ -44,11 +44,19 @@ inline bool takes_master(const at::Tensor& param) {
   return param.scalar_type() == at::kHalf || param.scalar_type() == at::kBFloat16;
 }
 
+// Whether `master`, the entry of master_params that `param` takes, is its Kahan compensation
+// (param_rounding="kahan") rather than a float32 master: a bfloat16 buffer beside a bfloat16
+// param, which the update adds to the param and rewrites with what the stored param lacks.
+inline bool is_compensation(const at::Tensor& master, const at::Tensor& param) {
+  return master.scalar_type() == at::kBFloat16 && param.scalar_type() == at::kBFloat16;
+}
+
 // params/grads/states agree in length, device, shape and strides; params are dense, of a
 // supported floating dtype; steps (when given) hold one float32 value per param. Without
 // master_params the states share the param's dtype. With them, every param is float16 or
 // bfloat16, with a float32 master (master_params holds them in the params' order), or float32,
-// its own master; all states are float32.
+// its own master; all states are float32. A bfloat16 param's entry may instead be its bfloat16
+// compensation, and its states then share the param's dtype.
 void check_tensor_lists(std::string_view op, at::TensorList params, at::TensorList grads,
                         at::TensorList master_params, std::initializer_list<NamedList> states,
                         std::optional<at::TensorList> steps);

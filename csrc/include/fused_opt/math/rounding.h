@@ -1,5 +1,6 @@
-// Stochastic rounding of an updated float32 value to a bfloat16 param (param_rounding=
-// "stochastic"): the value rounds up in magnitude with probability equal to its distance from
+// How an updated float32 value is stored into a bfloat16 param without a master.
+//
+// Stochastic rounding (param_rounding="stochastic"): the value rounds up in magnitude with probability equal to its distance from
 // the bfloat16 below it, in units of the gap, so that the rounding is unbiased and an update
 // smaller than half a bfloat16 ulp still moves the param on average, where rounding to nearest
 // would drop it every step (Gupta et al., "Deep Learning with Limited Numerical Precision",
@@ -87,6 +88,22 @@ FUSED_OPT_HD uint16_t bfloat16_bits_stochastic(float value, uint32_t random) {
   const uint32_t rounded = (bits + (random >> 16)) >> 16;
   const uint32_t quiet_nan = (bits >> 16) | 0x0040u;
   return static_cast<uint16_t>(value != value ? quiet_nan : rounded);
+}
+
+// Kahan-compensated storage (param_rounding="kahan", as optimi does it, after Kahan's summation):
+// beside each bfloat16 param a bfloat16 buffer keeps what rounding the param to nearest dropped,
+// so param + compensation carries about 16 significant bits. The update runs on that sum, which
+// float32 holds exactly (the compensation is at most half the param's ulp), and the next
+// compensation is what the stored param lacks of the result: an update too small to move the
+// param accumulates there until it does.
+template <typename T>
+FUSED_OPT_HD T compensated_value(T param, T compensation) {
+  return param + compensation;
+}
+
+template <typename T>
+FUSED_OPT_HD T compensation_after(T value, T stored_param) {
+  return value - stored_param;
 }
 
 }  // namespace fused_opt::math

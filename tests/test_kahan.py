@@ -1,0 +1,332 @@
+"""param_rounding="kahan": bfloat16 params without master weights, rounded to nearest, with what
+the rounding dropped kept in a bfloat16 compensation buffer per param.
+
+The kernels' bits are checked against a NumPy implementation of the compensated store
+(reference/rounding.py) where the float32 value is exactly computable (SGD with lr 1: one
+subtraction); every optimizer's every step against the same optimizer's float32 step on
+param + compensation with the states widened, stored back as the compensated pair; the
+accumulation of updates too small for bfloat16 that is the point of it; the CPU and emulated
+CUDA kernels alike; checkpoints both ways with torch.optim; writes to a param between steps; and
+the errors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import fused_opt
+import simt
+from devices import requires_simt
+from optim_helpers import FULL_STATE_OPTIONS, NAMES
+from reference import rounding
+
+# Odd sizes, an empty tensor, and one that crosses the CUDA kernels' 32K-element chunks and the
+# CPU's parallel grain.
+SHAPES = ((7, 3), (0,), (33, 1001), (5,))
+STEPS = 4
+KEY = "kahan_compensation"
+
+
+def make_params(dtype=torch.bfloat16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
+            for shape in SHAPES]
+
+
+def set_grads(params, step):
+    generator = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+
+
+def bits(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().view(torch.int16).numpy().view(np.uint16).copy()
+
+
+def test_sgd_steps_equal_the_reference_bit_for_bit(kernels):
+    # lr 1 and no momentum: the float32 value is (param + compensation) - grad, which float32
+    # computes exactly rounded, as NumPy does.
+    params = make_params()
+    stored = [(bits(p), np.zeros(p.numel(), np.uint16).reshape(p.shape)) for p in params]
+    optimizer = fused_opt.SGD(params, lr=1.0, param_rounding="kahan")
+    for step in range(STEPS):
+        set_grads(params, step)
+        optimizer.step()
+        for index, p in enumerate(params):
+            param_bits, compensation_bits = stored[index]
+            value = (rounding.bfloat16_values(param_bits)
+                     + rounding.bfloat16_values(compensation_bits))
+            value = value - p.grad.float().numpy()
+            stored[index] = rounding.kahan_store(value)
+            np.testing.assert_array_equal(bits(p), stored[index][0],
+                                          err_msg=f"step {step + 1} param {index}")
+            np.testing.assert_array_equal(bits(optimizer.state[p][KEY]), stored[index][1],
+                                          err_msg=f"step {step + 1} compensation {index}")
+    # Most compensations hold something: the updates are not multiples of the params' ulps.
+    assert np.count_nonzero(stored[2][1]) > stored[2][1].size // 2
+
+
+def float32_twin(name, options, kahan, params):
+    """A float32 optimizer whose params are the Kahan optimizer's param + compensation and whose
+    states are its states, widened: its step computes the float32 values that the Kahan step
+    stores as pairs."""
+    wide = [torch.nn.Parameter(p.detach().float() + kahan.state[p][KEY].float()) for p in params]
+    twin = getattr(fused_opt, name)(wide, **options)
+    for p, q in zip(params, wide):
+        twin.state[q] = {
+            key: value.float() if key != "step" else value.clone()
+            for key, value in kahan.state[p].items() if key != KEY
+        }
+    return twin, wide
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_step_is_the_float32_step_of_param_plus_compensation(name, kernels):
+    options = FULL_STATE_OPTIONS[name]
+    params = make_params()
+    kahan = getattr(fused_opt, name)(params, **options, param_rounding="kahan")
+    set_grads(params, 0)
+    kahan.step()
+    for step in range(1, STEPS + 1):
+        twin, wide = float32_twin(name, options, kahan, params)
+        set_grads(params, step)
+        for p, q in zip(params, wide):
+            q.grad = p.grad.float()
+        kahan.step()
+        twin.step()
+        for index, (p, q) in enumerate(zip(params, wide)):
+            where = f"{name} step {step + 1} param {index}"
+            param_bits, compensation_bits = rounding.kahan_store(q.detach().numpy())
+            np.testing.assert_array_equal(bits(p), param_bits, err_msg=where)
+            state, twin_state = kahan.state[p], twin.state[q]
+            np.testing.assert_array_equal(bits(state[KEY]), compensation_bits, err_msg=where)
+            assert state.keys() - {KEY} == twin_state.keys(), where
+            for key, value in twin_state.items():
+                expected = value if key == "step" else value.to(torch.bfloat16)
+                assert state[key].dtype == expected.dtype, f"{where} {key}"
+                assert torch.equal(state[key], expected), f"{where} {key}"
+
+
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("name", NAMES)
+def test_the_first_step_equals_the_nearest_twin(name, clip, kernels):
+    # The compensation starts at zero, so the first step computes and stores what rounding to
+    # nearest does, and keeps the remainder besides. Clipping (the grads' norm is far above 0.5)
+    # scales the gradients in registers in both.
+    options = dict(FULL_STATE_OPTIONS[name], max_grad_norm=clip)
+    runs = {}
+    for mode in ("nearest", "kahan"):
+        params = make_params()
+        optimizer = getattr(fused_opt, name)(params, **options, param_rounding=mode)
+        set_grads(params, 0)
+        optimizer.step()
+        runs[mode] = (params, optimizer)
+    (near_params, near), (kahan_params, kahan) = runs["nearest"], runs["kahan"]
+    if clip is not None:
+        assert kahan.last_grad_norm.item() > 10 * clip
+    for index, (p_near, p_kahan) in enumerate(zip(near_params, kahan_params)):
+        assert torch.equal(p_near, p_kahan), f"{name} param {index}"
+        state_near, state_kahan = near.state[p_near], kahan.state[p_kahan]
+        assert state_kahan.keys() == state_near.keys() | {KEY}
+        for key in state_near:
+            assert torch.equal(state_near[key], state_kahan[key]), f"{name} param {index} {key}"
+        compensation = state_kahan[KEY]
+        assert compensation.dtype == torch.bfloat16 and compensation.shape == p_kahan.shape
+        # At most half the param's ulp (2**-8 of its magnitude, relative).
+        limit = p_kahan.detach().double().abs() * 2.0**-8
+        assert bool((compensation.double().abs() <= limit).all()), f"{name} param {index}"
+
+
+def test_updates_below_half_an_ulp_accumulate(kernels):
+    # 1.0 - 1e-4 per step: rounding to nearest drops every update (bfloat16's gap below 1.0 is
+    # 2**-8); the compensation collects them. Each store rounds the compensation, which stays
+    # below 2**-9, to its own ulp (at most 2**-16), so the pair is off the float64 sum by at most
+    # half of that per step.
+    steps, lr = 100, 1e-4
+    results = {}
+    for mode in ("nearest", "kahan"):
+        param = torch.nn.Parameter(torch.ones(1_003, dtype=torch.bfloat16))
+        optimizer = fused_opt.SGD([param], lr=lr, param_rounding=mode)
+        for _ in range(steps):
+            param.grad = torch.ones_like(param)
+            optimizer.step()
+        results[mode] = (param, optimizer)
+    param, _ = results["nearest"]
+    assert bool((param == 1.0).all())
+    param, optimizer = results["kahan"]
+    value = param.detach().double() + optimizer.state[param][KEY].double()
+    exact = 1.0 - steps * lr
+    assert float((value - exact).abs().max()) <= steps * 2.0**-17
+    # The params themselves moved: to the bfloat16 nearest to 0.99 or the one above it.
+    assert bool((param.double() < 1.0).all())
+
+
+@requires_simt
+def test_cpu_and_emulated_cuda_kernels_agree_on_every_grid():
+    def final_state():
+        params = make_params()
+        optimizer = fused_opt.Adam(params, **FULL_STATE_OPTIONS["Adam"], param_rounding="kahan")
+        for step in range(STEPS):
+            set_grads(params, step)
+            optimizer.step()
+        return [(p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()})
+                for p in params]
+
+    on_cpu = final_state()
+    for schedule in range(len(simt.SCHEDULES)):
+        with simt.emulated(schedule):
+            emulated = final_state()
+        for index, ((p_cpu, s_cpu), (p_emu, s_emu)) in enumerate(zip(on_cpu, emulated)):
+            where = f"schedule {schedule} param {index}"
+            assert torch.equal(p_cpu, p_emu), where
+            assert s_cpu.keys() == s_emu.keys(), where
+            for key in s_cpu:
+                assert torch.equal(s_cpu[key], s_emu[key]), f"{where} {key}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoints_resume_bit_for_bit_and_interchange_with_torch(name):
+    options = dict(FULL_STATE_OPTIONS[name], param_rounding="kahan")
+    straight = make_params()
+    run_straight = getattr(fused_opt, name)(straight, **options)
+    resumed = make_params()
+    first = getattr(fused_opt, name)(resumed, **options)
+    for step in range(STEPS):
+        set_grads(straight, step)
+        run_straight.step()
+        if step < 2:
+            set_grads(resumed, step)
+            first.step()
+    saved = copy.deepcopy(first.state_dict())
+    assert saved["param_groups"][0]["param_rounding"] == "kahan"
+    assert all(state[KEY].dtype == torch.bfloat16 for state in saved["state"].values())
+    second = getattr(fused_opt, name)(resumed, lr=1.0)
+    second.load_state_dict(saved)
+    for step in range(2, STEPS):
+        set_grads(resumed, step)
+        second.step()
+    for a, b in zip(straight, resumed):
+        np.testing.assert_array_equal(bits(a), bits(b))
+        np.testing.assert_array_equal(bits(run_straight.state[a][KEY]),
+                                      bits(second.state[b][KEY]))
+    # torch.optim takes the checkpoint (it ignores the compensation) and steps on from it ...
+    twin_params = make_params()
+    twin = getattr(torch.optim, name)(twin_params, **FULL_STATE_OPTIONS[name])
+    twin.load_state_dict(saved)
+    set_grads(twin_params, 2)
+    twin.step()
+    # A checkpoint of torch.optim's own (which rounds to nearest and keeps no compensation)
+    # loads as a nearest-rounding group; switched to Kahan, its params start with a zero
+    # compensation, so the first step equals the nearest-rounding one's.
+    torch_params = make_params()
+    torch_run = getattr(torch.optim, name)(torch_params, **FULL_STATE_OPTIONS[name])
+    set_grads(torch_params, 2)
+    torch_run.step()
+    from_torch = torch_run.state_dict()
+    loaded = {}
+    for mode in ("nearest", "kahan"):
+        params = make_params()
+        optimizer = getattr(fused_opt, name)(params, **FULL_STATE_OPTIONS[name])
+        optimizer.load_state_dict(copy.deepcopy(from_torch))
+        optimizer.param_groups[0]["param_rounding"] = mode
+        set_grads(params, 3)
+        optimizer.step()
+        loaded[mode] = (params, optimizer)
+    for p_near, p_kahan in zip(loaded["nearest"][0], loaded["kahan"][0]):
+        assert torch.equal(p_near, p_kahan)
+        assert KEY not in loaded["nearest"][1].state[p_near]
+        assert loaded["kahan"][1].state[p_kahan][KEY].shape == p_kahan.shape
+
+
+def test_a_checkpoint_loads_a_compensation_only_into_kahan_groups_and_refuses_a_bad_one():
+    params = make_params()
+    optimizer = fused_opt.AdamW(params, lr=1e-2, param_rounding="kahan")
+    set_grads(params, 0)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    nearest = fused_opt.AdamW(make_params(), lr=1e-2)
+    nearest_saved = copy.deepcopy(saved)
+    del nearest_saved["param_groups"][0]["param_rounding"]
+    nearest.load_state_dict(nearest_saved)
+    assert all(KEY not in state for state in nearest.state.values())
+    bad = copy.deepcopy(saved)
+    bad["state"][2][KEY] = torch.zeros(3, dtype=torch.bfloat16)
+    target = fused_opt.AdamW(make_params(), lr=1e-2, param_rounding="kahan")
+    with pytest.raises(ValueError, match=r"state\[2\]\['kahan_compensation'\].*shape"):
+        target.load_state_dict(bad)
+    assert not target.state
+
+
+def test_a_param_written_between_steps_drops_its_compensation(kernels):
+    # A pruning mask, say: the write is kept exactly, not offset by the compensation of the
+    # value it replaced. The first steps leave a plan, which the write must also set aside.
+    params = make_params()
+    optimizer = fused_opt.SGD(params, lr=1.0, param_rounding="kahan")
+    for step in range(2):
+        set_grads(params, step)
+        optimizer.step()
+    assert bool((optimizer.state[params[2]][KEY] != 0).any())
+    with torch.no_grad():
+        params[2].zero_()
+    set_grads(params, 2)
+    optimizer.step()
+    param_bits, compensation_bits = rounding.kahan_store(-params[2].grad.float().numpy())
+    np.testing.assert_array_equal(bits(params[2]), param_bits)
+    np.testing.assert_array_equal(bits(optimizer.state[params[2]][KEY]), compensation_bits)
+
+
+def test_a_skipped_step_changes_nothing(kernels):
+    params = make_params()
+    optimizer = fused_opt.Adam(params, lr=1e-2, param_rounding="kahan")
+    set_grads(params, 0)
+    optimizer.step()
+    before = [(p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()})
+              for p in params]
+    scaler = fused_opt.GradScaler("cpu", init_scale=2.0**8)
+    loss = sum((p.float() * p.float()).sum() for p in params)
+    scaler.scale(loss).backward()
+    params[0].grad.view(-1)[0] = float("inf")
+    scaler.step(optimizer)
+    scaler.update()
+    assert bool(optimizer.last_step_skipped)
+    for p, (value, state) in zip(params, before):
+        assert torch.equal(p.detach(), value)
+        for key, tensor in state.items():
+            assert torch.equal(optimizer.state[p][key], tensor), key
+
+
+def test_bad_configurations_are_refused_naming_the_param_or_option():
+    with pytest.raises(ValueError, match="'kahan' together with master_weights=True"):
+        fused_opt.AdamW(make_params(), param_rounding="kahan", master_weights=True)
+    with pytest.raises(ValueError, match="param_rounding"):
+        fused_opt.AdamW(make_params(), param_rounding="Kahan")
+    params = make_params(torch.float16)
+    optimizer = fused_opt.AdamW(params, param_rounding="kahan")
+    set_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*float16.*'kahan'"):
+        optimizer.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert not optimizer.state
+    with_masters = fused_opt.AdamW(make_params(), master_weights=True)
+    with_masters.param_groups[0]["param_rounding"] = "kahan"
+    set_grads(with_masters.param_groups[0]["params"], 0)
+    with pytest.raises(ValueError, match="master_weights"):
+        with_masters.step()
+
+
+def test_the_op_refuses_a_bfloat16_entry_beside_a_float16_param():
+    common = dict(group_sizes=[1], lr=[0.1], momentum=[0.0], dampening=[0.0],
+                  weight_decay=[0.0], nesterov=False, maximize=False, l1_decay=[0.0],
+                  l1_proximal=[False], stochastic_rounding_seed=[None], lr_tensor=[None])
+    half = torch.randn(8).to(torch.float16)
+    before = half.clone()
+    compensation = torch.zeros(8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"master_params\[0\] \(of params\[0\]\) must be a "
+                       r"float32 tensor \(a master\), or a bfloat16 tensor beside a bfloat16"):
+        torch.ops.fused_opt.sgd_([half], [half.clone()], [], [], [compensation], **common)
+    assert torch.equal(half, before)
