@@ -962,10 +962,10 @@ class FusedOptimizer(Optimizer):
         longer holds the master's rounding restarts from the param; the others keep their
         float32 bits. Clears every Kahan compensation (``param_rounding="kahan"``), which
         belongs to the param's value before the edit. step() does this by itself for every
-        param whose version counter moved since the last step. Call it after in-place edits that step() cannot see: writes through
-        ``param.data`` (which do not count as versions), and edits between the steps of a
-        ``torch.compile``d or CUDA-graph-captured step, which cannot branch on version counters
-        and so never checks them."""
+        param whose version counter moved since the last step. Call it after in-place edits
+        that step() cannot see: writes through ``param.data`` (which do not count as versions),
+        and edits between the steps of a ``torch.compile``d or CUDA-graph-captured step, which
+        cannot branch on version counters and so never checks them."""
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p] if p in self.state else {}

@@ -85,6 +85,30 @@ def set_grads(params, step: int, seed: int = 1) -> None:
         p.grad = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
 
 
+def resume_midway(name: str, options: dict, new_params, step_grads, steps: int, split: int):
+    """Trains fused_opt's `name` on new_params() for `steps` steps straight, and on another
+    new_params() for `split` steps, then from its state dict in a new optimizer for the rest;
+    step_grads(params, step) sets the grads of a step. Returns (straight params, their optimizer),
+    (resumed params, the new optimizer) and the state dict."""
+    straight = new_params()
+    run_straight = getattr(fused_opt, name)(straight, **options)
+    resumed = new_params()
+    first = getattr(fused_opt, name)(resumed, **options)
+    for step in range(steps):
+        step_grads(straight, step)
+        run_straight.step()
+        if step < split:
+            step_grads(resumed, step)
+            first.step()
+    saved = copy.deepcopy(first.state_dict())
+    second = getattr(fused_opt, name)(resumed, lr=1.0)
+    second.load_state_dict(copy.deepcopy(saved))
+    for step in range(split, steps):
+        step_grads(resumed, step)
+        second.step()
+    return (straight, run_straight), (resumed, second), saved
+
+
 def build(module, name: str, params, **options):
     # A tensor lr or beta is updated in place by schedulers: each optimizer gets its own copy.
     return getattr(module, name)(params, **copy.deepcopy(options))

@@ -6,8 +6,9 @@ The kernels' bits are checked against a NumPy implementation of the compensated 
 subtraction); every optimizer's every step against the same optimizer's float32 step on
 param + compensation with the states widened, stored back as the compensated pair; the
 accumulation of updates too small for bfloat16 that is the point of it; the CPU and emulated
-CUDA kernels alike; checkpoints both ways with torch.optim; writes to a param between steps; and
-the errors.
+CUDA kernels alike; checkpoints both ways with torch.optim; and writes to a param between steps.
+Skipped steps and the errors are tested with stochastic rounding's (test_param_rounding.py), and
+the op's errors in test_bad_input.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import fused_opt
 import simt
 from devices import requires_simt
-from optim_helpers import FULL_STATE_OPTIONS, NAMES
+from optim_helpers import FULL_STATE_OPTIONS, NAMES, make_params, resume_midway, set_grads
 from reference import rounding
 
 # Odd sizes, an empty tensor, and one that crosses the CUDA kernels' 32K-element chunks and the
@@ -31,16 +32,8 @@ STEPS = 4
 KEY = "kahan_compensation"
 
 
-def make_params(dtype=torch.bfloat16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
-            for shape in SHAPES]
-
-
-def set_grads(params, step):
-    generator = torch.Generator().manual_seed(1000 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+def new_params(dtype=torch.bfloat16):
+    return make_params(SHAPES, dtype)
 
 
 def bits(tensor: torch.Tensor) -> np.ndarray:
@@ -50,7 +43,7 @@ def bits(tensor: torch.Tensor) -> np.ndarray:
 def test_sgd_steps_equal_the_reference_bit_for_bit(kernels):
     # lr 1 and no momentum: the float32 value is (param + compensation) - grad, which float32
     # computes exactly rounded, as NumPy does.
-    params = make_params()
+    params = new_params()
     stored = [(bits(p), np.zeros(p.numel(), np.uint16).reshape(p.shape)) for p in params]
     optimizer = fused_opt.SGD(params, lr=1.0, param_rounding="kahan")
     for step in range(STEPS):
@@ -87,7 +80,7 @@ def float32_twin(name, options, kahan, params):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_step_is_the_float32_step_of_param_plus_compensation(name, kernels):
     options = FULL_STATE_OPTIONS[name]
-    params = make_params()
+    params = new_params()
     kahan = getattr(fused_opt, name)(params, **options, param_rounding="kahan")
     set_grads(params, 0)
     kahan.step()
@@ -120,7 +113,7 @@ def test_the_first_step_equals_the_nearest_twin(name, clip, kernels):
     options = dict(FULL_STATE_OPTIONS[name], max_grad_norm=clip)
     runs = {}
     for mode in ("nearest", "kahan"):
-        params = make_params()
+        params = new_params()
         optimizer = getattr(fused_opt, name)(params, **options, param_rounding=mode)
         set_grads(params, 0)
         optimizer.step()
@@ -168,7 +161,7 @@ def test_updates_below_half_an_ulp_accumulate(kernels):
 @requires_simt
 def test_cpu_and_emulated_cuda_kernels_agree_on_every_grid():
     def final_state():
-        params = make_params()
+        params = new_params()
         optimizer = fused_opt.Adam(params, **FULL_STATE_OPTIONS["Adam"], param_rounding="kahan")
         for step in range(STEPS):
             set_grads(params, step)
@@ -191,30 +184,16 @@ def test_cpu_and_emulated_cuda_kernels_agree_on_every_grid():
 @pytest.mark.parametrize("name", NAMES)
 def test_checkpoints_resume_bit_for_bit_and_interchange_with_torch(name):
     options = dict(FULL_STATE_OPTIONS[name], param_rounding="kahan")
-    straight = make_params()
-    run_straight = getattr(fused_opt, name)(straight, **options)
-    resumed = make_params()
-    first = getattr(fused_opt, name)(resumed, **options)
-    for step in range(STEPS):
-        set_grads(straight, step)
-        run_straight.step()
-        if step < 2:
-            set_grads(resumed, step)
-            first.step()
-    saved = copy.deepcopy(first.state_dict())
+    (straight, run_straight), (resumed, second), saved = resume_midway(
+        name, options, new_params, set_grads, STEPS, 2)
     assert saved["param_groups"][0]["param_rounding"] == "kahan"
     assert all(state[KEY].dtype == torch.bfloat16 for state in saved["state"].values())
-    second = getattr(fused_opt, name)(resumed, lr=1.0)
-    second.load_state_dict(saved)
-    for step in range(2, STEPS):
-        set_grads(resumed, step)
-        second.step()
     for a, b in zip(straight, resumed):
         np.testing.assert_array_equal(bits(a), bits(b))
         np.testing.assert_array_equal(bits(run_straight.state[a][KEY]),
                                       bits(second.state[b][KEY]))
     # torch.optim takes the checkpoint (it ignores the compensation) and steps on from it ...
-    twin_params = make_params()
+    twin_params = new_params()
     twin = getattr(torch.optim, name)(twin_params, **FULL_STATE_OPTIONS[name])
     twin.load_state_dict(saved)
     set_grads(twin_params, 2)
@@ -222,14 +201,14 @@ def test_checkpoints_resume_bit_for_bit_and_interchange_with_torch(name):
     # A checkpoint of torch.optim's own (which rounds to nearest and keeps no compensation)
     # loads as a nearest-rounding group; switched to Kahan, its params start with a zero
     # compensation, so the first step equals the nearest-rounding one's.
-    torch_params = make_params()
+    torch_params = new_params()
     torch_run = getattr(torch.optim, name)(torch_params, **FULL_STATE_OPTIONS[name])
     set_grads(torch_params, 2)
     torch_run.step()
     from_torch = torch_run.state_dict()
     loaded = {}
     for mode in ("nearest", "kahan"):
-        params = make_params()
+        params = new_params()
         optimizer = getattr(fused_opt, name)(params, **FULL_STATE_OPTIONS[name])
         optimizer.load_state_dict(copy.deepcopy(from_torch))
         optimizer.param_groups[0]["param_rounding"] = mode
@@ -243,19 +222,19 @@ def test_checkpoints_resume_bit_for_bit_and_interchange_with_torch(name):
 
 
 def test_a_checkpoint_loads_a_compensation_only_into_kahan_groups_and_refuses_a_bad_one():
-    params = make_params()
+    params = new_params()
     optimizer = fused_opt.AdamW(params, lr=1e-2, param_rounding="kahan")
     set_grads(params, 0)
     optimizer.step()
     saved = optimizer.state_dict()
-    nearest = fused_opt.AdamW(make_params(), lr=1e-2)
+    nearest = fused_opt.AdamW(new_params(), lr=1e-2)
     nearest_saved = copy.deepcopy(saved)
     del nearest_saved["param_groups"][0]["param_rounding"]
     nearest.load_state_dict(nearest_saved)
     assert all(KEY not in state for state in nearest.state.values())
     bad = copy.deepcopy(saved)
     bad["state"][2][KEY] = torch.zeros(3, dtype=torch.bfloat16)
-    target = fused_opt.AdamW(make_params(), lr=1e-2, param_rounding="kahan")
+    target = fused_opt.AdamW(new_params(), lr=1e-2, param_rounding="kahan")
     with pytest.raises(ValueError, match=r"state\[2\]\['kahan_compensation'\].*shape"):
         target.load_state_dict(bad)
     assert not target.state
@@ -264,7 +243,7 @@ def test_a_checkpoint_loads_a_compensation_only_into_kahan_groups_and_refuses_a_
 def test_a_param_written_between_steps_drops_its_compensation(kernels):
     # A pruning mask, say: the write is kept exactly, not offset by the compensation of the
     # value it replaced. The first steps leave a plan, which the write must also set aside.
-    params = make_params()
+    params = new_params()
     optimizer = fused_opt.SGD(params, lr=1.0, param_rounding="kahan")
     for step in range(2):
         set_grads(params, step)
@@ -277,56 +256,3 @@ def test_a_param_written_between_steps_drops_its_compensation(kernels):
     param_bits, compensation_bits = rounding.kahan_store(-params[2].grad.float().numpy())
     np.testing.assert_array_equal(bits(params[2]), param_bits)
     np.testing.assert_array_equal(bits(optimizer.state[params[2]][KEY]), compensation_bits)
-
-
-def test_a_skipped_step_changes_nothing(kernels):
-    params = make_params()
-    optimizer = fused_opt.Adam(params, lr=1e-2, param_rounding="kahan")
-    set_grads(params, 0)
-    optimizer.step()
-    before = [(p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()})
-              for p in params]
-    scaler = fused_opt.GradScaler("cpu", init_scale=2.0**8)
-    loss = sum((p.float() * p.float()).sum() for p in params)
-    scaler.scale(loss).backward()
-    params[0].grad.view(-1)[0] = float("inf")
-    scaler.step(optimizer)
-    scaler.update()
-    assert bool(optimizer.last_step_skipped)
-    for p, (value, state) in zip(params, before):
-        assert torch.equal(p.detach(), value)
-        for key, tensor in state.items():
-            assert torch.equal(optimizer.state[p][key], tensor), key
-
-
-def test_bad_configurations_are_refused_naming_the_param_or_option():
-    with pytest.raises(ValueError, match="'kahan' together with master_weights=True"):
-        fused_opt.AdamW(make_params(), param_rounding="kahan", master_weights=True)
-    with pytest.raises(ValueError, match="param_rounding"):
-        fused_opt.AdamW(make_params(), param_rounding="Kahan")
-    params = make_params(torch.float16)
-    optimizer = fused_opt.AdamW(params, param_rounding="kahan")
-    set_grads(params, 0)
-    before = [p.detach().clone() for p in params]
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*float16.*'kahan'"):
-        optimizer.step()
-    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
-    assert not optimizer.state
-    with_masters = fused_opt.AdamW(make_params(), master_weights=True)
-    with_masters.param_groups[0]["param_rounding"] = "kahan"
-    set_grads(with_masters.param_groups[0]["params"], 0)
-    with pytest.raises(ValueError, match="master_weights"):
-        with_masters.step()
-
-
-def test_the_op_refuses_a_bfloat16_entry_beside_a_float16_param():
-    common = dict(group_sizes=[1], lr=[0.1], momentum=[0.0], dampening=[0.0],
-                  weight_decay=[0.0], nesterov=False, maximize=False, l1_decay=[0.0],
-                  l1_proximal=[False], stochastic_rounding_seed=[None], lr_tensor=[None])
-    half = torch.randn(8).to(torch.float16)
-    before = half.clone()
-    compensation = torch.zeros(8, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match=r"master_params\[0\] \(of params\[0\]\) must be a "
-                       r"float32 tensor \(a master\), or a bfloat16 tensor beside a bfloat16"):
-        torch.ops.fused_opt.sgd_([half], [half.clone()], [], [], [compensation], **common)
-    assert torch.equal(half, before)

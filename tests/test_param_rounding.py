@@ -4,12 +4,11 @@ The kernels' bits are checked against a NumPy implementation of the rounding and
 random bits (reference/rounding.py) where the float32 value before rounding is exactly
 computable (SGD with lr 1: one subtraction), on the CPU kernels and on the CUDA kernels emulated
 on the CPU; every optimizer's one step against its round-to-nearest twin; the unbiasedness that
-is the point of it; reproducibility across runs, thread counts and checkpoints; and the errors.
+is the point of it; reproducibility across runs, thread counts and checkpoints; and, for
+param_rounding="kahan" too (test_kahan.py has the rest of it), skipped steps and the errors.
 """
 
 from __future__ import annotations
-
-import copy
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import torch
 import fused_opt
 import simt
 from devices import requires_simt
-from optim_helpers import FULL_STATE_OPTIONS, NAMES
+from optim_helpers import FULL_STATE_OPTIONS, NAMES, resume_midway
 from reference import rounding
 
 # Odd sizes, an empty tensor, and one that crosses the CUDA kernels' 32K-element chunks and the
@@ -162,25 +161,11 @@ def test_a_checkpoint_resumes_bit_for_bit(name):
     options = dict(FULL_STATE_OPTIONS[name], param_rounding="stochastic", rounding_seed=SEED)
     if name == "SGD":
         options["momentum"] = 0.0  # the counter exists for the rounding alone
-    straight = make_params()
-    run_straight = getattr(fused_opt, name)(straight, **options)
-    resumed = make_params()
-    first = getattr(fused_opt, name)(resumed, **options)
-    for step in range(STEPS):
-        set_grads(straight, step)
-        run_straight.step()
-        if step < 2:
-            set_grads(resumed, step)
-            first.step()
-    saved = copy.deepcopy(first.state_dict())
+    (straight, _), (resumed, _), saved = resume_midway(name, options, make_params, set_grads,
+                                                       STEPS, 2)
     assert saved["param_groups"][0]["param_rounding"] == "stochastic"
     assert saved["param_groups"][0]["rounding_seed"] == SEED
     assert all(state["step"].item() == 2 for state in saved["state"].values())
-    second = getattr(fused_opt, name)(resumed, lr=1.0)
-    second.load_state_dict(saved)
-    for step in range(2, STEPS):
-        set_grads(resumed, step)
-        second.step()
     for a, b in zip(straight, resumed):
         np.testing.assert_array_equal(bits(a), bits(b))
     # torch.optim takes the checkpoint (it ignores the rounding keys) and steps on from it.
@@ -203,11 +188,14 @@ def test_nearest_groups_save_no_rounding_keys_and_torch_checkpoints_load_as_near
     assert loaded.param_groups[0]["param_rounding"] == "nearest"
 
 
-def test_a_skipped_step_changes_nothing(kernels):
+@pytest.mark.parametrize("mode", ["stochastic", "kahan"])
+def test_a_skipped_step_changes_nothing(mode, kernels):
+    # Plain SGD's state is the step counter (stochastic) or the compensation (Kahan) alone.
     params = make_params()
-    optimizer = run(params, "SGD", 1, lr=0.1, param_rounding="stochastic", rounding_seed=SEED)
-    before = [p.detach().clone() for p in params]
-    steps_before = [optimizer.state[p]["step"].clone() for p in params]
+    optimizer = run(params, "SGD", 1, lr=0.1, param_rounding=mode, rounding_seed=SEED)
+    before = [(p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()})
+              for p in params]
+    assert all(state for _, state in before)
     scaler = fused_opt.GradScaler("cpu", init_scale=2.0**8)
     loss = sum((p.float() * p.float()).sum() for p in params)
     scaler.scale(loss).backward()
@@ -215,28 +203,32 @@ def test_a_skipped_step_changes_nothing(kernels):
     scaler.step(optimizer)
     scaler.update()
     assert bool(optimizer.last_step_skipped)
-    for p, b, s in zip(params, before, steps_before):
-        assert torch.equal(p.detach(), b)
-        assert torch.equal(optimizer.state[p]["step"], s)
+    for p, (value, state) in zip(params, before):
+        assert torch.equal(p.detach(), value)
+        assert optimizer.state[p].keys() == state.keys()
+        for key, tensor in state.items():
+            assert torch.equal(optimizer.state[p][key], tensor), key
 
 
-def test_bad_configurations_are_refused_naming_the_param_or_option():
+@pytest.mark.parametrize("mode", ["stochastic", "kahan"])
+def test_bad_configurations_are_refused_naming_the_param_or_option(mode):
     with pytest.raises(ValueError, match="param_rounding"):
         fused_opt.AdamW(make_params(), param_rounding="up")
     with pytest.raises(ValueError, match="rounding_seed"):
-        fused_opt.AdamW(make_params(), param_rounding="stochastic", rounding_seed=-1)
-    with pytest.raises(ValueError, match="master_weights"):
-        fused_opt.AdamW(make_params(), param_rounding="stochastic", master_weights=True)
+        fused_opt.AdamW(make_params(), param_rounding=mode, rounding_seed=-1)
+    with pytest.raises(ValueError, match=f"'{mode}' together with master_weights=True"):
+        fused_opt.AdamW(make_params(), param_rounding=mode, master_weights=True)
     params = make_params(torch.float16)
-    optimizer = fused_opt.AdamW(params, param_rounding="stochastic")
+    optimizer = fused_opt.AdamW(params, param_rounding=mode)
     set_grads(params, 0)
     before = [p.detach().clone() for p in params]
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*float16"):
+    with pytest.raises(ValueError,
+                       match=rf"param_groups\[0\]\['params'\]\[0\].*float16.*'{mode}'"):
         optimizer.step()
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
     assert not optimizer.state
     group_with_masters = fused_opt.AdamW(make_params(), master_weights=True)
-    group_with_masters.param_groups[0]["param_rounding"] = "stochastic"
+    group_with_masters.param_groups[0]["param_rounding"] = mode
     set_grads(group_with_masters.param_groups[0]["params"], 0)
     with pytest.raises(ValueError, match="master_weights"):
         group_with_masters.step()

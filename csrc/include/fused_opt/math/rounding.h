@@ -1,10 +1,10 @@
 // How an updated float32 value is stored into a bfloat16 param without a master.
 //
-// Stochastic rounding (param_rounding="stochastic"): the value rounds up in magnitude with probability equal to its distance from
-// the bfloat16 below it, in units of the gap, so that the rounding is unbiased and an update
-// smaller than half a bfloat16 ulp still moves the param on average, where rounding to nearest
-// would drop it every step (Gupta et al., "Deep Learning with Limited Numerical Precision",
-// ICML 2015; Zamirai et al., "Revisiting BFloat16 Training", 2020).
+// Stochastic rounding (param_rounding="stochastic"): the value rounds up in magnitude with
+// probability equal to its distance from the bfloat16 below it, in units of the gap, so that the
+// rounding is unbiased and an update smaller than half a bfloat16 ulp still moves the param on
+// average, where rounding to nearest would drop it every step (Gupta et al., "Deep Learning with
+// Limited Numerical Precision", ICML 2015; Zamirai et al., "Revisiting BFloat16 Training", 2020).
 //
 // The random bits come from a counter-based hash, not a generator with state: a function of
 // (seed, the tensor's index in the op call, the step, the element's index in the tensor). So a
