@@ -74,6 +74,8 @@ struct StepCall {
   // Every TensorArgs has a param_copy (the 16-bit param, or a compensation), but float32 params,
   // which are their own masters.
   bool master_weights;
+  // Some TensorArgs has ParamStore::kCompensated (they go in launches of their own).
+  bool compensated;
   // With step counters: a zeroed device counter, which each launch counts its finished blocks
   // in (and leaves zero), so that the last block advances the counters every block has read.
   unsigned* finished_blocks;

@@ -504,8 +504,10 @@ __device__ __forceinline__ void advance_steps_after_last_block(const Table& tabl
 // is sized to the GPU, not to the work. __grid_constant__ keeps the table in parameter space
 // while it is indexed at run time (no copy to local memory). Every block reads found_inf and the
 // scale itself: a skipped step is decided on the device, with no host sync, and then changes
-// nothing, the counters and finished_blocks included.
-template <typename Op, typename Table>
+// nothing, the counters and finished_blocks included. kCompensated: every tensor of the table is a
+// bfloat16 param with its compensation; such tensors get kernels of their own, since the branch
+// for them made the master-weight kernels spill registers on sm_100 and sm_120.
+template <typename Op, typename Table, bool kCompensated>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     multi_tensor_kernel(const __grid_constant__ Table table,
                         const __grid_constant__ LaunchGroups<typename Op::Group> groups,
@@ -520,16 +522,13 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
         table.numel[t] - begin < kChunkElems ? table.numel[t] - begin : kChunkElems);
     const typename Op::Group group = groups.at[table.group[t]];
     // States stored as bfloat16 exist only beside float32 (a float32 param, or a master).
-    if constexpr (Table::kMaster) {
+    if constexpr (kCompensated) {
+      using S = __nv_bfloat16;
+      update_chunk<S, S, S, Op, ParamStore::kCompensated>(table, group, t, begin, n,
+                                                           grad_factor);
+    } else if constexpr (Table::kMaster) {
       with_master_call_storage(table.dtype[t], [&](auto tag) {
         using S = typename decltype(tag)::type;
-        if constexpr (std::is_same_v<S, __nv_bfloat16>) {
-          if (table.param_store[t] == ParamStore::kCompensated) {
-            update_chunk<S, S, S, Op, ParamStore::kCompensated>(table, group, t, begin, n,
-                                                                 grad_factor);
-            return;
-          }
-        }
         if (table.bf16_states[t]) {
           update_chunk<float, __nv_bfloat16, S, Op>(table, group, t, begin, n, grad_factor);
         } else {
@@ -593,13 +592,16 @@ int resident_blocks(const void* kernel, int block_size, std::atomic<int>* cache,
 // kernel's image), the second launches.
 enum class LaunchPhase { kPrepare, kLaunch };
 
-// Runs Op over every element of every tensor of the call whose group in_launch(group) selects, in
-// as few launches as the table and group capacities allow (one for typical models: hundreds of
-// tensors and up to kMaxLaunchGroups groups per launch). `groups` is indexed by TensorArgs::group.
-template <typename Op, bool kMaster, typename InLaunch>
+// Runs Op over every element of every tensor of the call whose group in_launch(group) selects and
+// which is a compensated param exactly when kCompensated, in as few launches as the table and group
+// capacities allow (one for typical models: hundreds of tensors and up to kMaxLaunchGroups groups
+// per launch). `groups` is indexed by TensorArgs::group.
+template <typename Op, bool kMaster, bool kCompensated, typename InLaunch>
 void launch_tables(const StepCall& call, const typename Op::Group* groups,
                    const InLaunch& in_launch, LaunchPhase phase) {
+  static_assert(kMaster || !kCompensated, "compensations come in master-weight calls");
   using Table = TensorTable<Op::kNumStates, Op::kCountsSteps, kMaster>;
+  constexpr auto kernel = &multi_tensor_kernel<Op, Table, kCompensated>;
   using Groups = LaunchGroups<typename Op::Group>;
   static_assert(sizeof(Groups) + sizeof(math::GradScaling) + sizeof(unsigned*) <=
                     kGroupParamBytes,
@@ -610,8 +612,8 @@ void launch_tables(const StepCall& call, const typename Op::Group* groups,
   constexpr int kCachedDevices = 64;
   static std::atomic<int> cached_blocks[kCachedDevices];
   const int max_blocks =
-      resident_blocks(reinterpret_cast<const void*>(&multi_tensor_kernel<Op, Table>), kBlockSize,
-                      cached_blocks, kCachedDevices);
+      resident_blocks(reinterpret_cast<const void*>(kernel), kBlockSize, cached_blocks,
+                      kCachedDevices);
   if (phase == LaunchPhase::kPrepare) return;
   const auto stream = static_cast<cudaStream_t>(call.stream);
 
@@ -629,16 +631,18 @@ void launch_tables(const StepCall& call, const typename Op::Group* groups,
     if (table.count == 0) return;
     const auto blocks =
         static_cast<unsigned>(std::clamp<int64_t>(table.total_chunks, 1, max_blocks));
-    throw_on_launch_error(launch_kernel(&multi_tensor_kernel<Op, Table>, blocks, kBlockSize,
-                                        stream, table, launch_groups, call.scaling,
-                                        call.finished_blocks),
+    throw_on_launch_error(launch_kernel(kernel, blocks, kBlockSize, stream, table, launch_groups,
+                                        call.scaling, call.finished_blocks),
                           "fused_opt::cuda::multi_tensor_kernel");
     reset();
   };
   reset();
   for (size_t i = 0; i < call.count; ++i) {
     const TensorArgs& tensor = call.tensors[i];
-    if (!in_launch(tensor.group) || (tensor.numel == 0 && !Op::kCountsSteps)) continue;
+    if (!in_launch(tensor.group) || (tensor.numel == 0 && !Op::kCountsSteps) ||
+        (tensor.param_store == ParamStore::kCompensated) != kCompensated) {
+      continue;
+    }
     if (table.count == Table::kCapacity) flush();
     if (tensor.group != current_group) {
       if (launch_group_count == kMaxLaunchGroups) flush();
@@ -654,9 +658,10 @@ template <typename Op, typename InLaunch>
 void launch_multi_tensor(const StepCall& call, const typename Op::Group* groups,
                          const InLaunch& in_launch, LaunchPhase phase) {
   if (call.master_weights) {
-    launch_tables<Op, true>(call, groups, in_launch, phase);
+    launch_tables<Op, true, false>(call, groups, in_launch, phase);
+    if (call.compensated) launch_tables<Op, true, true>(call, groups, in_launch, phase);
   } else {
-    launch_tables<Op, false>(call, groups, in_launch, phase);
+    launch_tables<Op, false, false>(call, groups, in_launch, phase);
   }
 }
 

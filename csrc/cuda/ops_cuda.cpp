@@ -82,6 +82,7 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
   args.clear();
   const bool master_weights = !master_params.empty();
   size_t next_master = 0;
+  bool any_compensated = false;
   step.groups.for_each(params, master_weights, [&](const GroupRange& group) {
     const std::optional<int64_t> seed = step.rounding_seed(group.group);
     for (size_t i = group.offset; i < group.offset + group.size; ++i) {
@@ -89,6 +90,7 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
       const at::Tensor* entry = takes_entry ? &master_params[next_master++] : nullptr;
       const bool compensated = entry != nullptr && is_compensation(*entry, params[i]);
       const bool has_master = entry != nullptr && !compensated;
+      any_compensated = any_compensated || compensated;
       TensorArgs arg{};
       arg.param = has_master ? entry->data_ptr() : params[i].data_ptr();
       arg.param_copy = !takes_entry ? nullptr
@@ -121,9 +123,9 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
   for (size_t g = 0; g < step.groups.count(); ++g) l1_modes.push_back(step.l1_mode(g));
   unsigned* finished_blocks =
       steps.empty() ? nullptr : static_cast<unsigned*>(step.workspace->data_ptr());
-  return {args.data(),     args.size(),     step.groups.count(),
+  return {args.data(),         args.size(),     step.groups.count(),
           step.scaling.view(), l1_modes.data(), master_weights,
-          finished_blocks, current_stream(params[0].device())};
+          any_compensated,     finished_blocks, current_stream(params[0].device())};
 }
 
 // Each op's per-group hyperparameters, in a buffer reused across calls.
