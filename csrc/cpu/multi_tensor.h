@@ -133,14 +133,13 @@ FUSED_OPT_HD void update_element(ParamT* __restrict param, const GradT* __restri
 }
 
 // One pass over n elements. `param` is what the update math updates (the float32 master when
-// there is one); `param_copy`, unless NoCopy, receives its rounding to the 16-bit param, or,
-// with CompensateRounding, is the param's compensation. Every
-// gradient is multiplied by grad_factor (loss scale and clipping, math/grad_scaling.h) before
-// the math sees it; x * 1 is exact, so the factor costs no accuracy when there is none. Unused
-// state pointers are never touched (the functor's kNumStates is a compile-time constant), so
-// separate restrict pointers keep the loop free of aliasing checks and let it vectorize.
-// `rounding` stores the updated param (RoundToNearest, RoundStochastically or
-// CompensateRounding).
+// there is one); `param_copy`, unless NoCopy, receives its rounding to the 16-bit param, or, with
+// CompensateRounding, is the param's compensation. Every gradient is multiplied by grad_factor
+// (loss scale and clipping, math/grad_scaling.h) before the math sees it; x * 1 is exact, so
+// the factor costs no accuracy when there is none. Unused state pointers are never touched (the
+// functor's kNumStates is a compile-time constant), so separate restrict pointers keep the loop
+// free of aliasing checks and let it vectorize. `rounding` stores the updated param
+// (RoundToNearest, RoundStochastically or CompensateRounding).
 template <typename ParamT, typename GradT, typename StateT, typename CopyT, typename Element,
           typename Rounding>
 FUSED_OPT_HD void update_elements(ParamT* __restrict param, const GradT* __restrict grad,
