@@ -256,3 +256,33 @@ def test_a_param_written_between_steps_drops_its_compensation(kernels):
     param_bits, compensation_bits = rounding.kahan_store(-params[2].grad.float().numpy())
     np.testing.assert_array_equal(bits(params[2]), param_bits)
     np.testing.assert_array_equal(bits(optimizer.state[params[2]][KEY]), compensation_bits)
+
+
+def test_a_call_mixing_masters_and_compensations_steps_each_group_as_alone(kernels):
+    # A master-weight group and a Kahan group of one optimizer share an op call (and on CUDA
+    # that call takes separate launches for the two kinds); each group must step as it does
+    # in an optimizer of its own.
+    options = FULL_STATE_OPTIONS["Adam"]
+    mixed_params = [new_params(), new_params()]
+    mixed = fused_opt.Adam([{"params": mixed_params[0], "master_weights": True},
+                            {"params": mixed_params[1], "param_rounding": "kahan"}], **options)
+    alone_params = [new_params(), new_params()]
+    alone = [fused_opt.Adam(alone_params[0], **options, master_weights=True),
+             fused_opt.Adam(alone_params[1], **options, param_rounding="kahan")]
+    for step in range(STEPS):
+        for params in (*mixed_params, *alone_params):
+            set_grads(params, step)
+        mixed.step()
+        for optimizer in alone:
+            optimizer.step()
+    for group, (params, own_params, own) in enumerate(zip(mixed_params, alone_params, alone)):
+        for index, (p, q) in enumerate(zip(params, own_params)):
+            where = f"group {group} param {index}"
+            assert torch.equal(p, q), where
+            assert mixed.state[p].keys() == own.state[q].keys(), where
+            for key, value in own.state[q].items():
+                assert torch.equal(mixed.state[p][key], value), f"{where} {key}"
+    assert "master_param" in mixed.state[mixed_params[0][0]]
+    assert KEY in mixed.state[mixed_params[1][0]]
+    # The premise: both groups went in one op call.
+    assert [bucket.group_sizes for _, bucket in mixed._step_plan.calls] == [[4, 4]]
