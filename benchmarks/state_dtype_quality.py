@@ -1,6 +1,6 @@
 """What low-precision optimizer storage costs in training quality: the same small model trained to
-the same budget with float32 states, with state_dtype=torch.bfloat16, with bfloat16 params (with
-and without float32 masters), and with torch.optim. Nothing is downloaded; the data is generated.
+the same budget with float32 states, with state_dtype=torch.bfloat16 and torch.uint8 (blockwise
+8-bit), with bfloat16 params (with and without float32 masters), and with torch.optim. Nothing is downloaded; the data is generated.
 
 Two tasks (--task):
 - mlp: a 3-layer MLP regressing a fixed random teacher of the same shape on fresh Gaussian
@@ -15,6 +15,7 @@ Reports the final loss (mlp: the mean over the last 100 steps; lm: on 512 held-o
 and its ratio to the float32-state run of fused_opt.
 
     python benchmarks/state_dtype_quality.py --task lm [--steps 3000] [--output benchmarks/results/state-dtype]
+        [--runs 8-bit]
 """
 
 from __future__ import annotations
@@ -143,6 +144,10 @@ RUNS: dict[str, Run] = {
         params, lr=lr, weight_decay=WEIGHT_DECAY, master_weights=True)),
     "bfloat16 params, float32 masters, bfloat16 states": (torch.bfloat16, lambda params, lr: fused_opt.AdamW(
         params, lr=lr, weight_decay=WEIGHT_DECAY, master_weights=True, state_dtype=torch.bfloat16)),
+    "fused_opt.AdamW, 8-bit states": (torch.float32, lambda params, lr: fused_opt.AdamW(
+        params, lr=lr, weight_decay=WEIGHT_DECAY, state_dtype=torch.uint8)),
+    "bfloat16 params, float32 masters, 8-bit states": (torch.bfloat16, lambda params, lr: fused_opt.AdamW(
+        params, lr=lr, weight_decay=WEIGHT_DECAY, master_weights=True, state_dtype=torch.uint8)),
     "bfloat16 params and states, no masters (nearest rounding)": (torch.bfloat16, lambda params, lr: fused_opt.AdamW(
         params, lr=lr, weight_decay=WEIGHT_DECAY)),
     "bfloat16 params and states, no masters (stochastic rounding)": (
@@ -153,6 +158,30 @@ RUNS: dict[str, Run] = {
             params, lr=lr, weight_decay=WEIGHT_DECAY, param_rounding="kahan")),
 }
 BASELINE = "fused_opt.AdamW, float32 states"
+
+
+def _peer_runs() -> dict[str, Run]:
+    """The peers' 8-bit AdamW, where they are importable (neither is a dependency of fused_opt).
+    Both keep float32 states below 4,096 elements and quantize in blocks, as fused_opt does:
+    bitsandbytes with its dynamic lookup-table codes and blocks of 256 (on the CPU as unfused
+    torch ops), torchao with the same kind of codes in a tensor subclass whose step
+    torch.compile builds."""
+    runs: dict[str, Run] = {}
+    try:
+        import bitsandbytes
+    except ImportError:
+        pass
+    else:
+        runs["bitsandbytes.optim.AdamW8bit (8-bit states)"] = (torch.float32, lambda params, lr: (
+            bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=WEIGHT_DECAY)))
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        pass
+    else:
+        runs["torchao.optim.AdamW8bit (8-bit states)"] = (torch.float32, lambda params, lr: (
+            AdamW8bit(params, lr=lr, weight_decay=WEIGHT_DECAY)))
+    return runs
 
 
 def commit() -> str:
@@ -182,7 +211,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--output", type=Path, default=None,
                         help="folder for quality-TASK.md (default: print only)")
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated words: only the runs whose name has one of them, and "
+                             f"'{BASELINE}', which the ratios need (output: quality-TASK-WORDS.md)")
     args = parser.parse_args()
+    words = args.runs.split(",") if args.runs else None
+    runs = {name: run for name, run in {**RUNS, **_peer_runs()}.items()
+            if words is None or name == BASELINE or any(word in name for word in words)}
     torch.set_num_threads(1)
     floor = None
     if args.task == "lm":
@@ -190,7 +225,7 @@ def main() -> None:
         held_out = source.sample(LM_HELD_OUT, torch.Generator().manual_seed(5))
         floor = source.entropy_rate(held_out)
     losses = {}
-    for name, (dtype, make) in RUNS.items():
+    for name, (dtype, make) in runs.items():
         def make_optimizer(params, make=make):
             return make(params, LR)
         if args.task == "mlp":
@@ -202,7 +237,8 @@ def main() -> None:
         "",
         f"- when: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
         f"{platform.machine()} CPU, one thread; torch {torch.__version__}; commit {commit()}",
-        f"- command: `python benchmarks/state_dtype_quality.py --task {args.task} --steps {args.steps}`",
+        f"- command: `python benchmarks/state_dtype_quality.py --task {args.task} --steps {args.steps}"
+        + (f" --runs {args.runs}" if args.runs else "") + "`",
         f"- {describe(args.task, args.steps)}",
     ]
     if floor is not None:
@@ -222,7 +258,8 @@ def main() -> None:
     print(text)
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / f"quality-{args.task}.md").write_text(text)
+        suffix = "-" + "-".join(word.replace(" ", "_") for word in words) if words else ""
+        (args.output / f"quality-{args.task}{suffix}.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 #include "fused_opt/validate.h"
 
 #include <cmath>
+#include <cstdint>
+
+#include "fused_opt/math/quantize.h"
 
 namespace fused_opt {
 namespace {
@@ -19,7 +22,8 @@ struct StateDtype {
 
   bool allows(at::ScalarType dtype, at::ScalarType reference) const {
     if (first_state != nullptr) return dtype == first_state->scalar_type();
-    return dtype == reference || (dtype == at::kBFloat16 && reference == at::kFloat);
+    return dtype == reference ||
+           ((dtype == at::kBFloat16 || dtype == at::kByte) && reference == at::kFloat);
   }
 };
 
@@ -46,7 +50,19 @@ void check_matches(std::string_view op, std::string_view list, size_t i, const a
     TORCH_CHECK(state->allows(t.scalar_type(), reference.scalar_type()), op, ": ", list, "[", i,
                 "] has dtype ", t.scalar_type(), " but ", reference_list, "[", i,
                 "] has dtype ", reference.scalar_type(),
-                "; states take that dtype, or bfloat16 beside float32");
+                "; states take that dtype, or bfloat16 or uint8 beside float32");
+  }
+  if (t.scalar_type() == at::kByte) {
+    // Blockwise 8-bit (math/quantize.h): the codes of the reference's elements in its memory
+    // order, then the blocks' float32 maxima, which the kernels read in place.
+    const int64_t bytes = math::quantized_state_bytes(reference.numel());
+    TORCH_CHECK(t.dim() == 1 && t.numel() == bytes && t.is_contiguous(), op, ": ", list, "[", i,
+                "] is uint8, a blockwise 8-bit state, so it must be a contiguous 1-D tensor of ",
+                bytes, " bytes for the ", reference.numel(), " elements of ", reference_list, "[",
+                i, "], got shape ", t.sizes());
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 4 == 0, op, ": ", list, "[", i,
+                "] must start at an address aligned to 4 bytes (its block maxima are float32)");
+    return;
   }
   TORCH_CHECK(t.sizes() == reference.sizes(), op, ": ", list, "[", i, "] has shape ", t.sizes(),
               " but ", reference_list, "[", i, "] has shape ", reference.sizes());

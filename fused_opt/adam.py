@@ -100,6 +100,8 @@ class Adam(FusedOptimizer, torch.optim.Adam):
             (f"{where}['betas'][1]", betas[1]),
         ]
 
+    _signed_state_keys = frozenset({"exp_avg"})
+
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         if group["amsgrad"]:
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")

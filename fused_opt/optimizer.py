@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fused_opt import _distributed, _ops
+from fused_opt import _distributed, _ops, _quantize
 from fused_opt._plan import StepPlan
 
 MASTER_KEY = "master_param"
@@ -47,8 +47,9 @@ _NEUTRAL_OPTIONS = {
 # The options fused_opt adds to every param group.
 _FUSED_GROUP_KEYS = ("master_weights", "max_grad_norm", "state_dtype", *_NEUTRAL_OPTIONS)
 #: What ``state_dtype`` may be: None (the dtype of what the states update: the param, or its
-#: float32 master), or one of these.
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+#: float32 master), or one of these; torch.uint8 is the blockwise 8-bit format of
+#: fused_opt/_quantize.py.
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 _MASTER_DTYPES = (torch.float16, torch.bfloat16)
 # Params a master-weight op call also takes, as their own masters (complex64: pairs of float32).
 _OWN_MASTER_DTYPES = (torch.float32, torch.complex64)
@@ -147,9 +148,14 @@ _FUSED_ARGS_DOC = """\
             group: None, the dtype of what they update (the param, or its float32 master), or
             ``torch.bfloat16`` beside float32 params and masters, which halves their memory
             and bytes moved; the math runs in float32 and rounds the states to nearest when it
-            stores them. ``torch.float32`` is the default's dtype for float32 params and
-            masters. Saved in a group only where it differs from the optimizer's default;
-            torch.optim loads such states as its param's dtype. Default None.
+            stores them. Or ``torch.uint8``: blockwise 8-bit states beside float32 params and
+            masters of at least 4,096 elements (smaller ones keep float32 states), one byte per
+            element plus a float32 maximum per 256 (fused_opt/_quantize.py), decoded and
+            encoded again in the same pass (not for DTensor params, nor centered RMSprop).
+            ``torch.float32`` is the
+            default's dtype for float32 params and masters. Saved in a group only where it
+            differs from the optimizer's default; torch.optim loads bfloat16 states as its
+            param's dtype, and 8-bit ones from ``torch_state_dict()``. Default None.
         param_rounding: how updated bfloat16 params without master weights are stored, per
             group: ``"nearest"`` (as torch), or ``"stochastic"``: rounded up or down at random
             with the probabilities that make the rounding unbiased, so that updates below half a
@@ -196,6 +202,8 @@ class FusedOptimizer(Optimizer):
         optimizer accepts them, in which case ``_step_sparse(group, params)`` handles them;
       * ``_sparse_weight_decay_error``: torch.optim's message for a sparse grad in a group with
         weight decay, which torch's sparse path cannot apply;
+      * ``_signed_state_keys``: the states that may be negative, as the math header's
+        ``kSignedStates`` says;
       * ``_number_keys``: the group's hyperparameters the op call takes as numbers, and
         ``_device_read_hypers(where, group)`` those that may be tensors the kernels read on the
         device (lr; Adam adds its betas), so that a step checks them all before any op call.
@@ -203,6 +211,9 @@ class FusedOptimizer(Optimizer):
 
     _sparse_grad_error: str | None = None
     _sparse_weight_decay_error: str | None = None
+    # The state keys whose values may be negative: those whose bit is set in the element
+    # functor's kSignedStates (csrc/include/fused_opt/math), which picks their 8-bit code.
+    _signed_state_keys: frozenset[str] = frozenset()
     _number_keys: tuple[str, ...] = ()
     _op_name: str
     # The plan of the next step (fused_opt/_plan.py): made by a full step, dropped when the
@@ -750,19 +761,28 @@ class FusedOptimizer(Optimizer):
 
     def _state_dtype_of(self, group: dict[str, Any], p: Tensor) -> torch.dtype:
         """The dtype of the param's state tensors: that of what they update (the param, or its
-        float32 master) unless the group's ``state_dtype`` asks for bfloat16 beside float32."""
+        float32 master) unless the group's ``state_dtype`` asks for bfloat16 or blockwise 8-bit
+        (uint8) beside float32; 8-bit only from _quantize.MIN_NUMEL elements on."""
         base = torch.float32 if uses_master(group, p) else p.dtype
         wanted = group["state_dtype"]
         if wanted is None or wanted == base:
             return base
+        if wanted == torch.uint8 and base == torch.float32 and not _distributed.is_dtensor(p):
+            return wanted if p.numel() >= _quantize.MIN_NUMEL else base
         if wanted == torch.bfloat16 and base == torch.float32:
             return wanted
-        hint = (
-            " (float32 states of a 16-bit param come with its float32 master: "
-            "master_weights=True)"
-            if wanted == torch.float32 and p.dtype in _MASTER_DTYPES
-            else ""
-        )
+        if wanted == torch.float32 and p.dtype in _MASTER_DTYPES:
+            hint = (
+                " (float32 states of a 16-bit param come with its float32 master: "
+                "master_weights=True)"
+            )
+        elif wanted == torch.uint8 and base == torch.float32:
+            hint = (
+                " that are plain tensors: a DTensor's 8-bit states would need block maxima that "
+                "shard with it, which fused_opt does not have yet"
+            )
+        else:
+            hint = ""
         # The group may be one a checkpoint would install: the param names the place.
         group_index, param_index = next(
             (i, j)
@@ -774,7 +794,7 @@ class FusedOptimizer(Optimizer):
         raise ValueError(
             f"{type(self).__name__}: param_groups[{group_index}] has state_dtype={wanted} but "
             f"{self._describe_param(group_index, param_index, own_group, p)} keeps its states in "
-            f"{base}; bfloat16 states are for float32 params and masters{hint}"
+            f"{base}; bfloat16 and uint8 states are for float32 params and masters{hint}"
         )
 
     def _device_read_hypers(self, where: str, group: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -861,6 +881,7 @@ class FusedOptimizer(Optimizer):
                 if (
                     layout is not None
                     and first_state is not None
+                    and first_state.dtype != torch.uint8
                     and first_state.stride() != layout
                 ):
                     _follow_layout(p, state, keys)
@@ -868,7 +889,7 @@ class FusedOptimizer(Optimizer):
                     # A group's state_dtype changed since the states were made: they follow.
                     dtype = self._state_dtype_of(group, p)
                     if first_state.dtype != dtype:
-                        _cast_states(state, keys, dtype)
+                        self._cast_states(p, state, keys, dtype)
             # Read no version under torch.compile: dynamo cannot branch on one.
             if (
                 companion is not None
@@ -928,13 +949,16 @@ class FusedOptimizer(Optimizer):
             self._master_versions[p] = p._version
             # States made before the master (master_weights switched on during training) move
             # to the master's state dtype.
-            _cast_states(state, keys, self._state_dtype_of(group, p))
+            self._cast_states(p, state, keys, self._state_dtype_of(group, p))
         needed = (*keys, "step") if self._keeps_step(group) else keys
         if any(state.get(key) is None for key in needed):
             dtype = self._state_dtype_of(group, p)
-            for key, value in self._new_state(p, group, dtype).items():
+            made_as = torch.float32 if dtype == torch.uint8 else dtype
+            for key, value in self._new_state(p, group, made_as).items():
                 if state.get(key) is None:
                     state[key] = value
+            if dtype == torch.uint8:
+                self._cast_states(p, state, keys, dtype)
 
     def _refresh_companion(self, p: Tensor, state: dict[str, Any], companion: str) -> None:
         """After a write to the param since the last step: its master follows it (see
@@ -955,6 +979,28 @@ class FusedOptimizer(Optimizer):
         ops only, no sync; they run only for a param whose version counter moved."""
         master.copy_(torch.where(master.to(p.dtype) == p, master, p.to(torch.float32)))
         self._master_versions[p] = p._version
+
+    def _cast_states(
+        self, p: Tensor, state: dict[str, Any], keys: Sequence[str], dtype: torch.dtype
+    ) -> None:
+        """Stores the param's state tensors in ``dtype``, the counter and the master aside:
+        rounded to nearest, or quantized to or from blockwise 8-bit (uint8,
+        fused_opt/_quantize.py)."""
+        for key in keys:
+            value = state.get(key)
+            if not torch.is_tensor(value) or value.dtype == dtype:
+                continue
+            signed = key in self._signed_state_keys
+            if value.dtype == torch.uint8:
+                flat = _quantize.dequantize(value, p.numel(), signed)
+                value = torch.empty_like(p, dtype=torch.float32)
+                _flat_memory(value).copy_(flat)
+            if dtype == torch.uint8:
+                if value.stride() != p.stride():
+                    value = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                state[key] = _quantize.quantize(_flat_memory(value).to(torch.float32), signed)
+            else:
+                state[key] = value.to(dtype)
 
     @torch.no_grad()
     def refresh_master_weights(self) -> None:
@@ -993,6 +1039,33 @@ class FusedOptimizer(Optimizer):
                 omitted = _NEUTRAL_OPTIONS.get(key, self.defaults[key])
                 if key in group and _same_value(group[key], omitted):
                     del group[key]
+            # Quantized states are named by their format where they are saved: a per-param
+            # string would not survive torch.optim's loading, which rebuilds iterables.
+            if any(
+                torch.is_tensor(value) and value.dtype == torch.uint8
+                for index in group["params"]
+                for value in state_dict["state"].get(index, {}).values()
+            ):
+                group[_quantize.FORMAT_KEY] = _quantize.FORMAT
+        return state_dict
+
+    @torch.no_grad()
+    def torch_state_dict(self) -> dict[str, Any]:
+        """``state_dict()`` with every blockwise 8-bit state (``state_dtype=torch.uint8``)
+        dequantized to a float32 tensor of its param's shape and layout, which torch.optim loads
+        (it casts states to its params' dtype). Other states are shared with ``state_dict()``;
+        the quantized ones are copied, so this holds them in float32 at once."""
+        state_dict = self.state_dict()
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            if saved_group.pop(_quantize.FORMAT_KEY, None) is None:
+                continue
+            for p, index in zip(group["params"], saved_group["params"]):
+                saved = state_dict["state"].get(index)
+                if saved is None:
+                    continue
+                # The dict is the optimizer's own state: changed in a copy.
+                saved = state_dict["state"][index] = dict(saved)
+                self._cast_states(p, saved, self._state_keys(group), torch.float32)
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1007,6 +1080,9 @@ class FusedOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         saved_state = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            # The saved group named its states' format, which the states now in memory need not
+            # have: state_dict() names it again where they do.
+            group.pop(_quantize.FORMAT_KEY, None)
             keys = self._state_keys(group)
             for p, saved_id in zip(group["params"], saved_group["params"]):
                 state = self.state.get(p)
@@ -1014,6 +1090,12 @@ class FusedOptimizer(Optimizer):
                     continue
                 self._complete_loaded_state(state, group)
                 place_step(p, state)
+                # torch.optim's loading cast quantized states to the param's dtype, codes and
+                # maxima as numbers: taken again from the saved dict.
+                for key in keys:
+                    value = saved_state[saved_id].get(key)
+                    if torch.is_tensor(value) and value.dtype == torch.uint8:
+                        state[key] = value.to(device=p.device, copy=True)
                 if uses_master(group, p):
                     self._load_master_state(p, state, saved_state[saved_id], keys)
                     # The master is the checkpoint's; a model loaded after the optimizer then
@@ -1035,7 +1117,7 @@ class FusedOptimizer(Optimizer):
                 # torch.optim's loading gave the states the param's dtype (exactly, from
                 # bfloat16 states); state_dtype stores them as this group keeps them.
                 if keys:
-                    _cast_states(state, keys, self._state_dtype_of(group, p))
+                    self._cast_states(p, state, keys, self._state_dtype_of(group, p))
                 # torch may have built a buffer in its grad's layout (SGD clones the grad).
                 _follow_layout(p, state, keys)
 
@@ -1049,7 +1131,8 @@ class FusedOptimizer(Optimizer):
         for key in (*keys, MASTER_KEY):
             value = saved.get(key)
             if torch.is_tensor(value):
-                state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                dtype = torch.uint8 if value.dtype == torch.uint8 else torch.float32
+                state[key] = value.to(device=p.device, dtype=dtype, copy=True)
         if state.get(MASTER_KEY) is None:
             state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
 
@@ -1112,7 +1195,9 @@ class FusedOptimizer(Optimizer):
                 for key in (*keys, MASTER_KEY, COMPENSATION_KEY):
                     value = state.get(key)
                     if value is not None:
-                        problem = _state_tensor_problem(p, value)
+                        problem = _state_tensor_problem(
+                            p, value, loaded.get(_quantize.FORMAT_KEY) if key in keys else None
+                        )
                         if problem:
                             raise ValueError(
                                 f"{error}: state[{saved_id!r}]['{key}'] of {label} {problem}"
@@ -1196,26 +1281,42 @@ def _follow_layout(p: Tensor, state: dict[str, Any], keys: Sequence[str]) -> Non
     stride = p.stride()
     for key in (*keys, MASTER_KEY, COMPENSATION_KEY):
         value = state.get(key)
-        if value is not None and value.stride() != stride:
+        # A quantized state is flat, its codes in the param's memory order already.
+        if value is not None and value.dtype != torch.uint8 and value.stride() != stride:
             state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
-def _cast_states(state: dict[str, Any], keys: Sequence[str], dtype: torch.dtype) -> None:
-    """Stores the param's state tensors in ``dtype`` (rounding to nearest), the counter and the
-    master aside."""
-    for key in keys:
-        value = state.get(key)
-        if torch.is_tensor(value) and value.dtype != dtype:
-            state[key] = value.to(dtype)
+def _flat_memory(t: Tensor) -> Tensor:
+    """A dense tensor's elements in memory order, as a 1-D view."""
+    return t.reshape(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,))
 
 
-def _state_tensor_problem(p: Tensor, value: Any) -> str | None:
+def _state_tensor_problem(p: Tensor, value: Any, quantized_format: Any = None) -> str | None:
     """What keeps a saved state value from being a state tensor of ``p``, or None. torch.optim's
-    loading casts a real param's states to its dtype, and leaves a complex param's as they are."""
+    loading casts a real param's states to its dtype, and leaves a complex param's as they are.
+    A uint8 state is blockwise 8-bit, of the format its group names (``quantized_format``)."""
     if not torch.is_tensor(value):
         return f"is a {type(value).__name__}, not a tensor"
     if value.is_sparse:
         return "is a sparse tensor"
+    if value.dtype == torch.uint8 and not p.is_complex():
+        if quantized_format != _quantize.FORMAT:
+            named = (
+                "names no format"
+                if quantized_format is None
+                else f"names the format {quantized_format!r}"
+            )
+            return (
+                f"is uint8, a blockwise 8-bit state, but its param group {named} "
+                f"('{_quantize.FORMAT_KEY}'); this fused_opt reads {_quantize.FORMAT!r}"
+            )
+        expected = _quantize.state_bytes(p.numel())
+        if value.dim() != 1 or value.numel() != expected:
+            return (
+                f"has shape {tuple(value.shape)}; a blockwise 8-bit state of a param of "
+                f"{p.numel()} elements is a 1-D uint8 tensor of {expected} bytes"
+            )
+        return None
     if tuple(value.shape) != tuple(p.shape):
         return f"has shape {tuple(value.shape)} but the param has shape {tuple(p.shape)}"
     if p.is_complex() and value.dtype != p.dtype:

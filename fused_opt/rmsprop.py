@@ -83,6 +83,14 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             master_weights, max_grad_norm, l1_decay, l1_mode, shard_group, state_dtype,
             param_rounding, rounding_seed,
         )
+        for index, group in enumerate(self.param_groups):
+            _check_centered_states(f"param_groups[{index}]", group)
+
+    def _check_hyperparameters(self, where: str, group: dict[str, Any], stepping: bool) -> None:
+        super()._check_hyperparameters(where, group, stepping)
+        _check_centered_states(where, group)
+
+    _signed_state_keys = frozenset({"grad_avg", "momentum_buffer"})
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys = ("square_avg",)
@@ -116,3 +124,16 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             "centered": centered,
             "maximize": maximize,
         }
+
+
+def _check_centered_states(where: str, group: dict[str, Any]) -> None:
+    """Refuses centered RMSprop on 8-bit states: its variance, square_avg - grad_avg ** 2, is a
+    small difference of two large numbers wherever the gradient varies little, and the codes'
+    relative error (up to 1/16 each) makes it negative there, and the step NaN."""
+    if group.get("centered") and group.get("state_dtype") is torch.uint8:
+        raise ValueError(
+            f"{where} has centered=True and state_dtype=torch.uint8: the centered variance "
+            "square_avg - grad_avg**2 is a small difference of 8-bit values wherever the gradient "
+            "varies little, where their rounding makes it negative and the step NaN; use "
+            "state_dtype=torch.bfloat16 or centered=False"
+        )

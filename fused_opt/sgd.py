@@ -87,6 +87,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             param_rounding, rounding_seed,
         )
 
+    _signed_state_keys = frozenset({"momentum_buffer"})
+
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 

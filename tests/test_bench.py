@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fused_opt import _quantize as quantize
 from fused_opt.bench import harness, implementations, peers, plot, report, sweep
 from fused_opt.bench.__main__ import main, parse_args
 from fused_opt.bench.implementations import CASES, Case, Unsupported, select_cases, step_bytes_per_param
@@ -42,6 +43,7 @@ FIELD_NOTES_BYTES = {
     ("adamw-amp-clip", "fp32"): 28,
     ("adamw-scaled", "fp32"): 28,
     ("adamw-bf16-states", "fp32"): 28,
+    ("adamw-8bit-states", "fp32"): 28,
     ("adamw-stochastic", "bf16"): 14,
     ("adamw-kahan", "bf16"): 14,
     ("adamw-bf16-master", "bf16"): 28,
@@ -57,13 +59,15 @@ PIPELINE_BYTES = {
     ("adamw-scaled", "fused_opt"): 28,
     ("adamw-scaled", "torch-fused"): 32,
     ("adamw-bf16-states", "fused_opt"): 20,  # bf16 states: 2*4 + 4 + 2*2*2
+    ("adamw-8bit-states", "fused_opt"): 16,  # 8-bit states: 2*4 + 4 + 2*2*1 (and the block maxima)
     ("adamw-stochastic", "fused_opt"): 14,
     ("adamw-kahan", "fused_opt"): 18,  # the bf16 compensation read and written: + 2*2
     ("adamw-bf16-master", "fused_opt"): 28,
     ("adamw-bf16-master", "torch-foreach"): 40,
     ("adamw-bf16-master", "torch-fused"): 40,
 }
-NEW_CASES = "adamw-amp-clip,adamw-scaled,adamw-bf16-states,adamw-stochastic,adamw-kahan,adamw-bf16-master"
+NEW_CASES = ("adamw-amp-clip,adamw-scaled,adamw-bf16-states,adamw-8bit-states,adamw-stochastic,adamw-kahan,"
+             "adamw-bf16-master")
 
 OPTIONAL_STR = (str, type(None))
 OPTIONAL_FLOAT = (float, type(None))
@@ -101,9 +105,16 @@ def expected_bytes(row: dict) -> int:
     return PIPELINE_BYTES.get((row["case"], row["implementation"]), FIELD_NOTES_BYTES[(row["case"], row["dtype"])])
 
 
-def expected_state_bytes(case: Case, implementation: str, variant: str = "") -> float:
+def expected_state_bytes(case: Case, implementation: str, variant: str = "",
+                         workload: str = "large") -> float:
     if case.pipeline == implementations.BF16_STATES and not variant:
         return case.n_states * 2
+    if case.pipeline == implementations.EIGHT_BIT_STATES and not variant:
+        # Codes and block maxima, from 4,096 elements on; smaller tensors keep float32 states.
+        shapes = make_workload(workload, "cpu", tiny=True).shapes
+        sizes = [math.prod(shape) for shape in shapes]
+        total = sum(quantize.state_bytes(n) if n >= quantize.MIN_NUMEL else 4 * n for n in sizes)
+        return case.n_states * total / sum(sizes)
     if case.pipeline == implementations.KAHAN and not variant:
         return case.n_states * 2 + 2  # and the bf16 compensation
     if case.pipeline == implementations.MASTER_WEIGHTS:
@@ -214,7 +225,8 @@ def test_pipeline_cases_run_fused_opt_and_torch_equivalents():
     runs = {name: [impl.name for impl in core().values() if impl.runs(case_named(name))]
             for name in NEW_CASES.split(",")}
     assert runs == {"adamw-amp-clip": ["fused_opt", "torch-fused"], "adamw-scaled": ["fused_opt", "torch-fused"],
-                    "adamw-bf16-states": ["fused_opt"], "adamw-stochastic": ["fused_opt"],
+                    "adamw-bf16-states": ["fused_opt"], "adamw-8bit-states": ["fused_opt"],
+                    "adamw-stochastic": ["fused_opt"],
                     "adamw-kahan": ["fused_opt"],
                     "adamw-bf16-master": ["fused_opt", "torch-foreach", "torch-fused"]}
 
@@ -483,7 +495,7 @@ def test_tiny_run_state_bytes_match_the_case(tiny_run):
     for row in rows:
         if row["status"] == "ok" and not row["implementation"].startswith("probe"):
             case = case_named(f"{row['case']}:{row['dtype']}")
-            expected = expected_state_bytes(case, row["implementation"], row["variant"])
+            expected = expected_state_bytes(case, row["implementation"], row["variant"], row["workload"])
             assert row["state_bytes_per_param"] == pytest.approx(expected, abs=0.05), row
 
 
@@ -714,7 +726,7 @@ def test_cases_flag_picks_cases_by_name_among_the_optimizers(capsys):
     args = parse_args(["--device", "cpu", "--optimizers", "adamw", "--cases", NEW_CASES])
     assert [(case.name, case.dtype) for case in args.cases] == [
         ("adamw-amp-clip", "fp32"), ("adamw-scaled", "fp32"), ("adamw-bf16-states", "fp32"),
-        ("adamw-stochastic", "bf16"), ("adamw-kahan", "bf16"), ("adamw-bf16-master", "bf16")]
+        ("adamw-8bit-states", "fp32"), ("adamw-stochastic", "bf16"), ("adamw-kahan", "bf16"), ("adamw-bf16-master", "bf16")]
     with pytest.raises(SystemExit):
         parse_args(["--device", "cpu", "--optimizers", "sgd", "--cases", "adamw-scaled"])
     assert "no case has optimizer in ['sgd'], name in ['adamw-scaled']" in capsys.readouterr().err

@@ -14,6 +14,7 @@
 
 #include "fused_opt/math/grad_scaling.h"
 #include "fused_opt/math/macros.h"
+#include "fused_opt/math/quantize.h"
 #include "fused_opt/math/rounding.h"
 #include "fused_opt/validate.h"
 
@@ -209,6 +210,112 @@ void update_range(ParamT* param, const GradT* grad, StateT* state0, StateT* stat
   }
 }
 
+// Blockwise 8-bit states (state_dtype=torch.uint8, math/quantize.h) are updated one block of
+// kQuantBlock elements at a time, in two passes over the block: the first decodes each element's
+// states, runs the element functor, stores the param and keeps the new states (in a local array,
+// which stays in L1) and their block maximum; the second encodes them against that maximum,
+// which every code needs before the first is stored. Each block's codes and maximum are read and
+// written once. The maximum is taken over the magnitudes' bits, which order like the magnitudes
+// (NaN above infinity, so a NaN state makes its block NaN, as it would stay NaN in float32),
+// because an integer maximum vectorizes where a float one, without -ffast-math, does not.
+template <bool kSigned>
+FUSED_OPT_HD void encode_block(const float* __restrict values, uint8_t* __restrict codes,
+                               int64_t n, float absmax) {
+  const float inverse = math::StateCode<kSigned>::inverse_scale(absmax);
+  for (int64_t i = 0; i < n; ++i) codes[i] = math::StateCode<kSigned>::encode(values[i], inverse);
+}
+
+FUSED_OPT_HD uint32_t max_magnitude_bits(uint32_t max_bits, float value) {
+  const uint32_t bits = math::float_bits(value) & 0x7fffffffu;
+  return bits > max_bits ? bits : max_bits;
+}
+
+// The first pass over one block of n elements (see above): the states decoded from codes0..2
+// with the block's scales, updated, and left in values0..2; returns nothing but fills
+// max_bits[s], the bits of each new state's largest magnitude.
+template <typename GradT, typename CopyT, typename Element>
+FUSED_OPT_HD void update_quantized_block(
+    float* __restrict param, const GradT* __restrict grad, const uint8_t* __restrict codes0,
+    const uint8_t* __restrict codes1, const uint8_t* __restrict codes2,
+    float* __restrict values0, float* __restrict values1, float* __restrict values2,
+    CopyT* __restrict param_copy, int64_t n, const float (&scale)[kMaxStates],
+    uint32_t (&max_bits)[kMaxStates], float grad_factor, const Element& element) {
+  constexpr int kStates = Element::kNumStates;
+  uint32_t max0 = 0, max1 = 0, max2 = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    float states[kStates];
+    states[0] = math::StateCode<math::signed_state<Element>(0)>::decode(codes0[i], scale[0]);
+    if constexpr (kStates > 1) {
+      states[1] = math::StateCode<math::signed_state<Element>(1)>::decode(codes1[i], scale[1]);
+    }
+    if constexpr (kStates > 2) {
+      states[2] = math::StateCode<math::signed_state<Element>(2)>::decode(codes2[i], scale[2]);
+    }
+    float p = param[i];
+    element(p, static_cast<float>(grad[i]) * grad_factor, states);
+    param[i] = p;
+    if constexpr (!std::is_same_v<CopyT, NoCopy>) param_copy[i] = static_cast<CopyT>(p);
+    values0[i] = states[0];
+    max0 = max_magnitude_bits(max0, states[0]);
+    if constexpr (kStates > 1) {
+      values1[i] = states[1];
+      max1 = max_magnitude_bits(max1, states[1]);
+    }
+    if constexpr (kStates > 2) {
+      values2[i] = states[2];
+      max2 = max_magnitude_bits(max2, states[2]);
+    }
+  }
+  max_bits[0] = max0;
+  max_bits[1] = max1;
+  max_bits[2] = max2;
+}
+
+// Updates the blocks [first_block, end_block) of one tensor of `numel` elements whose states are
+// the quantized tensors `states` (their starts, math/quantize.h's layout). `param` is float32 (a
+// param, or the master of `copy`, which then receives its rounding); the grad is stored as
+// GradT. Ranges of threads own the blocks that start in them, so no block is split.
+template <typename GradT, typename CopyT, typename Element>
+FUSED_OPT_CPU_CLONES_16BIT void update_quantized_blocks(
+    float* param, const GradT* grad, const std::array<uint8_t*, kMaxStates> states,
+    CopyT* param_copy, int64_t numel, int64_t first_block, int64_t end_block, float grad_factor,
+    const Element element) {
+  constexpr int kStates = Element::kNumStates;
+  static_assert(kStates > 0, "quantized states need a state");
+  alignas(64) float values[kMaxStates][math::kQuantBlock];
+  float* maxima[kMaxStates] = {};
+  for (int s = 0; s < kStates; ++s) {
+    maxima[s] = reinterpret_cast<float*>(states[s] + math::quantized_scales_offset(numel));
+  }
+  const auto for_each_state = [&](const auto& fn) {
+    fn(std::integral_constant<int, 0>{});
+    if constexpr (kStates > 1) fn(std::integral_constant<int, 1>{});
+    if constexpr (kStates > 2) fn(std::integral_constant<int, 2>{});
+  };
+  for (int64_t block = first_block; block < end_block; ++block) {
+    const int64_t begin = block * math::kQuantBlock;
+    const int64_t n = std::min(math::kQuantBlock, numel - begin);
+    float scale[kMaxStates] = {};
+    for_each_state([&](auto s) {
+      scale[s] = math::StateCode<math::signed_state<Element>(s)>::scale(maxima[s][block]);
+    });
+    CopyT* copy = nullptr;
+    if constexpr (!std::is_same_v<CopyT, NoCopy>) copy = param_copy + begin;
+    const auto codes_at = [&](int s) -> const uint8_t* {
+      return s < kStates ? states[s] + begin : nullptr;
+    };
+    uint32_t max_bits[kMaxStates];
+    update_quantized_block(param + begin, grad + begin, codes_at(0), codes_at(1), codes_at(2),
+                           values[0], values[1], values[2], copy, n, scale, max_bits,
+                           grad_factor, element);
+    for_each_state([&](auto s) {
+      const float absmax = math::float_from_bits(max_bits[s]);
+      encode_block<math::signed_state<Element>(s)>(values[s], states[s] + begin, n, absmax);
+      maxima[s][block] = absmax;
+    });
+  }
+}
+
 // A tensor's elements as T. The op's checks (validate.cpp) have established every tensor's dtype
 // and storage, and data_ptr<T>() checking both again for every tensor and every list costs more
 // than the arithmetic of a small tensor (a quarter of a step over 4,096 one-element params).
@@ -268,6 +375,52 @@ void with_state_storage(const std::array<at::TensorList, kLists>& state_lists, s
     }
   }
   fn(ParamT{});
+}
+
+// Whether tensor t's states are blockwise 8-bit (validate.cpp: only beside a float32 param or
+// master, all of one param's states alike).
+template <size_t kLists>
+bool quantized_states(const std::array<at::TensorList, kLists>& state_lists, size_t t) {
+  for (const auto& list : state_lists) {
+    if (!list.empty()) return list[t].scalar_type() == at::kByte;
+  }
+  return false;
+}
+
+// The part of apply_elementwise for a tensor with quantized states: the blocks that start in
+// [begin, end). `master`: null, or the float32 master of the float16/bfloat16 `param`.
+template <size_t kLists, typename WithElement>
+void update_quantized_range(const at::Tensor& param, const at::Tensor& grad,
+                            const at::Tensor* master,
+                            const std::array<at::TensorList, kLists>& state_lists, size_t t,
+                            int64_t begin, int64_t end, float grad_factor,
+                            const WithElement& with_element) {
+  std::array<uint8_t*, kMaxStates> states{};
+  size_t used = 0;
+  for (const auto& list : state_lists) {
+    if (!list.empty()) states[used++] = elements<uint8_t>(list[t]);
+  }
+  const int64_t numel = param.numel();
+  const int64_t first_block = math::quantized_blocks(begin);
+  const int64_t end_block = math::quantized_blocks(end);
+  if (first_block == end_block) return;
+  const auto update_quantized = [&](const auto& element) {
+    if (master == nullptr) {
+      update_quantized_blocks(elements<float>(param), elements<const float>(grad), states,
+                              static_cast<NoCopy*>(nullptr), numel, first_block, end_block,
+                              grad_factor, element);
+      return;
+    }
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(param.scalar_type(), "fused_opt_cpu_quantized", [&] {
+      update_quantized_blocks(elements<float>(*master), elements<const scalar_t>(grad), states,
+                              elements<scalar_t>(param), numel, first_block, end_block,
+                              grad_factor, element);
+    });
+  };
+  with_element(float{}, t, [&](const auto& element) {
+    // A functor without states (plain SGD) has no quantized states to come here with.
+    if constexpr (std::decay_t<decltype(element)>::kNumStates > 0) update_quantized(element);
+  });
 }
 
 // How one group's params are stored: to nearest, or, with a seed, bfloat16 params stochastically.
@@ -330,7 +483,11 @@ void apply_elementwise(at::TensorList params, at::TensorList grads, at::TensorLi
   const int64_t* master_index = master_of.data();
   parallel_over_elements(params, [&](size_t t, int64_t begin, int64_t end) {
     const int64_t n = end - begin;
-    if (master_index[t] < 0) {
+    if (quantized_states(state_lists, t)) {
+      update_quantized_range(params[t], grads[t],
+                             master_index[t] < 0 ? nullptr : &master_params[master_index[t]],
+                             state_lists, t, begin, end, grad_factor, with_element);
+    } else if (master_index[t] < 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kHalf, at::kBFloat16, params[t].scalar_type(), "fused_opt_cpu", [&] {
             using T = math::opmath_t<scalar_t>;

@@ -29,13 +29,18 @@ constexpr int kMaxStates = 3;
 // compensation, which the update adds to the param and rewrites; its states have its storage).
 enum class ParamStore : uint8_t { kNearest, kStochastic, kCompensated };
 
+// How a param's states are stored: as what the update updates (the param, or its float32
+// master), as bfloat16 beside a float32 param or master (state_dtype=torch.bfloat16), or
+// blockwise 8-bit beside one (state_dtype=torch.uint8, math/quantize.h: each state a byte tensor
+// of codes and block maxima).
+enum class StateStore : uint8_t { kAsUpdated, kBFloat16, kBlockwise8 };
+
 // One param's tensors. All of them cover the same numel elements in the same flat order; states
 // beyond the optimizer's count are ignored; step is null for optimizers without a counter. With
 // master weights, param is the float32 master that the update math updates (states are float32
 // too), and param_copy the float16/bfloat16 param that receives its rounding; otherwise (a
 // float32 param of a master-weight call included) param_copy is null. group indexes the call's
-// per-group hyperparameters. bf16_states: the states are stored as bfloat16 beside a float32
-// param or master (state_dtype=torch.bfloat16); otherwise they have the storage of param.
+// per-group hyperparameters. state_store: how the states are stored (StateStore).
 // param_store: how the updated param is stored (ParamStore); with kStochastic, with the random
 // bits of math::rounding_tensor_key(its group's seed, its index in the call) = rounding_key.
 struct TensorArgs {
@@ -47,7 +52,7 @@ struct TensorArgs {
   int64_t numel;
   uint32_t group;
   DType dtype;
-  bool bf16_states;
+  StateStore state_store;
   ParamStore param_store;
   uint32_t rounding_key;
 };
@@ -76,6 +81,8 @@ struct StepCall {
   bool master_weights;
   // Some TensorArgs has ParamStore::kCompensated (they go in launches of their own).
   bool compensated;
+  // Some TensorArgs has StateStore::kBlockwise8 (they go in launches of their own).
+  bool quantized;
   // With step counters: a zeroed device counter, which each launch counts its finished blocks
   // in (and leaves zero), so that the last block advances the counters every block has read.
   unsigned* finished_blocks;

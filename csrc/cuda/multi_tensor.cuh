@@ -28,6 +28,7 @@
 #include "cuda/launch.h"
 #include "fused_opt/math/grad_scaling.h"
 #include "fused_opt/math/macros.h"
+#include "fused_opt/math/quantize.h"
 #include "fused_opt/math/rounding.h"
 
 namespace fused_opt::cuda {
@@ -160,6 +161,15 @@ struct CompensateRounding : RoundToNearest {
   static constexpr bool kCompensates = true;
 };
 
+// Which launches a tensor goes in: each family has kernels of its own (see multi_tensor_kernel).
+enum class TensorFamily { kPlain, kCompensated, kQuantized };
+
+inline TensorFamily family_of(const TensorArgs& tensor) {
+  if (tensor.param_store == ParamStore::kCompensated) return TensorFamily::kCompensated;
+  if (tensor.state_store == StateStore::kBlockwise8) return TensorFamily::kQuantized;
+  return TensorFamily::kPlain;
+}
+
 template <typename Storage>
 struct StorageTag {
   using type = Storage;
@@ -267,7 +277,7 @@ struct TensorTable {
   DType dtype[kCapacity];
   uint8_t group[kCapacity];  // index into the launch's LaunchGroups
   bool aligned[kCapacity];   // every pointer of the tensor is aligned to its vector
-  bool bf16_states[kCapacity];  // see TensorArgs
+  StateStore state_store[kCapacity];  // see TensorArgs
   ParamStore param_store[kCapacity];  // see TensorArgs
   uint32_t rounding_key[kCapacity];
 
@@ -286,14 +296,18 @@ struct TensorTable {
     const bool compensated = tensor.param_store == ParamStore::kCompensated;
     const int update_vector =
         kMaster && !compensated ? elems * static_cast<int>(sizeof(float)) : storage_vector;
-    const int state_vector = tensor.bf16_states ? elems * 2 : update_vector;
+    const int state_vector =
+        tensor.state_store == StateStore::kBFloat16 ? elems * 2 : update_vector;
+    // Quantized states take their own loop, which needs no alignment.
+    const bool vector_states = tensor.state_store != StateStore::kBlockwise8;
     lists[0][t] = tensor.param;
     lists[1][t] = const_cast<void*>(tensor.grad);
     bool all_aligned =
         is_aligned(tensor.param, update_vector) && is_aligned(tensor.grad, storage_vector);
     for (int s = 0; s < kStates; ++s) {
       lists[2 + s][t] = tensor.states[s];
-      all_aligned = all_aligned && is_aligned(tensor.states[s], state_vector);
+      all_aligned =
+          all_aligned && (!vector_states || is_aligned(tensor.states[s], state_vector));
     }
     if constexpr (kMaster) {
       lists[kCopyList][t] = tensor.param_copy;
@@ -306,7 +320,7 @@ struct TensorTable {
     dtype[t] = tensor.dtype;
     group[t] = static_cast<uint8_t>(launch_group);
     aligned[t] = all_aligned;
-    bf16_states[t] = tensor.bf16_states;
+    state_store[t] = tensor.state_store;
     param_store[t] = tensor.param_store;
     rounding_key[t] = tensor.rounding_key;
   }
@@ -480,6 +494,103 @@ __device__ __forceinline__ void update_chunk(const Table& table, const typename 
   });
 }
 
+// Updates elements [begin, begin + n) of table tensor t, whose states are blockwise 8-bit
+// (StateStore::kBlockwise8, math/quantize.h) beside a float32 param or master, and whose grad
+// (and, with a master, param) is stored as S. Chunks start at multiples of kChunkElems, so a
+// quantization block never spans two chunks. Warp w takes the chunk's blocks w, w + 8, ...; lane l
+// a block's elements l, l + 32, ..., so that each access of the warp covers 32 consecutive
+// elements. A lane's updated states wait in shared memory (`staged`, the kernel's, which only
+// that lane reads) while the warp reduces the block's new maximum (over the magnitudes' bits, as
+// on the CPU), which every code needs; each lane then encodes its own elements. Every lane reads
+// the old maximum before the reduction, which no lane leaves before all have entered it, and
+// lane 0 stores the new one after.
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kBlockSize / kWarpSize;
+constexpr int kQuantBlock = static_cast<int>(math::kQuantBlock);
+
+template <typename S, typename Op, typename Table>
+__device__ __forceinline__ void update_quantized_chunk(
+    const Table& table, const typename Op::Group& group, int t, int64_t begin, int n,
+    float grad_factor, float (&staged)[kWarps][Table::kStates][kQuantBlock]) {
+  constexpr int kStates = Table::kStates;
+  constexpr int kBlock = kQuantBlock;
+  constexpr bool kCopy = !std::is_same_v<S, float>;
+  static_assert(kChunkElems % math::kQuantBlock == 0, "a chunk must hold whole blocks");
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  float* param = static_cast<float*>(table.lists[0][t]) + begin;
+  const S* grad = static_cast<const S*>(table.lists[1][t]) + begin;
+  uint8_t* codes[kStates];
+  float* maxima[kStates];
+#pragma unroll
+  for (int s = 0; s < kStates; ++s) {
+    uint8_t* state = static_cast<uint8_t*>(table.lists[2 + s][t]);
+    codes[s] = state + begin;
+    maxima[s] = reinterpret_cast<float*>(state + math::quantized_scales_offset(table.numel[t])) +
+                begin / math::kQuantBlock;
+  }
+  S* copy = nullptr;
+  if constexpr (kCopy) copy = static_cast<S*>(table.lists[Table::kCopyList][t]) + begin;
+  const int blocks = (n + kBlock - 1) / kBlock;
+  Op::template with_element<float>(group, table.info(t), [&](const auto& element) {
+    using Element = std::decay_t<decltype(element)>;
+    static_assert(Element::kNumStates == kStates,
+                  "the table carries other state lists than the element functor uses");
+#pragma unroll 1
+    for (int block = warp; block < blocks; block += kWarps) {
+      const int first = block * kBlock;
+      float scale[kStates];
+      uint32_t max_bits[kStates];
+#pragma unroll
+      for (int s = 0; s < kStates; ++s) {
+        scale[s] = math::signed_state<Element>(s)
+                       ? math::StateCode<true>::scale(maxima[s][block])
+                       : math::StateCode<false>::scale(maxima[s][block]);
+        max_bits[s] = 0;
+      }
+#pragma unroll 1
+      for (int j = lane; j < kBlock && first + j < n; j += kWarpSize) {
+        const int i = first + j;
+        float values[kStates];
+#pragma unroll
+        for (int s = 0; s < kStates; ++s) {
+          values[s] = math::signed_state<Element>(s)
+                          ? math::StateCode<true>::decode(codes[s][i], scale[s])
+                          : math::StateCode<false>::decode(codes[s][i], scale[s]);
+        }
+        float value = param[i];
+        element(value, scale_grad(to_opmath(grad[i]), grad_factor), values);
+        param[i] = value;
+        if constexpr (kCopy) copy[i] = FromOpmath<S>::convert(value);
+#pragma unroll
+        for (int s = 0; s < kStates; ++s) {
+          staged[warp][s][j] = values[s];
+          const uint32_t bits = math::float_bits(values[s]) & 0x7fffffffu;
+          max_bits[s] = bits > max_bits[s] ? bits : max_bits[s];
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < kStates; ++s) {
+#pragma unroll
+        for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+          const uint32_t other = __shfl_xor_sync(0xffffffffu, max_bits[s], offset);
+          max_bits[s] = other > max_bits[s] ? other : max_bits[s];
+        }
+        const float absmax = math::float_from_bits(max_bits[s]);
+        const bool is_signed = math::signed_state<Element>(s);
+        const float inverse = is_signed ? math::StateCode<true>::inverse_scale(absmax)
+                                        : math::StateCode<false>::inverse_scale(absmax);
+        for (int j = lane; j < kBlock && first + j < n; j += kWarpSize) {
+          codes[s][first + j] = is_signed
+                                    ? math::StateCode<true>::encode(staged[warp][s][j], inverse)
+                                    : math::StateCode<false>::encode(staged[warp][s][j], inverse);
+        }
+        if (lane == 0) maxima[s][block] = absmax;
+      }
+    }
+  });
+}
+
 // Called by every block once it has updated its chunks: the last block to finish stores every
 // tensor's counter plus one, after all blocks have read the counters, and resets the counter of
 // finished blocks for the next launch. The fence publishes each block's reads and writes before
@@ -504,10 +615,11 @@ __device__ __forceinline__ void advance_steps_after_last_block(const Table& tabl
 // is sized to the GPU, not to the work. __grid_constant__ keeps the table in parameter space
 // while it is indexed at run time (no copy to local memory). Every block reads found_inf and the
 // scale itself: a skipped step is decided on the device, with no host sync, and then changes
-// nothing, the counters and finished_blocks included. kCompensated: every tensor of the table is a
-// bfloat16 param with its compensation; such tensors get kernels of their own, since the branch
-// for them made the master-weight kernels spill registers on sm_100 and sm_120.
-template <typename Op, typename Table, bool kCompensated>
+// nothing, the counters and finished_blocks included. kFamily: which tensors the table holds
+// (TensorFamily); compensated params and quantized states get kernels of their own, since a
+// branch for compensated params made the master-weight kernels spill registers on sm_100 and
+// sm_120, and the quantized loop's shared memory would cost every launch.
+template <typename Op, typename Table, TensorFamily kFamily>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     multi_tensor_kernel(const __grid_constant__ Table table,
                         const __grid_constant__ LaunchGroups<typename Op::Group> groups,
@@ -521,15 +633,27 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     const int n = static_cast<int>(
         table.numel[t] - begin < kChunkElems ? table.numel[t] - begin : kChunkElems);
     const typename Op::Group group = groups.at[table.group[t]];
-    // States stored as bfloat16 exist only beside float32 (a float32 param, or a master).
-    if constexpr (kCompensated) {
+    // States stored as bfloat16 or 8-bit exist only beside float32 (a float32 param, or a
+    // master).
+    if constexpr (kFamily == TensorFamily::kQuantized) {
+      // One array for every storage type's loop: static shared memory adds up per kernel.
+      __shared__ float staged[kWarps][Table::kStates][kQuantBlock];
+      if constexpr (Table::kMaster) {
+        with_master_call_storage(table.dtype[t], [&](auto tag) {
+          using S = typename decltype(tag)::type;
+          update_quantized_chunk<S, Op>(table, group, t, begin, n, grad_factor, staged);
+        });
+      } else {
+        update_quantized_chunk<float, Op>(table, group, t, begin, n, grad_factor, staged);
+      }
+    } else if constexpr (kFamily == TensorFamily::kCompensated) {
       using S = __nv_bfloat16;
       update_chunk<S, S, S, Op, ParamStore::kCompensated>(table, group, t, begin, n,
                                                            grad_factor);
     } else if constexpr (Table::kMaster) {
       with_master_call_storage(table.dtype[t], [&](auto tag) {
         using S = typename decltype(tag)::type;
-        if (table.bf16_states[t]) {
+        if (table.state_store[t] == StateStore::kBFloat16) {
           update_chunk<float, __nv_bfloat16, S, Op>(table, group, t, begin, n, grad_factor);
         } else {
           update_chunk<float, float, S, Op>(table, group, t, begin, n, grad_factor);
@@ -539,7 +663,7 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
       with_storage(table.dtype[t], [&](auto tag) {
         using S = typename decltype(tag)::type;
         if constexpr (std::is_same_v<S, float>) {
-          if (table.bf16_states[t]) {
+          if (table.state_store[t] == StateStore::kBFloat16) {
             update_chunk<float, __nv_bfloat16, float, Op>(table, group, t, begin, n,
                                                           grad_factor);
             return;
@@ -593,15 +717,16 @@ int resident_blocks(const void* kernel, int block_size, std::atomic<int>* cache,
 enum class LaunchPhase { kPrepare, kLaunch };
 
 // Runs Op over every element of every tensor of the call whose group in_launch(group) selects and
-// which is a compensated param exactly when kCompensated, in as few launches as the table and group
-// capacities allow (one for typical models: hundreds of tensors and up to kMaxLaunchGroups groups
-// per launch). `groups` is indexed by TensorArgs::group.
-template <typename Op, bool kMaster, bool kCompensated, typename InLaunch>
+// which is of kFamily, in as few launches as the table and group capacities allow (one for
+// typical models: hundreds of tensors and up to kMaxLaunchGroups groups per launch). `groups` is
+// indexed by TensorArgs::group.
+template <typename Op, bool kMaster, TensorFamily kFamily, typename InLaunch>
 void launch_tables(const StepCall& call, const typename Op::Group* groups,
                    const InLaunch& in_launch, LaunchPhase phase) {
-  static_assert(kMaster || !kCompensated, "compensations come in master-weight calls");
+  static_assert(kMaster || kFamily != TensorFamily::kCompensated,
+                "compensations come in master-weight calls");
   using Table = TensorTable<Op::kNumStates, Op::kCountsSteps, kMaster>;
-  constexpr auto kernel = &multi_tensor_kernel<Op, Table, kCompensated>;
+  constexpr auto kernel = &multi_tensor_kernel<Op, Table, kFamily>;
   using Groups = LaunchGroups<typename Op::Group>;
   static_assert(sizeof(Groups) + sizeof(math::GradScaling) + sizeof(unsigned*) <=
                     kGroupParamBytes,
@@ -640,7 +765,7 @@ void launch_tables(const StepCall& call, const typename Op::Group* groups,
   for (size_t i = 0; i < call.count; ++i) {
     const TensorArgs& tensor = call.tensors[i];
     if (!in_launch(tensor.group) || (tensor.numel == 0 && !Op::kCountsSteps) ||
-        (tensor.param_store == ParamStore::kCompensated) != kCompensated) {
+        family_of(tensor) != kFamily) {
       continue;
     }
     if (table.count == Table::kCapacity) flush();
@@ -657,11 +782,24 @@ void launch_tables(const StepCall& call, const typename Op::Group* groups,
 template <typename Op, typename InLaunch>
 void launch_multi_tensor(const StepCall& call, const typename Op::Group* groups,
                          const InLaunch& in_launch, LaunchPhase phase) {
+  constexpr bool kMayQuantize = Op::kNumStates > 0;
   if (call.master_weights) {
-    launch_tables<Op, true, false>(call, groups, in_launch, phase);
-    if (call.compensated) launch_tables<Op, true, true>(call, groups, in_launch, phase);
+    launch_tables<Op, true, TensorFamily::kPlain>(call, groups, in_launch, phase);
+    if (call.compensated) {
+      launch_tables<Op, true, TensorFamily::kCompensated>(call, groups, in_launch, phase);
+    }
+    if constexpr (kMayQuantize) {
+      if (call.quantized) {
+        launch_tables<Op, true, TensorFamily::kQuantized>(call, groups, in_launch, phase);
+      }
+    }
   } else {
-    launch_tables<Op, false, false>(call, groups, in_launch, phase);
+    launch_tables<Op, false, TensorFamily::kPlain>(call, groups, in_launch, phase);
+    if constexpr (kMayQuantize) {
+      if (call.quantized) {
+        launch_tables<Op, false, TensorFamily::kQuantized>(call, groups, in_launch, phase);
+      }
+    }
   }
 }
 

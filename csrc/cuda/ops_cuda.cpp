@@ -83,6 +83,7 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
   const bool master_weights = !master_params.empty();
   size_t next_master = 0;
   bool any_compensated = false;
+  bool any_quantized = false;
   step.groups.for_each(params, master_weights, [&](const GroupRange& group) {
     const std::optional<int64_t> seed = step.rounding_seed(group.group);
     for (size_t i = group.offset; i < group.offset + group.size; ++i) {
@@ -100,8 +101,17 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
       int used = 0;
       for (const auto& list : state_lists) {
         if (list.empty()) continue;
-        if (used == 0) arg.bf16_states = list[i].scalar_type() == at::kBFloat16 &&
-                                         (has_master || params[i].scalar_type() == at::kFloat);
+        if (used == 0) {
+          // Narrower states exist only beside float32 (validate.cpp); a bfloat16 param's states
+          // are its own storage.
+          const bool beside_float32 = has_master || params[i].scalar_type() == at::kFloat;
+          const at::ScalarType stored = list[i].scalar_type();
+          arg.state_store = !beside_float32             ? StateStore::kAsUpdated
+                            : stored == at::kBFloat16 ? StateStore::kBFloat16
+                            : stored == at::kByte     ? StateStore::kBlockwise8
+                                                      : StateStore::kAsUpdated;
+          any_quantized = any_quantized || arg.state_store == StateStore::kBlockwise8;
+        }
         arg.states[used++] = list[i].data_ptr();
       }
       arg.step = steps.empty() ? nullptr : steps[i].data_ptr<float>();
@@ -125,7 +135,8 @@ StepCall step_call(std::string_view op, at::TensorList params, at::TensorList gr
       steps.empty() ? nullptr : static_cast<unsigned*>(step.workspace->data_ptr());
   return {args.data(),         args.size(),     step.groups.count(),
           step.scaling.view(), l1_modes.data(), master_weights,
-          any_compensated,     finished_blocks, current_stream(params[0].device())};
+          any_compensated,     any_quantized,   finished_blocks,
+          current_stream(params[0].device())};
 }
 
 // Each op's per-group hyperparameters, in a buffer reused across calls.

@@ -70,8 +70,10 @@ std::tuple<Params...> arguments_from(void** args, std::index_sequence<I...>) {
   return std::tuple<Params...>(*static_cast<Params*>(args[I])...);
 }
 
-template <typename T>
-T shuffle_down(unsigned mask, T value, unsigned delta, int width) {
+// Lane l of the warp gets the value that lane source(l) passed, or its own where source(l) is
+// outside the warp or the mask.
+template <typename T, typename Source>
+T shuffle(unsigned mask, T value, const Source& source) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>,
                 "shuffles move at most 8 bytes");
   const unsigned lane = coordinates().thread.x % 32;
@@ -79,13 +81,27 @@ T shuffle_down(unsigned mask, T value, unsigned delta, int width) {
   std::memcpy(&slots[lane], &value, sizeof(T));
   sync_warp(mask);  // every lane has published its value
   T result = value;
-  const unsigned segment_end = (lane / width + 1) * width;
-  const unsigned source = lane + delta;
-  if (source < segment_end && ((mask >> source) & 1u)) {
-    std::memcpy(&result, &slots[source], sizeof(T));
-  }
+  const unsigned from = source(lane);
+  if (from < 32 && ((mask >> from) & 1u)) std::memcpy(&result, &slots[from], sizeof(T));
   sync_warp(mask);  // every lane has read before any lane's next shuffle overwrites a slot
   return result;
+}
+
+template <typename T>
+T shuffle_down(unsigned mask, T value, unsigned delta, int width) {
+  return shuffle(mask, value, [&](unsigned lane) {
+    const unsigned segment_end = (lane / width + 1) * width;
+    return lane + delta < segment_end ? lane + delta : 32u;
+  });
+}
+
+template <typename T>
+T shuffle_xor(unsigned mask, T value, unsigned lane_mask, int width) {
+  return shuffle(mask, value, [&](unsigned lane) {
+    const unsigned source = lane ^ lane_mask;
+    // A source beyond the lane's segment of `width` lanes leaves the lane its own value.
+    return source / width == lane / width ? source : 32u;
+  });
 }
 
 }  // namespace fused_opt::simt
@@ -118,6 +134,11 @@ inline double __dmul_rn(double a, double b) { return a * b; }
 template <typename T>
 inline T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
   return ::fused_opt::simt::shuffle_down(mask, value, delta, width);
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+  return ::fused_opt::simt::shuffle_xor(mask, value, static_cast<unsigned>(lane_mask), width);
 }
 
 // The launch the kernels' host code makes (through fused_opt::cuda::launch_kernel): more

@@ -30,6 +30,7 @@ AMP_CLIP = "amp-clip"
 SCALED = "scaled"
 MASTER_WEIGHTS = "master-weights"
 BF16_STATES = "bf16-states"
+EIGHT_BIT_STATES = "8bit-states"
 STOCHASTIC_ROUNDING = "stochastic-rounding"
 KAHAN = "kahan"
 
@@ -130,6 +131,11 @@ CASES = (
          note="fp32 params and grads with bf16 states: fused_opt.AdamW(state_dtype=torch.bfloat16) against "
               "the same optimizer with fp32 states in the same rounds (torch.optim keeps states in the "
               "params' dtype)"),
+    Case("adamw-8bit-states", "AdamW", _ADAMW, "fp32", n_states=2, pipeline=EIGHT_BIT_STATES,
+         implementations=(REFERENCE,), baseline="fp32 states", in_default=True,
+         note="fp32 params and grads with blockwise 8-bit states: fused_opt.AdamW(state_dtype=torch.uint8), "
+              "one byte per element and a float32 maximum per 256 (counted as 1 B: the maxima add 0.06 B "
+              "per param), against the same optimizer with fp32 states in the same rounds"),
     Case("adamw-stochastic", "AdamW", _ADAMW, "bf16", n_states=2, pipeline=STOCHASTIC_ROUNDING,
          implementations=(REFERENCE,), baseline="nearest rounding",
          note="bf16 params, grads and states without master weights, the params rounded stochastically: "
@@ -289,6 +295,7 @@ def _fused_opt_pipelines(fused_opt) -> dict[str, Pipeline]:
         SCALED: Pipeline(_scaled_step),
         MASTER_WEIGHTS: Pipeline(_bare_step, optimizer_kwargs={"master_weights": True}),
         BF16_STATES: Pipeline(_bare_step, optimizer_kwargs={"state_dtype": torch.bfloat16}, state_size=2),
+        EIGHT_BIT_STATES: Pipeline(_bare_step, optimizer_kwargs={"state_dtype": torch.uint8}, state_size=1),
         STOCHASTIC_ROUNDING: Pipeline(_bare_step, optimizer_kwargs={"param_rounding": "stochastic"}),
         # The compensation is read and written beside the param.
         KAHAN: Pipeline(_bare_step, passes=2, optimizer_kwargs={"param_rounding": "kahan"}),

@@ -32,6 +32,8 @@ template <typename T, bool kMaximize, bool kWeightDecay, L1Mode kL1>
 struct AdagradElement {
   using opmath = T;
   static constexpr int kNumStates = 1;  // sum
+  // Which states may be negative, bit s for state s (math/quantize.h picks their 8-bit code).
+  static constexpr unsigned kSignedStates = 0;
 
   AdagradTensorScalars<T> s;
 

@@ -58,6 +58,8 @@ template <typename T, bool kAmsgrad, bool kMaximize, WeightDecay kWeightDecay,
 struct AdamElement {
   using opmath = T;
   static constexpr int kNumStates = kAmsgrad ? 3 : 2;  // exp_avg, exp_avg_sq[, max_exp_avg_sq]
+  // Which states may be negative, bit s for state s (math/quantize.h picks their 8-bit code).
+  static constexpr unsigned kSignedStates = 0b001;
 
   AdamTensorScalars<T> s;
 

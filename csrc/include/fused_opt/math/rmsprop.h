@@ -44,6 +44,9 @@ struct RmspropElement {
   using opmath = T;
   // square_avg[, grad_avg][, momentum_buffer]
   static constexpr int kNumStates = 1 + (kCentered ? 1 : 0) + (kMomentum ? 1 : 0);
+  // Which states may be negative, bit s for state s (math/quantize.h picks their 8-bit code):
+  // all but square_avg.
+  static constexpr unsigned kSignedStates = ((1u << kNumStates) - 1u) & ~1u;
 
   RmspropTensorScalars<T> s;
 

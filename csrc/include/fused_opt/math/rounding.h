@@ -14,8 +14,8 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
+#include "fused_opt/math/bits.h"
 #include "fused_opt/math/macros.h"
 
 namespace fused_opt::math {
@@ -64,16 +64,6 @@ FUSED_OPT_HD uint32_t rounding_block_key(uint32_t step_key, int64_t index) {
 // another step the same element hashes a word made unrelated by the step key.
 FUSED_OPT_HD uint32_t rounding_bits(uint32_t block_key, uint32_t index_low) {
   return mix32(index_low ^ block_key);
-}
-
-FUSED_OPT_HD uint32_t float_bits(float value) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(value);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-#endif
 }
 
 // The bfloat16 (as its bits) of `value` rounded stochastically with 32 random bits: adding 16 of

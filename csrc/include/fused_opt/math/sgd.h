@@ -46,6 +46,8 @@ template <typename T, bool kMaximize, bool kWeightDecay, Momentum kMomentum, boo
 struct SgdElement {
   using opmath = T;
   static constexpr int kNumStates = kMomentum == Momentum::kNone ? 0 : 1;  // momentum_buffer
+  // Which states may be negative, bit s for state s (math/quantize.h picks their 8-bit code).
+  static constexpr unsigned kSignedStates = 0b1;
 
   SgdTensorScalars<T> s;
 
