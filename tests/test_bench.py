@@ -515,8 +515,8 @@ def test_tiny_run_writes_the_markdown_tables(tiny_run):
     assert "peers found:" in markdown
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
     # Per workload: the main table's header, the baseline table's header and its lines (adamw-scaled's two,
-    # adamw-bf16-states', adamw-stochastic's and adamw-kahan's one each).
-    assert len(table_lines) == len(rows) + 2 * (1 + 1 + 2 + 1 + 1 + 1)
+    # adamw-bf16-states', adamw-8bit-states', adamw-stochastic's and adamw-kahan's one each).
+    assert len(table_lines) == len(rows) + 2 * (1 + 1 + 2 + 1 + 1 + 1 + 1)
     assert "| adamw-bf16-states | fp32 | fused_opt |" in markdown and "| fp32 states |" in markdown
     assert "- adamw bf16: bf16 params, grads and states" in markdown
     assert "| torch-fused (no grad_scale/found_inf) |" in markdown
@@ -842,6 +842,22 @@ def test_bad_numbers_and_the_program_name_in_usage(monkeypatch, capsys):
     assert err.startswith("usage: fused-opt-bench") and "must be at least 1, got 0" in err
 
 
+def test_the_quality_script_runs_only_the_runs_asked_for(tmp_path, monkeypatch):
+    path = REPO_ROOT / "benchmarks" / "state_dtype_quality.py"
+    quality = load_repo_script("benchmarks/state_dtype_quality.py")
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(sys, "argv", [str(path), "--task", "mlp", "--steps", "2", "--runs", "Kahan,8-bit",
+                                      "--output", str(tmp_path)])
+    quality.main()
+    text = (tmp_path / "quality-mlp-Kahan-8-bit.md").read_text()
+    rows = [line.strip("| ").split(" | ")[0] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| run")]
+    expected = [name for name in [*quality.RUNS, *quality._peer_runs()]
+                if name == quality.BASELINE or "Kahan" in name or "8-bit" in name]
+    assert rows == expected and len(expected) >= 4
+    assert "--runs Kahan,8-bit`" in text
+
+
 def test_the_quality_script_tables_every_storage_tier_for_both_tasks(tmp_path, monkeypatch):
     path = REPO_ROOT / "benchmarks" / "state_dtype_quality.py"
     quality = load_repo_script("benchmarks/state_dtype_quality.py")
@@ -853,7 +869,8 @@ def test_the_quality_script_tables_every_storage_tier_for_both_tasks(tmp_path, m
         text = (tmp_path / f"quality-{task}.md").read_text()
         rows = [line.strip("| ").split(" | ") for line in text.splitlines()
                 if line.startswith("| ") and not line.startswith("| run")]
-        assert [row[0] for row in rows] == list(quality.RUNS)
+        # The peers' 8-bit runs come where bitsandbytes or torchao are installed.
+        assert [row[0] for row in rows] == [*quality.RUNS, *quality._peer_runs()]
         numbers = {row[0]: [float(cell) for cell in row[1:]] for row in rows}
         assert all(math.isfinite(value) for row in numbers.values() for value in row)
         assert numbers[quality.BASELINE][1] == 1.0
