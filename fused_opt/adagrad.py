@@ -102,6 +102,10 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
                 elif uses_compensation(group, p):
                     self._ensure_state(p, self.state[p], group, self._state_keys(group),
                                        COMPENSATION_KEY)
+                # In the dtype the step keeps it in, for the same reason: DCP loads a saved
+                # 8-bit sum only into a tensor of its own shape.
+                self._cast_states(p, self.state[p], self._state_keys(group),
+                                  self._state_dtype_of(group, p))
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
