@@ -44,6 +44,7 @@ FIELD_NOTES_BYTES = {
     ("adamw-scaled", "fp32"): 28,
     ("adamw-bf16-states", "fp32"): 28,
     ("adamw-8bit-states", "fp32"): 28,
+    ("adamw-8bit", "fp32"): 28,
     ("adamw-stochastic", "bf16"): 14,
     ("adamw-kahan", "bf16"): 14,
     ("adamw-bf16-master", "bf16"): 28,
@@ -60,14 +61,15 @@ PIPELINE_BYTES = {
     ("adamw-scaled", "torch-fused"): 32,
     ("adamw-bf16-states", "fused_opt"): 20,  # bf16 states: 2*4 + 4 + 2*2*2
     ("adamw-8bit-states", "fused_opt"): 16,  # 8-bit states: 2*4 + 4 + 2*2*1 (and the block maxima)
+    ("adamw-8bit", "fused_opt"): 16,
     ("adamw-stochastic", "fused_opt"): 14,
     ("adamw-kahan", "fused_opt"): 18,  # the bf16 compensation read and written: + 2*2
     ("adamw-bf16-master", "fused_opt"): 28,
     ("adamw-bf16-master", "torch-foreach"): 40,
     ("adamw-bf16-master", "torch-fused"): 40,
 }
-NEW_CASES = ("adamw-amp-clip,adamw-scaled,adamw-bf16-states,adamw-8bit-states,adamw-stochastic,adamw-kahan,"
-             "adamw-bf16-master")
+NEW_CASES = ("adamw-amp-clip,adamw-scaled,adamw-bf16-states,adamw-8bit-states,adamw-8bit,adamw-stochastic,"
+             "adamw-kahan,adamw-bf16-master")
 
 OPTIONAL_STR = (str, type(None))
 OPTIONAL_FLOAT = (float, type(None))
@@ -226,7 +228,7 @@ def test_pipeline_cases_run_fused_opt_and_torch_equivalents():
             for name in NEW_CASES.split(",")}
     assert runs == {"adamw-amp-clip": ["fused_opt", "torch-fused"], "adamw-scaled": ["fused_opt", "torch-fused"],
                     "adamw-bf16-states": ["fused_opt"], "adamw-8bit-states": ["fused_opt"],
-                    "adamw-stochastic": ["fused_opt"],
+                    "adamw-8bit": ["fused_opt"], "adamw-stochastic": ["fused_opt"],
                     "adamw-kahan": ["fused_opt"],
                     "adamw-bf16-master": ["fused_opt", "torch-foreach", "torch-fused"]}
 
@@ -402,6 +404,34 @@ def test_bitsandbytes_peer_runs_end_to_end(tmp_path):
     assert rows[("sgd-momentum", "bnb-8bit")]["bytes_per_param"] == 14  # 1-byte momentum
     assert rows[("sgd-nesterov", "bnb-32bit")]["status"] == "skipped"
     assert "nesterov" in rows[("sgd-nesterov", "bnb-32bit")]["note"]
+
+
+@pytest.mark.parametrize("peer, library", [("bnb-8bit", "bitsandbytes"), ("torchao-8bit", "torchao")])
+def test_8bit_peers_run_in_the_8bit_case(peer, library, tmp_path):
+    if importlib.util.find_spec(library) is None:
+        pytest.skip(f"{library} not installed")
+    # GPT-2's shapes: each weight is a multiple of 256 elements, which torchao needs to quantize a tensor.
+    assert main(["--tiny", "--device", "cpu", "--workloads", "gpt2", "--cases", "adamw-8bit", "--rounds", "2",
+                 "--implementations", f"fused_opt,{peer}", "--no-plot", "--output", str(tmp_path)]) == 0
+    rows = {row["implementation"]: row for row in read_jsonl(tmp_path / "results.jsonl")}
+    assert set(rows) >= {"fused_opt", peer}
+    for name in ("fused_opt", peer):
+        assert rows[name]["status"] == "ok", rows[name]
+        assert rows[name]["bytes_per_param"] == 16
+    # Two 1-byte moments and their block maxima, float32 moments of the biases below 4,096 elements (the same
+    # rule in each library), step counters and the peers' code tables: far from float32 moments' 8 B.
+    for name in ("fused_opt", peer):
+        assert 2.0 < rows[name]["state_bytes_per_param"] < 3.0, rows[name]
+
+
+def test_state_bytes_count_what_a_wrapper_subclass_holds():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    inner = torch.zeros(100), torch.zeros(100)
+    wrapped = TwoTensor(*inner)
+    assert wrapped.nbytes == 400  # what it stands for, not what it holds
+    assert harness.stored_bytes(wrapped) == 800
+    assert harness.stored_bytes(torch.zeros(10, dtype=torch.uint8)) == 10
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -726,7 +756,7 @@ def test_cases_flag_picks_cases_by_name_among_the_optimizers(capsys):
     args = parse_args(["--device", "cpu", "--optimizers", "adamw", "--cases", NEW_CASES])
     assert [(case.name, case.dtype) for case in args.cases] == [
         ("adamw-amp-clip", "fp32"), ("adamw-scaled", "fp32"), ("adamw-bf16-states", "fp32"),
-        ("adamw-8bit-states", "fp32"), ("adamw-stochastic", "bf16"), ("adamw-kahan", "bf16"), ("adamw-bf16-master", "bf16")]
+        ("adamw-8bit-states", "fp32"), ("adamw-8bit", "fp32"), ("adamw-stochastic", "bf16"), ("adamw-kahan", "bf16"), ("adamw-bf16-master", "bf16")]
     with pytest.raises(SystemExit):
         parse_args(["--device", "cpu", "--optimizers", "sgd", "--cases", "adamw-scaled"])
     assert "no case has optimizer in ['sgd'], name in ['adamw-scaled']" in capsys.readouterr().err

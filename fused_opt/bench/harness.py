@@ -219,9 +219,18 @@ def count_launches(step: Callable[[], object], device: torch.device) -> int | No
 def state_bytes_per_param(optimizer: torch.optim.Optimizer, numel: int, held_bytes: int = 0) -> float:
     """Bytes of every tensor in the optimizer's state (step counters included), plus `held_bytes` a pipeline
     keeps beside it, per parameter."""
-    total = sum(value.nbytes for state in optimizer.state.values() for value in state.values()
+    total = sum(stored_bytes(value) for state in optimizer.state.values() for value in state.values()
                 if isinstance(value, torch.Tensor))
     return (total + held_bytes) / numel
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """What a tensor keeps in memory: for a wrapper subclass (torchao's 8-bit states, whose nbytes are those
+    of the float32 tensor it stands for), the tensors it wraps."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        inner_names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in inner_names)
+    return tensor.nbytes
 
 
 def rotated(items: list, shift: int) -> list:

@@ -136,6 +136,10 @@ CASES = (
          note="fp32 params and grads with blockwise 8-bit states: fused_opt.AdamW(state_dtype=torch.uint8), "
               "one byte per element and a float32 maximum per 256 (counted as 1 B: the maxima add 0.06 B "
               "per param), against the same optimizer with fp32 states in the same rounds"),
+    Case("adamw-8bit", "AdamW", _ADAMW, "fp32", n_states=2, pipeline=EIGHT_BIT_STATES,
+         implementations=(REFERENCE, "bnb-8bit", "torchao-8bit"),
+         note="the peers' blockwise 8-bit AdamW (bitsandbytes' AdamW8bit, torchao's AdamW8bit, both with "
+              "256-element blocks) against fused_opt.AdamW(state_dtype=torch.uint8), fp32 params and grads"),
     Case("adamw-stochastic", "AdamW", _ADAMW, "bf16", n_states=2, pipeline=STOCHASTIC_ROUNDING,
          implementations=(REFERENCE,), baseline="nearest rounding",
          note="bf16 params, grads and states without master weights, the params rounded stochastically: "
@@ -208,7 +212,7 @@ class Pipeline:
         return self.passes * element_size + self.fp32_passes * 4
 
 
-def _bare_step(make_optimizer: OptimizerFactory, params: list[torch.nn.Parameter]) -> Prepared:
+def bare_step(make_optimizer: OptimizerFactory, params: list[torch.nn.Parameter]) -> Prepared:
     optimizer = make_optimizer(params)
     return Prepared(optimizer.step, optimizer)
 
@@ -293,12 +297,12 @@ def _fused_opt_pipelines(fused_opt) -> dict[str, Pipeline]:
         AMP_CLIP: Pipeline(_fused_scaler_step(fused_opt), passes=1,
                            optimizer_kwargs={"max_grad_norm": CLIP_MAX_NORM}),
         SCALED: Pipeline(_scaled_step),
-        MASTER_WEIGHTS: Pipeline(_bare_step, optimizer_kwargs={"master_weights": True}),
-        BF16_STATES: Pipeline(_bare_step, optimizer_kwargs={"state_dtype": torch.bfloat16}, state_size=2),
-        EIGHT_BIT_STATES: Pipeline(_bare_step, optimizer_kwargs={"state_dtype": torch.uint8}, state_size=1),
-        STOCHASTIC_ROUNDING: Pipeline(_bare_step, optimizer_kwargs={"param_rounding": "stochastic"}),
+        MASTER_WEIGHTS: Pipeline(bare_step, optimizer_kwargs={"master_weights": True}),
+        BF16_STATES: Pipeline(bare_step, optimizer_kwargs={"state_dtype": torch.bfloat16}, state_size=2),
+        EIGHT_BIT_STATES: Pipeline(bare_step, optimizer_kwargs={"state_dtype": torch.uint8}, state_size=1),
+        STOCHASTIC_ROUNDING: Pipeline(bare_step, optimizer_kwargs={"param_rounding": "stochastic"}),
         # The compensation is read and written beside the param.
-        KAHAN: Pipeline(_bare_step, passes=2, optimizer_kwargs={"param_rounding": "kahan"}),
+        KAHAN: Pipeline(bare_step, passes=2, optimizer_kwargs={"param_rounding": "kahan"}),
     }
 
 
@@ -407,6 +411,6 @@ def prepare(implementation: Implementation, case: Case, params: list[torch.Tenso
     for param, grad in zip(own_params, grads):
         param.grad = grad.clone() if pipeline is not None and pipeline.writes_grads else grad
     if pipeline is None:
-        return _bare_step(lambda ps: implementation.make_optimizer(case, ps), own_params)
+        return bare_step(lambda ps: implementation.make_optimizer(case, ps), own_params)
     return pipeline.build(lambda ps: implementation.make_optimizer(case, ps, **pipeline.optimizer_kwargs),
                           own_params)

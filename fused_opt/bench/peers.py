@@ -1,9 +1,9 @@
 """Adapters for the other optimizer libraries, each measured when it imports and runs here.
 
 None of them is a dependency of fused_opt. discover() tries the libraries the device can run (apex's
-FusedAdam and FusedSGD and DeepSpeed's FusedAdam on CUDA, DeepSpeed's CPUAdam on CPU, bitsandbytes on
-both) by building a tiny optimizer and taking a step, which also compiles DeepSpeed's ops on first use; a
-library that is missing or fails is named in a note and the run goes on without it.
+FusedAdam and FusedSGD and DeepSpeed's FusedAdam on CUDA, DeepSpeed's CPUAdam on CPU, bitsandbytes and
+torchao's 8-bit Adam on both) by building a tiny optimizer and taking a step, which also compiles DeepSpeed's
+ops on first use; a library that is missing or fails is named in a note and the run goes on without it.
 
 An adapter only maps a case onto the library's own class. Where the library lacks an option of the case,
 or would silently ignore it, the adapter raises Unsupported, so no row compares different math.
@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .implementations import Case, Implementation, Unsupported
+from .implementations import EIGHT_BIT_STATES, Case, Implementation, Pipeline, Unsupported, bare_step
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,10 @@ def _load_deepspeed_cuda(device: torch.device) -> list[Implementation]:
     return [Implementation("deepspeed-fusedadam", make, optimizers=("Adam", "AdamW"))]
 
 
+# The 8-bit states case runs a library whose states are 8-bit anyway as its plain step.
+_NATIVE_8BIT = {EIGHT_BIT_STATES: Pipeline(bare_step)}
+
+
 def _load_bitsandbytes(device: torch.device) -> list[Implementation]:
     with _quiet():
         import bitsandbytes
@@ -133,11 +137,32 @@ def _load_bitsandbytes(device: torch.device) -> list[Implementation]:
     implementations = [
         # 32-bit states are fp32 whatever the params' dtype.
         Implementation("bnb-32bit", maker(32), state_size=4, slow_here=slow_here, optimizers=optimizers),
-        Implementation("bnb-8bit", maker(8), state_size=1, slow_here=slow_here, optimizers=optimizers),
+        Implementation("bnb-8bit", maker(8), state_size=1, slow_here=slow_here, optimizers=optimizers,
+                       pipelines=_NATIVE_8BIT),
     ]
     for implementation in implementations:
         _trial(implementation.make_optimizer, "Adam", device)
     return implementations
+
+
+def _load_torchao(device: torch.device) -> list[Implementation]:
+    with _quiet():
+        import torchao.optim
+
+    def make(case: Case, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        _reject(case, "torchao", ("maximize",))
+        optimizer_class = getattr(torchao.optim, f"{case.optimizer}8bit")
+        kwargs = {key: value for key, value in case.kwargs.items() if key != "maximize"}
+        kwargs.setdefault("weight_decay", 0.0)  # torchao's AdamW defaults to 0.01, torch's Adam to 0
+        with _quiet():
+            return optimizer_class(params, block_size=256, **kwargs)
+
+    # Its step is torch.compile'd per param shape: seconds of compiling per shape on a CPU.
+    slow_here = "" if device.type == "cuda" else "torchao compiles its step for each param shape"
+    # No trial step: it would compile for seconds in every run that finds torchao, even one that leaves
+    # it out; a step that fails in the measured run drops its row with the error.
+    return [Implementation("torchao-8bit", make, state_size=1, slow_here=slow_here,
+                           optimizers=("Adam", "AdamW"), pipelines=_NATIVE_8BIT)]
 
 
 PEERS = (
@@ -145,6 +170,7 @@ PEERS = (
     Peer("deepspeed", ("deepspeed-fusedadam",), ("cuda",), _load_deepspeed_cuda),
     Peer("deepspeed", ("deepspeed-cpuadam",), ("cpu",), _load_deepspeed_cpu),
     Peer("bitsandbytes", ("bnb-32bit", "bnb-8bit"), ("cpu", "cuda"), _load_bitsandbytes),
+    Peer("torchao", ("torchao-8bit",), ("cpu", "cuda"), _load_torchao),
 )
 PEER_IMPLEMENTATIONS = tuple(name for peer in PEERS for name in peer.implementations)
 

@@ -111,10 +111,10 @@ def _host_builders(fused_opt) -> list[tuple[str, Callable[[list[torch.nn.Paramet
     builders = []
     for implementation in implementations.core_implementations(fused_opt):
         make = partial(implementation.make_optimizer, ADAMW)
-        builders.append((implementation.name, partial(implementations._bare_step, make)))
+        builders.append((implementation.name, partial(implementations.bare_step, make)))
         if implementation.name == REFERENCE:
             clipped = partial(implementation.make_optimizer, ADAMW, max_grad_norm=CLIP_NORM)
-            builders.append((CLIPPED, partial(implementations._bare_step, clipped)))
+            builders.append((CLIPPED, partial(implementations.bare_step, clipped)))
             builders.append((SCALED, partial(implementations._fused_scaler_step(fused_opt), make)))
     return builders
 
