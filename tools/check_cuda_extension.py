@@ -11,6 +11,10 @@ Run it with the Python of the environment fused_opt was built in, from the tree 
    of its major version up to its own minor). Each SASS architecture holds one cubin per
    csrc/cuda/*.cu, so no file is missing for any of them. There is PTX too, which the driver
    compiles for GPUs newer than all of these.
+4. Every function of every cubin, as `cuobjdump -res-usage` reports it, has no stack frame and no
+   local memory: no register spill, no array moved out of registers. This is the check that
+   tools/check_cuda_build.py makes with ptxas -v, here on the build a user gets, for every
+   architecture it ships (CI runs that tool for one architecture only, to fail early).
 
 cuobjdump is the one on PATH, else the nvidia-cuda-cuobjdump wheel's.
 Prints what it found; exits non-zero on any failure.
@@ -81,6 +85,45 @@ def device_code(library: Path) -> tuple[Counter, set[int]]:
     return cubins, ptx
 
 
+# " Function _ZN...:" then "  REG:56 STACK:0 SHARED:9220 LOCAL:0 CONSTANT[0]:32976 ..."; the
+# architecture of the cubins that follow comes in an "arch = sm_90" line.
+ARCH_LINE = re.compile(r"^arch = sm_(\d+)[af]?$")
+FUNCTION_LINE = re.compile(r"^Function (\S+):$")
+USAGE_LINE = re.compile(r"^REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)\b")
+
+
+def check_resource_usage(library: Path) -> None:
+    result = subprocess.run([cuobjdump(), "-res-usage", str(library)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CheckFailed(f"cuobjdump -res-usage failed on {library}:\n{result.stdout}{result.stderr}")
+    arch, function = None, None
+    functions: Counter = Counter()
+    failures = []
+    max_registers = max_shared = 0
+    for line in map(str.strip, result.stdout.splitlines()):
+        if match := ARCH_LINE.match(line):
+            arch = int(match.group(1))
+        elif match := FUNCTION_LINE.match(line):
+            function = match.group(1)
+        elif match := USAGE_LINE.match(line):
+            if function is None:
+                raise CheckFailed(f"cuobjdump -res-usage: usage without a function: {line}")
+            registers, stack, shared, local = map(int, match.groups())
+            functions[arch] += 1
+            max_registers, max_shared = max(max_registers, registers), max(max_shared, shared)
+            if stack or local:
+                failures.append(f"sm_{arch} {function}: {stack} bytes stack frame, {local} bytes local")
+            function = None
+    if not functions:
+        raise CheckFailed(f"cuobjdump -res-usage listed no function in {library}")
+    print(f"resource usage: {', '.join(f'sm_{a}: {n} functions' for a, n in sorted(functions.items()))}; "
+          f"at most {max_registers} registers and {max_shared} bytes of static shared memory; "
+          f"{len(failures)} with a stack frame or local memory")
+    if failures:
+        shown = failures[:20] + ([f"... {len(failures) - 20} more"] if len(failures) > 20 else [])
+        raise CheckFailed("functions with a stack frame or local memory (spills?):\n  " + "\n  ".join(shown))
+
+
 def check_registrations() -> Path:
     if torch.version.cuda is None:
         raise CheckFailed(f"torch {torch.__version__} is not a CUDA build")
@@ -125,6 +168,7 @@ def check_architectures(library: Path) -> None:
 def main() -> int:
     library = check_registrations()
     check_architectures(library)
+    check_resource_usage(library)
     print("check_cuda_extension: OK")
     return 0
 
