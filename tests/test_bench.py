@@ -909,3 +909,40 @@ def test_the_quality_script_tables_every_storage_tier_for_both_tasks(tmp_path, m
             # The source is far from uniform, and three steps leave every model near uniform.
             assert 0 < floor < math.log(quality.LM_VOCAB) - 1
             assert all(row[0] > floor + 1 for row in numbers.values())
+
+
+def test_the_state_rounding_experiment_rounds_stochastically_without_bias(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    experiment = load_repo_script("benchmarks/state_rounding_experiment.py")
+    # Blocks whose maximum is 1.0; their other elements lie 30% of the way from one unsigned code's
+    # value to the next's, so rounding to nearest always goes down.
+    scale = quantize.dequantize(quantize.quantize(torch.ones(1), False), 1, False).item() / quantize._max_value(False)
+    low, high = (quantize._decode_magnitude(torch.tensor(code), False).item() * scale for code in (100, 101))
+    value = low + 0.3 * (high - low)
+    state = torch.full((64, quantize.BLOCK), value)
+    state[:, 0] = 1.0
+    flat = state.reshape(-1)
+
+    nearest = state.clone()
+    experiment.round_trip(nearest, False, None)
+    assert torch.equal(nearest.reshape(-1), quantize.dequantize(quantize.quantize(flat, False), flat.numel(), False))
+    assert nearest[:, 1:].unique().tolist() == [pytest.approx(low, rel=1e-6)]
+
+    stochastic = state.clone()
+    experiment.round_trip(stochastic, False, torch.Generator().manual_seed(0))
+    others = stochastic[:, 1:]
+    assert torch.equal(stochastic[:, 0], state[:, 0])
+    assert others.unique().tolist() == [pytest.approx(low, rel=1e-6), pytest.approx(high, rel=1e-6)]
+    # Unbiased: about 30% of the 16,320 elements went up (three standard deviations: 0.011).
+    assert abs((others > value).double().mean().item() - 0.3) < 0.012
+    assert abs(others.double().mean().item() - value) < 0.012 * (high - low)
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(sys, "argv", ["state_rounding_experiment.py", "--task", "mlp", "--steps", "3",
+                                      "--output", str(tmp_path)])
+    experiment.main()
+    text = (tmp_path / "state-rounding-mlp.md").read_text()
+    rows = [line.strip("| ").split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| run")]
+    assert [row[0] for row in rows] == ["fused_opt.AdamW, float32 states", *experiment.VARIANTS]
+    assert all(math.isfinite(float(row[1])) for row in rows)

@@ -370,3 +370,21 @@ def test_centered_rmsprop_refuses_8bit_states_before_any_change():
     with pytest.raises(ValueError, match=r"param_groups\[0\] has centered=True"):
         optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before)) and not optimizer.state
+
+
+def test_the_rmsprop_op_refuses_centered_8bit_states():
+    from fused_opt import _ops
+
+    param = torch.randn(4096)
+    before = param.clone()
+    square_avg, grad_avg = (torch.zeros(_quantize.state_bytes(4096), dtype=torch.uint8) for _ in range(2))
+    with pytest.raises(RuntimeError, match=r"square_avgs\[0\] is a blockwise 8-bit state \(uint8\), which "
+                                           r"centered RMSprop does not take"):
+        _ops.op_namespace.rmsprop_(
+            [param], [torch.ones_like(param)], [square_avg], [grad_avg], [], [torch.zeros(())], [],
+            group_sizes=[1], lr=[1e-2], alpha=[0.99], eps=[1e-8], weight_decay=[0.0], momentum=[0.0],
+            centered=True, maximize=False, l1_decay=[0.0], l1_proximal=[False],
+            stochastic_rounding_seed=[None], lr_tensor=[None], workspace=torch.zeros(1, dtype=torch.int32),
+        )
+    assert torch.equal(param, before)
+    assert not square_avg.any() and not grad_avg.any()
