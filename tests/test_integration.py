@@ -192,16 +192,26 @@ def test_distributed_checkpoint_moves_between_torch_and_fused(name, direction, t
     source_model = _model()
     source = getattr(source_module, name)(source_model.parameters(), **options)
     _train_model(source_model, source, _batches(20))
-    dcp.save({"optim": get_optimizer_state_dict(source_model, source)}, checkpoint_id=tmp_path)
+    _assert_dcp_resumes_as_load_state_dict(
+        source_model, source, lambda params: getattr(target_module, name)(params, **options), tmp_path)
 
+
+def _assert_dcp_resumes_as_load_state_dict(source_model, source, make_target, tmp_path,
+                                           check_loaded=None) -> None:
+    """Saves `source` with DCP, loads it into an optimizer of `make_target` over a copy of the
+    model (`check_loaded(target)` then, when given), and asserts that 21 more steps give the same
+    params and state as a twin given the same checkpoint by load_state_dict."""
+    dcp.save({"optim": get_optimizer_state_dict(source_model, source)}, checkpoint_id=tmp_path)
     trained = []
     for through_dcp in (True, False):
         model = copy.deepcopy(source_model)
-        target = getattr(target_module, name)(model.parameters(), **options)
+        target = make_target(model.parameters())
         if through_dcp:
             loaded = {"optim": get_optimizer_state_dict(model, target)}
             dcp.load(loaded, checkpoint_id=tmp_path)
             set_optimizer_state_dict(model, target, optim_state_dict=loaded["optim"])
+            if check_loaded is not None:
+                check_loaded(target)
         else:
             target.load_state_dict(copy.deepcopy(source.state_dict()))
         _train_model(model, target, _batches(21))
@@ -229,22 +239,9 @@ def test_distributed_checkpoint_keeps_8bit_states(name, tmp_path):
     _train_model(source_model, source, _batches(20))
     saved = source.state_dict()
     assert saved["state"][0][next(iter(saved["state"][0].keys() - {"step"}))].dtype == torch.uint8
-    dcp.save({"optim": get_optimizer_state_dict(source_model, source)}, checkpoint_id=tmp_path)
-
-    trained = []
-    for through_dcp in (True, False):
-        target_model = copy.deepcopy(source_model)
-        target = getattr(fused_opt, name)(target_model.parameters(), **options)
-        if through_dcp:
-            loaded = {"optim": get_optimizer_state_dict(target_model, target)}
-            dcp.load(loaded, checkpoint_id=tmp_path)
-            set_optimizer_state_dict(target_model, target, optim_state_dict=loaded["optim"])
-            assert_same_tree(target.state_dict()["state"], saved["state"])
-        else:
-            target.load_state_dict(copy.deepcopy(saved))
-        _train_model(target_model, target, _batches(21))
-        trained.append(([p.detach() for p in target_model.parameters()], target.state_dict()))
-    assert_same_tree(trained[0], trained[1])
+    _assert_dcp_resumes_as_load_state_dict(
+        source_model, source, lambda params: getattr(fused_opt, name)(params, **options), tmp_path,
+        check_loaded=lambda target: assert_same_tree(target.state_dict()["state"], saved["state"]))
 
 
 # ------------------------------------------------------------------------------------------------
