@@ -46,27 +46,10 @@ VARIANTS = {
 
 def round_trip(state: torch.Tensor, signed: bool, generator: torch.Generator | None) -> None:
     """`state` encoded to the 8-bit format and decoded, in place: to the nearest code without a
-    generator, else up or down at random (the 20 dropped bits of the float32 value over its block's
-    scale compared with 20 random ones)."""
+    generator, else up or down at random."""
     flat = state.reshape(-1)
-    if generator is None:
-        flat.copy_(_quantize.dequantize(_quantize.quantize(flat, signed), flat.numel(), signed))
-        return
-    blocks = _quantize._blocks(flat.numel())
-    rows = torch.zeros(blocks * _quantize.BLOCK, dtype=torch.float32)
-    rows[:flat.numel()] = flat
-    rows = rows.view(blocks, _quantize.BLOCK)
-    absmax = rows.abs().amax(dim=1, keepdim=True)
-    max_value = _quantize._max_value(signed)
-    scaled = rows * torch.clamp(torch.full_like(absmax, max_value) / absmax, max=3.0e38)
-    bits = scaled.abs().view(torch.int32).to(torch.int64)
-    dropped = _quantize._DROPPED_BITS
-    noise = torch.randint(0, 1 << dropped, bits.shape, generator=generator, dtype=torch.int64)
-    max_code = (1 << (_quantize._CODES[signed][0] + _quantize._MANTISSA_BITS)) - 1
-    code = torch.clamp(((bits + noise) >> dropped) - _quantize._shift(signed), min=0, max=max_code)
-    magnitude = _quantize._decode_magnitude(code, signed) * (absmax * (1.0 / max_value))
-    values = torch.where(torch.signbit(scaled), -magnitude, magnitude) if signed else magnitude
-    flat.copy_(values.reshape(-1)[:flat.numel()])
+    packed = _quantize.quantize(flat, signed, generator)
+    flat.copy_(_quantize.dequantize(packed, flat.numel(), signed))
 
 
 class RoundTripAdamW(fused_opt.AdamW):

@@ -57,11 +57,18 @@ def _shift(signed: bool) -> int:
     return (127 - _CODES[signed][1]) << _MANTISSA_BITS
 
 
-def _encode_magnitude(magnitude: Tensor, signed: bool) -> Tensor:
+def _encode_magnitude(
+    magnitude: Tensor, signed: bool, generator: torch.Generator | None
+) -> Tensor:
     exponent_bits, _ = _CODES[signed]
     max_code = (1 << (exponent_bits + _MANTISSA_BITS)) - 1
     bits = magnitude.view(torch.int32).to(torch.int64)
-    rounded = (bits + ((1 << (_DROPPED_BITS - 1)) - 1) + ((bits >> _DROPPED_BITS) & 1)) >> _DROPPED_BITS
+    if generator is None:  # to nearest, ties to even
+        offset = ((1 << (_DROPPED_BITS - 1)) - 1) + ((bits >> _DROPPED_BITS) & 1)
+    else:  # up with the probability of the dropped bits' fraction
+        offset = torch.randint(0, 1 << _DROPPED_BITS, bits.shape, generator=generator,
+                               dtype=torch.int64, device=bits.device)
+    rounded = (bits + offset) >> _DROPPED_BITS
     return torch.clamp(rounded - _shift(signed), min=0, max=max_code)
 
 
@@ -70,9 +77,11 @@ def _decode_magnitude(code: Tensor, signed: bool) -> Tensor:
     return torch.where(code == 0, 0.0, normal)
 
 
-def quantize(values: Tensor, signed: bool) -> Tensor:
+def quantize(values: Tensor, signed: bool, generator: torch.Generator | None = None) -> Tensor:
     """The quantized state of the float32 ``values`` (a 1-D tensor in the param's memory order);
-    ``signed``: the state may be negative (the optimizer's element functor says which are)."""
+    ``signed``: the state may be negative (the optimizer's element functor says which are).
+    Values round to the nearest code, as the kernels do, or with a ``generator`` stochastically
+    (benchmarks/state_rounding_experiment.py measures what that would give)."""
     numel = values.numel()
     blocks = _blocks(numel)
     padded = torch.zeros(blocks * BLOCK, dtype=torch.float32, device=values.device)
@@ -83,7 +92,7 @@ def quantize(values: Tensor, signed: bool) -> Tensor:
     # number over a tensor through the tensor's reciprocal.
     inverse = torch.clamp(torch.full_like(absmax, _max_value(signed)) / absmax, max=3.0e38)
     scaled = rows * inverse[:, None]
-    code = _encode_magnitude(scaled.abs(), signed)
+    code = _encode_magnitude(scaled.abs(), signed, generator)
     if signed:
         code = code | torch.where(torch.signbit(scaled), 0x80, 0)
     packed = torch.zeros(state_bytes(numel), dtype=torch.uint8, device=values.device)
