@@ -254,14 +254,16 @@ class StepPlan {
     release_grads();
     if (!state_.unchanged()) return false;
     for (const at::Tensor& p : idle_) {
-      if (p.grad().defined()) return false;
+      if (p.unsafeGetTensorImpl()->grad().defined()) return false;
     }
     for (const auto& [p, version] : versioned_) {
       if (p._version() != version) return false;
     }
     grads_.reserve(params_.size());
     for (const PlannedParam& planned : params_) {
-      const at::Tensor& grad = planned.param.grad();
+      // The TensorImpl's own grad: Tensor::grad() first asks autograd whether the param is a
+      // leaf, for a warning no optimizer's param can trigger (optimizers take leaves only).
+      const at::Tensor& grad = planned.param.unsafeGetTensorImpl()->grad();
       if (!planned.unchanged() || !planned.fits(grad)) {
         release_grads();
         return false;
