@@ -331,16 +331,23 @@ T* elements(const at::Tensor& t) {
 // A step over thousands of small tensors waits on each tensor's metadata more than on its
 // elements: its TensorImpl, then its StorageImpl, then its first elements, three cache misses
 // one after the other when the step comes cold (after a forward and backward pass), for every
-// tensor of every list. Asking ahead for those of the tensor kTensorsAhead positions on (and
-// the storage and data of nearer ones, whose TensorImpls are on their way by then) lets the
-// misses of several tensors overlap. Measured with 4,096 one-element params (AdamW, one thread,
-// this project's 2-core AMD EPYC, a 64 MB in-place add before each step): with and without in
-// alternating steps of one process, the element loops took 0.71-0.85x the time; this build
-// against the one before in six alternating processes, a step's median 3.01 ms against 3.16
-// (faster in five). The op's checks (validate.cpp) gained nothing
-// from the same prefetches, nor from loads ahead in their place, so they have none: they are
-// the step's first touch of this metadata, and a cold step misses the TLB there as well.
+// tensor of every list. Asking ahead for the TensorImpl of the tensor kTensorsAhead positions
+// on, for the StorageImpl of a nearer one (whose TensorImpl is on its way by then) and for the
+// first elements of a nearer one still lets the misses of several tensors overlap. Measured with
+// 4,096 one-element params (AdamW, one thread, this project's 2-core AMD EPYC, a 64 MB in-place
+// add before each step): with and without in alternating steps of one process, the element
+// loops took 0.71-0.85x the time; this build against the one before in six alternating
+// processes, a step's median 3.01 ms against 3.16 (faster in five). The op's checks
+// (validate.cpp) gained nothing from the same prefetches, nor from loads ahead in their place,
+// so they have none: they are the step's first touch of this metadata, and a cold step misses
+// the TLB there as well.
 constexpr size_t kTensorsAhead = 12;
+constexpr size_t kStorageAhead = 8;
+constexpr size_t kDataAhead = 4;
+
+inline const c10::StorageImpl* storage_of(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+}
 
 inline void prefetch_metadata_ahead(at::TensorList list, size_t t) {
   const size_t n = list.size();
@@ -350,17 +357,15 @@ inline void prefetch_metadata_ahead(at::TensorList list, size_t t) {
       __builtin_prefetch(impl + byte);
     }
   }
-  if (t + kTensorsAhead * 2 / 3 < n) {
-    const c10::StorageImpl* storage = list[t + kTensorsAhead * 2 / 3]
-                                          .unsafeGetTensorImpl()
-                                          ->unsafe_storage()
-                                          .unsafeGetStorageImpl();
-    if (storage != nullptr) __builtin_prefetch(storage);
+  if (t + kStorageAhead < n) {
+    if (const c10::StorageImpl* storage = storage_of(list[t + kStorageAhead])) {
+      __builtin_prefetch(storage);
+    }
   }
-  if (t + kTensorsAhead / 3 < n) {
-    const c10::StorageImpl* storage =
-        list[t + kTensorsAhead / 3].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
-    if (storage != nullptr) __builtin_prefetch(storage->data());
+  if (t + kDataAhead < n) {
+    if (const c10::StorageImpl* storage = storage_of(list[t + kDataAhead])) {
+      __builtin_prefetch(storage->data());
+    }
   }
 }
 
