@@ -13,7 +13,10 @@
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
+#include "fused_opt/prefetch.h"
 #include "schemas.h"
+
+#include <c10/util/SmallVector.h>
 
 #include <string>
 #include <unordered_map>
@@ -26,21 +29,38 @@ namespace py = pybind11;
 
 namespace {
 
+// How far ahead gather_grads asks for a param's TensorImpl, its autograd metadata (where its
+// grad is) and its grad's TensorImpl, and StateEntries for a state dict and its table
+// (fused_opt/prefetch.h); each nearer distance needs the object fetched at the one before. On
+// 4,096 one-element AdamW params, one thread, this project's 2-core AMD EPYC, right after
+// torch's fused AdamW over other params: gather_grads took 435 us against 511 (medians of 200
+// alternating steps of one process), a whole step 0.96-0.98x the time; a repeating step
+// 1.00-1.01x.
+constexpr size_t kParamsAhead = 12;
+constexpr size_t kMetaAhead = 8;
+constexpr size_t kGradsAhead = 4;
+constexpr size_t kDictsAhead = 8;
+constexpr size_t kTablesAhead = 4;
+// A small dict's table: its header, indices and a handful of entries.
+constexpr size_t kDictTableBytes = 3 * kCacheLine;
+
 // What a param was when the plan was made: a grad must still match it, and the param itself
 // must not have been given other data of another dtype, device or layout (`param.data = ...`).
 struct PlannedParam {
   at::Tensor param;
   at::ScalarType dtype;
   at::Device device;
-  std::vector<int64_t> sizes;
-  std::vector<int64_t> strides;
+  // Inline up to four dimensions: a step over thousands of small params waits on each memory
+  // load it cannot predict, and a vector's elements would be one more allocation to fetch.
+  c10::SmallVector<int64_t, 4> sizes;
+  c10::SmallVector<int64_t, 4> strides;
 
   explicit PlannedParam(at::Tensor p)
       : param(std::move(p)),
         dtype(param.scalar_type()),
         device(param.device()),
-        sizes(param.sizes().vec()),
-        strides(param.strides().vec()) {}
+        sizes(param.sizes().begin(), param.sizes().end()),
+        strides(param.strides().begin(), param.strides().end()) {}
 
   bool unchanged() const {
     return param.scalar_type() == dtype && param.device() == device &&
@@ -88,6 +108,7 @@ class StateEntries {
     PyObject* value;
     Py_ssize_t position = 0;
     for (size_t i = 0; PyDict_Next(state_.ptr(), &position, &key, &value); ++i) {
+      prefetch_dict_ahead(i);
       if (key != entries_[i].first.ptr() || value != entries_[i].second.ptr()) return false;
       if (!PyDict_Check(value)) continue;
       const auto [first, last] = nested_ranges_[i];
@@ -107,6 +128,21 @@ class StateEntries {
 
  private:
   using Entry = std::pair<py::object, py::object>;
+
+  // A param's state dict is two objects of its own (the dict and its table of entries), each a
+  // miss when the step comes cold: the dict of the entry kDictsAhead on is asked for, and the
+  // table of a nearer one, whose dict has arrived by then.
+  void prefetch_dict_ahead(size_t i) const {
+    if (i + kDictsAhead < entries_.size()) {
+      __builtin_prefetch(entries_[i + kDictsAhead].second.ptr());
+    }
+    if (i + kTablesAhead < entries_.size()) {
+      PyObject* nested = entries_[i + kTablesAhead].second.ptr();
+      if (PyDict_Check(nested)) {
+        prefetch_lines(reinterpret_cast<PyDictObject*>(nested)->ma_keys, kDictTableBytes);
+      }
+    }
+  }
 
   static Entry entry(PyObject* key, PyObject* value) {
     return {py::reinterpret_borrow<py::object>(key), py::reinterpret_borrow<py::object>(value)};
@@ -260,7 +296,9 @@ class StepPlan {
       if (p._version() != version) return false;
     }
     grads_.reserve(params_.size());
-    for (const PlannedParam& planned : params_) {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      prefetch_grad_ahead(i);
+      const PlannedParam& planned = params_[i];
       // The TensorImpl's own grad: Tensor::grad() first asks autograd whether the param is a
       // leaf, for a warning no optimizer's param can trigger (optimizers take leaves only).
       const at::Tensor& grad = planned.param.unsafeGetTensorImpl()->grad();
@@ -311,6 +349,21 @@ class StepPlan {
   }
 
  private:
+  // A grad is three hops from the plan: the param's TensorImpl, its autograd metadata, the
+  // grad's TensorImpl, each a miss when the step comes cold (see kParamsAhead).
+  void prefetch_grad_ahead(size_t i) const {
+    const size_t n = params_.size();
+    if (i + kParamsAhead < n) prefetch_tensor_impl(params_[i + kParamsAhead].param);
+    if (i + kMetaAhead < n) {
+      const c10::TensorImpl* param = params_[i + kMetaAhead].param.unsafeGetTensorImpl();
+      if (const auto* meta = param->autograd_meta()) __builtin_prefetch(meta);
+    }
+    if (i + kGradsAhead < n) {
+      const at::Tensor& grad = params_[i + kGradsAhead].param.unsafeGetTensorImpl()->grad();
+      if (grad.defined()) prefetch_tensor_impl(grad);
+    }
+  }
+
   size_t index_of(const at::Tensor& p) {
     const auto found = index_.find(p.unsafeGetTensorImpl());
     if (found != index_.end()) return found->second;

@@ -16,6 +16,7 @@
 #include "fused_opt/math/macros.h"
 #include "fused_opt/math/quantize.h"
 #include "fused_opt/math/rounding.h"
+#include "fused_opt/prefetch.h"
 #include "fused_opt/validate.h"
 
 namespace fused_opt::cpu {
@@ -52,7 +53,6 @@ struct NoCopy {};
 // bunched its prefetches and gained less.
 constexpr int64_t kPrefetchBlock = 32;
 constexpr int64_t kPrefetchAhead = 1024;
-constexpr size_t kCacheLine = 64;
 
 template <typename T>
 FUSED_OPT_HD void prefetch_block(const T* block) {
@@ -337,10 +337,8 @@ T* elements(const at::Tensor& t) {
 // 4,096 one-element params (AdamW, one thread, this project's 2-core AMD EPYC, a 64 MB in-place
 // add before each step): with and without in alternating steps of one process, the element
 // loops took 0.71-0.85x the time; this build against the one before in six alternating
-// processes, a step's median 3.01 ms against 3.16 (faster in five). The op's checks
-// (validate.cpp) gained nothing from the same prefetches, nor from loads ahead in their place,
-// so they have none: they are the step's first touch of this metadata, and a cold step misses
-// the TLB there as well.
+// processes, a step's median 3.01 ms against 3.16 (faster in five). The op's checks prefetch
+// too (kChecksAhead in validate.cpp).
 constexpr size_t kTensorsAhead = 12;
 constexpr size_t kStorageAhead = 8;
 constexpr size_t kDataAhead = 4;
@@ -351,12 +349,7 @@ inline const c10::StorageImpl* storage_of(const at::Tensor& t) {
 
 inline void prefetch_metadata_ahead(at::TensorList list, size_t t) {
   const size_t n = list.size();
-  if (t + kTensorsAhead < n) {
-    const char* impl = reinterpret_cast<const char*>(list[t + kTensorsAhead].unsafeGetTensorImpl());
-    for (size_t byte = 0; byte < sizeof(c10::TensorImpl); byte += kCacheLine) {
-      __builtin_prefetch(impl + byte);
-    }
-  }
+  if (t + kTensorsAhead < n) prefetch_tensor_impl(list[t + kTensorsAhead]);
   if (t + kStorageAhead < n) {
     if (const c10::StorageImpl* storage = storage_of(list[t + kStorageAhead])) {
       __builtin_prefetch(storage);
