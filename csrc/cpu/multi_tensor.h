@@ -356,8 +356,10 @@ inline void prefetch_metadata_ahead(at::TensorList list, size_t t) {
     }
   }
   if (t + kDataAhead < n) {
-    if (const c10::StorageImpl* storage = storage_of(list[t + kDataAhead])) {
-      __builtin_prefetch(storage->data());
+    // The tensor's own first element: a small param's state is a view into a shared buffer, whose
+    // storage begins at the first param's.
+    if (storage_of(list[t + kDataAhead]) != nullptr) {
+      __builtin_prefetch(list[t + kDataAhead].unsafeGetTensorImpl()->data());
     }
   }
 }
