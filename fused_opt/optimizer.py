@@ -862,8 +862,7 @@ class FusedOptimizer(Optimizer):
         needed = (*keys, "step") if keeps_step else tuple(keys)
         # Under torch.compile the states are made one by one: slicing thousands of views would
         # only lengthen the trace of a first step.
-        if needed and not torch.compiler.is_compiling():
-            self._make_states_together(group)
+        make_together = bool(needed) and not torch.compiler.is_compiling()
         for p in group["params"]:
             grad = p.grad
             if grad is None or grad.is_sparse:
@@ -884,6 +883,12 @@ class FusedOptimizer(Optimizer):
                 if (companion is not None and state.get(companion) is None) or any(
                     state.get(key) is None for key in needed
                 ):
+                    if make_together:
+                        # The group's first param that lacks a state: the states of all its
+                        # small newcomers are made here at once, and a step after the first
+                        # walks the group no second time.
+                        make_together = False
+                        self._make_states_together(group)
                     self._ensure_state(p, state, group, keys, companion)
                 # A param's states are made, re-laid and cast together, so one of them tells
                 # for all (a step counter alone has no layout).

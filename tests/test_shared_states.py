@@ -65,7 +65,10 @@ def test_small_params_take_disjoint_views_and_torch_results(name):
     alone = [p for p in fused_params if p.numel() > SHARED_STATE_MAX_NUMEL or not p.is_contiguous()]
     assert len(alone) == 2
     if name == "Adagrad":
-        # torch.optim.Adagrad makes its sums in its constructor, param by param.
+        # torch.optim.Adagrad makes its sums in its constructor, param by param: each its own.
+        for p in small32:
+            own = fused_opt_.state[p]["sum"]
+            assert own.untyped_storage().nbytes() == own.nbytes
         return
     for key, value in _state_tensors(fused_opt_, small32[0]):
         shared = {_storage(fused_opt_.state[p][key]) for p in small32}
